@@ -1,0 +1,259 @@
+"""The batch flow: a prompt set in, every good image in the bucket, a manifest beside them."""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections import deque
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from typing import Annotated, Any
+
+from prefect import flow
+from prefect.futures import PrefectFuture
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from prefect_aws import S3Bucket
+from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+from prefect_gpt_image.tasks.generate import generate_image
+from prefect_gpt_image.tasks.upload import upload_image
+from pydantic import Field
+
+from prefect_gpt_image import progress
+from prefect_gpt_image.block_refs import resolve_bucket, resolve_credentials
+from prefect_gpt_image.caching import generation_cache_key
+from prefect_gpt_image.errors import BatchFailedError
+from prefect_gpt_image.models import (
+    BatchReport,
+    GeneratedImage,
+    ImageRequest,
+    PromptFailure,
+    StoredImage,
+)
+from prefect_gpt_image.object_keys import manifest_key, normalize_prefix
+from prefect_gpt_image.prompt_sets import load_prompts
+from prefect_gpt_image.storage import object_uri, put_bytes, read_uri
+
+FAILURES_LISTED = 20
+"""How many failures the flow's failure message spells out."""
+
+
+@flow(name="generate-images")
+def generate_images(
+    prompts: list[str | ImageRequest] | str,
+    bucket: S3Bucket | str,
+    credentials: RapidAPICredentials | str | None = None,
+    prefix: str = "",
+    width: Annotated[int, Field(ge=64, le=4096)] = 1024,
+    height: Annotated[int, Field(ge=64, le=4096)] = 1024,
+    max_concurrency: Annotated[int, Field(ge=1, le=256)] = 8,
+    allow_failures: Annotated[int, Field(ge=0)] = 0,
+    refresh_cache: bool = False,
+    cache_expiration_days: Annotated[float | None, Field(gt=0)] = None,
+) -> BatchReport:
+    """Generate an image for every prompt and store each one in the bucket.
+
+    Args:
+        prompts: Prompts or `ImageRequest`s, or the path or `s3://` URI of a `.txt`
+            (one prompt a line), `.csv` (a `prompt` column) or `.jsonl` file.
+        bucket: An `S3Bucket` block, a saved block's name, or `s3://bucket/folder`
+            (with the environment's AWS credentials).
+        credentials: A `RapidAPICredentials` block, a saved block's name, or None to
+            read `RAPIDAPI_KEY` from the environment.
+        prefix: The folder, within the bucket folder, for this batch's images.
+        width: Width of prompts that do not give one.
+        height: Height of prompts that do not give one.
+        max_concurrency: Generations in flight at once.
+        allow_failures: Failed prompts tolerated before the run ends Failed.
+        refresh_cache: Generate again even where a cached image exists (and pay).
+        cache_expiration_days: How long generated images are served from the cache;
+            None keeps them for good.
+
+    Returns:
+        The `BatchReport`: stored images, failures, the manifest's key and the cost.
+        Every good image is stored and the manifest written before the run fails
+        for more than `allow_failures` failures.
+    """
+    logger = get_run_logger()
+    creds = resolve_credentials(credentials)
+    s3 = resolve_bucket(bucket)
+    folder = normalize_prefix(prefix)
+    requests = load_prompts(prompts, width=width, height=height, read_uri=partial(read_uri, s3))
+    for request in requests:
+        creds.check_request(request)
+
+    generate = generate_image.with_options(
+        refresh_cache=refresh_cache,
+        cache_expiration=timedelta(days=cache_expiration_days) if cache_expiration_days else None,
+    )
+    batch = _Batch(requests, creds)
+    logger.info(
+        "Generating %d images (%d distinct requests) into %s",
+        len(requests),
+        len(batch.groups),
+        object_uri(s3, folder or s3.bucket_folder),
+    )
+
+    events: queue.SimpleQueue[tuple[str, Any, PrefectFuture[Any]]] = queue.SimpleQueue()
+
+    def watch(stage: str, tag: Any, future: PrefectFuture[Any]) -> None:
+        future.add_done_callback(lambda done: events.put((stage, tag, done)))
+
+    waiting = deque(batch.groups)
+    in_flight = 0
+
+    def submit_generations() -> None:
+        nonlocal in_flight
+        while waiting and in_flight < max_concurrency:
+            key = waiting.popleft()
+            request = requests[batch.groups[key][0]]
+            watch("generate", key, generate.submit(request, creds))
+            in_flight += 1
+
+    submit_generations()
+    while not batch.finished:
+        stage, tag, future = events.get()
+        if stage == "generate":
+            in_flight -= 1
+            submit_generations()
+            outcome = future.result(raise_on_failure=False)
+            if isinstance(outcome, GeneratedImage):
+                batch.generated(tag, cached=future.state.name == "Cached")
+                for index, image in batch.images_to_store(tag, outcome):
+                    # wait_for only draws the edge in the run graph: `future` is done.
+                    upload = upload_image.submit(
+                        image, s3, folder, wait_for=[future], return_state=False
+                    )
+                    watch("upload", index, upload)
+            else:
+                batch.generation_failed(tag, _exception(outcome))
+        else:
+            outcome = future.result(raise_on_failure=False)
+            if isinstance(outcome, StoredImage):
+                batch.stored(tag, outcome)
+            else:
+                batch.upload_failed(tag, _exception(outcome))
+        progress.report(batch.done, len(requests))
+
+    report = batch.report(price=creds.price_per_image_usd)
+    key = manifest_key(s3.bucket_folder, folder, _run_label())
+    put_bytes(s3, key, batch.manifest(), "application/x-ndjson")
+    report.manifest_key, report.manifest_uri = key, object_uri(s3, key)
+    logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
+
+    if len(report.failures) > allow_failures:
+        listed = "\n".join(
+            f"- {f.prompt[:80]!r}: {f.error}" for f in report.failures[:FAILURES_LISTED]
+        )
+        more = len(report.failures) - FAILURES_LISTED
+        raise BatchFailedError(
+            f"{len(report.failures)} of {len(requests)} prompts failed "
+            f"(allow_failures={allow_failures}); {len(report.images)} images are stored "
+            f"and listed in {report.manifest_uri}.\n{listed}"
+            + (f"\n... and {more} more" if more > 0 else ""),
+            report,
+        )
+    return report
+
+
+class _Batch:
+    """The bookkeeping of one batch: which prompts share a generation, what became of each.
+
+    Identical requests (same cache key) share one generation; each distinct name
+    among them gets its own object.
+    """
+
+    def __init__(self, requests: list[ImageRequest], credentials: RapidAPICredentials) -> None:
+        self.requests = requests
+        self.key_of = [generation_cache_key(request, credentials) for request in requests]
+        self.groups: dict[str, list[int]] = {}
+        for index, key in enumerate(self.key_of):
+            self.groups.setdefault(key, []).append(index)
+        self.outcomes: dict[int, StoredImage | PromptFailure] = {}
+        self.cached: set[int] = set()
+        self.paid = 0
+        self.from_cache = 0
+
+    @property
+    def done(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.requests)
+
+    def generated(self, key: str, *, cached: bool) -> None:
+        if cached:
+            self.from_cache += 1
+            self.cached.update(self.groups[key])
+        else:
+            self.paid += 1
+
+    def images_to_store(self, key: str, image: GeneratedImage) -> list[tuple[int, GeneratedImage]]:
+        """One image per distinct name in the group; the others share its object."""
+        by_name: dict[str | None, int] = {}
+        for index in self.groups[key]:
+            by_name.setdefault(self.requests[index].name, index)
+        return [
+            (index, image.model_copy(update={"request": self.requests[index]}))
+            for index in by_name.values()
+        ]
+
+    def stored(self, index: int, stored: StoredImage) -> None:
+        for other in self._same_object(index):
+            self.outcomes[other] = stored
+
+    def generation_failed(self, key: str, error: BaseException) -> None:
+        for index in self.groups[key]:
+            self.outcomes[index] = self._failure(index, error, "generate")
+
+    def upload_failed(self, index: int, error: BaseException) -> None:
+        for other in self._same_object(index):
+            self.outcomes[other] = self._failure(other, error, "upload")
+
+    def report(self, price: float) -> BatchReport:
+        ordered = [self.outcomes[i] for i in range(len(self.requests))]
+        return BatchReport(
+            images=[o for o in ordered if isinstance(o, StoredImage)],
+            failures=[o for o in ordered if isinstance(o, PromptFailure)],
+            generated=self.paid,
+            from_cache=self.from_cache,
+            cost_usd=round(self.paid * price, 6),
+        )
+
+    def manifest(self) -> bytes:
+        """JSON Lines, one line per prompt in the order given."""
+        lines = []
+        for index in range(len(self.requests)):
+            outcome = self.outcomes[index]
+            line: dict[str, Any] = {"index": index, "status": "stored"}
+            if isinstance(outcome, PromptFailure):
+                line.update(status="failed", **outcome.model_dump())
+            else:
+                line.update(outcome.model_dump(), cached=index in self.cached)
+            lines.append(json.dumps(line, ensure_ascii=False))
+        return ("\n".join(lines) + "\n").encode()
+
+    def _same_object(self, index: int) -> list[int]:
+        """The prompts stored as one object with `index`: same request, same name."""
+        name = self.requests[index].name
+        return [i for i in self.groups[self.key_of[index]] if self.requests[i].name == name]
+
+    def _failure(self, index: int, error: BaseException, stage: str) -> PromptFailure:
+        request = self.requests[index]
+        return PromptFailure(
+            prompt=request.prompt,
+            name=request.name,
+            error=str(error),
+            error_type=type(error).__name__,
+            stage=stage,
+        )
+
+
+def _exception(outcome: object) -> BaseException:
+    return outcome if isinstance(outcome, BaseException) else RuntimeError(repr(outcome))
+
+
+def _run_label() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{flow_run.name or 'local'}"

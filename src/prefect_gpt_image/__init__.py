@@ -1,0 +1,65 @@
+"""Generate images with GPT Image inside Prefect, and store them in S3-compatible buckets.
+
+Names are imported on first use, so that `import prefect_gpt_image` (and the
+command line's `--help`) does not pay for importing Prefect and boto3.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "RapidAPICredentials": "prefect_gpt_image.blocks.credentials",
+    "ImageRequest": "prefect_gpt_image.models",
+    "GeneratedImage": "prefect_gpt_image.models",
+    "StoredImage": "prefect_gpt_image.models",
+    "PromptFailure": "prefect_gpt_image.models",
+    "BatchReport": "prefect_gpt_image.models",
+    "generate_image": "prefect_gpt_image.tasks.generate",
+    "upload_image": "prefect_gpt_image.tasks.upload",
+    "generate_images": "prefect_gpt_image.flows.generate_images",
+    "load_prompts": "prefect_gpt_image.prompt_sets",
+}
+
+__all__ = [
+    "BatchReport",
+    "GeneratedImage",
+    "ImageRequest",
+    "PromptFailure",
+    "RapidAPICredentials",
+    "StoredImage",
+    "__version__",
+    "generate_image",
+    "generate_images",
+    "load_prompts",
+    "upload_image",
+]
+
+if TYPE_CHECKING:
+    from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+    from prefect_gpt_image.flows.generate_images import generate_images
+    from prefect_gpt_image.models import (
+        BatchReport,
+        GeneratedImage,
+        ImageRequest,
+        PromptFailure,
+        StoredImage,
+    )
+    from prefect_gpt_image.prompt_sets import load_prompts
+    from prefect_gpt_image.tasks.generate import generate_image
+    from prefect_gpt_image.tasks.upload import upload_image
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prefect_gpt_image' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

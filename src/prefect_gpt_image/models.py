@@ -1,0 +1,146 @@
+"""The structures that cross a boundary: into a task, out of a flow, into the bucket."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_PROMPT_CHARS = 32_000
+"""GPT Image's limit on prompt length."""
+
+# Tabs and line breaks are ordinary prompt text; other control characters are not.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_RESERVED_EXTRAS = frozenset({"prompt", "width", "height"})
+
+
+class ImageRequest(BaseModel):
+    """One image to generate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(
+        description="What the image should show.", min_length=1, max_length=MAX_PROMPT_CHARS
+    )
+    width: int = Field(default=1024, ge=64, le=4096, description="Width in pixels.")
+    height: int = Field(default=1024, ge=64, le=4096, description="Height in pixels.")
+    name: str | None = Field(
+        default=None,
+        max_length=200,
+        description="A readable name for the stored object; defaults to the prompt.",
+    )
+    extras: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Model-specific fields passed through to the API, e.g. quality.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty or only whitespace")
+        if match := _CONTROL_CHARS.search(prompt):
+            raise ValueError(
+                f"the prompt holds a control character ({match.group()!r}) "
+                f"at position {match.start()}"
+            )
+        return prompt
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str | None) -> str | None:
+        if name is not None and _CONTROL_CHARS.search(name):
+            raise ValueError("the name holds a control character")
+        return name
+
+    @field_validator("extras")
+    @classmethod
+    def _check_extras(cls, extras: dict[str, Any]) -> dict[str, Any]:
+        if clash := _RESERVED_EXTRAS & extras.keys():
+            raise ValueError(f"extras may not set {sorted(clash)}: use the request's own fields")
+        return extras
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def label(self) -> str:
+        """A short description for logs and task-run names."""
+        text = self.name or " ".join(self.prompt.split())
+        return text if len(text) <= 60 else text[:57] + "..."
+
+
+class GeneratedImage(BaseModel):
+    """An image as the API produced it, downloaded and checked.
+
+    It is the generation task's persisted result, which is what lets a later run
+    (or the upload after an S3 outage) use it without paying again.
+    """
+
+    data: bytes = Field(repr=False, description="The encoded image.")
+    media_type: str = Field(description="image/png, image/jpeg or image/webp.")
+    sha256: str = Field(description="Hex SHA-256 of `data`.")
+    width: int
+    height: int
+    request: ImageRequest
+    model: str = Field(description="The model that made it.")
+    source_url: str | None = Field(
+        default=None, description="Where the API served it; None for inline answers."
+    )
+    generated_at: datetime
+
+    @property
+    def extension(self) -> str:
+        return {"image/jpeg": "jpg", "image/webp": "webp"}.get(self.media_type, "png")
+
+
+class StoredImage(BaseModel):
+    """An image in the bucket."""
+
+    bucket: str
+    key: str
+    uri: str = Field(description="s3://bucket/key")
+    sha256: str
+    size: int = Field(description="Size in bytes.")
+    media_type: str
+    width: int
+    height: int
+    prompt: str
+    name: str | None = None
+    model: str
+
+
+class PromptFailure(BaseModel):
+    """A prompt that did not end in the bucket, and why."""
+
+    prompt: str
+    name: str | None = None
+    error: str = Field(description="What went wrong, as the user should read it.")
+    error_type: str = Field(description="The exception class, e.g. PromptRejectedError.")
+    stage: str = Field(description="'generate' or 'upload'.")
+
+
+class BatchReport(BaseModel):
+    """What a `generate_images` run produced and what it cost."""
+
+    images: list[StoredImage] = Field(default_factory=list)
+    failures: list[PromptFailure] = Field(default_factory=list)
+    manifest_key: str | None = None
+    manifest_uri: str | None = None
+    generated: int = Field(default=0, description="Images paid for in this run.")
+    from_cache: int = Field(default=0, description="Images served from the cache, at no cost.")
+    cost_usd: float = Field(default=0.0, description="What this run's generations cost.")
+
+    @property
+    def succeeded(self) -> int:
+        return len(self.images)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.images)} stored, {len(self.failures)} failed; "
+            f"{self.generated} generated, {self.from_cache} from cache; "
+            f"cost ${self.cost_usd:.2f}"
+        )

@@ -1,0 +1,84 @@
+"""Object keys, in one place: `{bucket_folder}/{prefix}/{slug}-{sha256[:12]}.{ext}`.
+
+Readable (the slug comes from the name or the prompt), content-addressed (the
+same bytes always land on the same key, so re-uploads are idempotent) and safe:
+whatever a prompt or name says, a key never escapes its prefix.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from prefect_gpt_image.errors import InvalidRequestError
+from prefect_gpt_image.models import GeneratedImage
+
+SLUG_MAX_CHARS = 48
+HASH_CHARS = 12
+
+_NOT_SLUG = re.compile(r"[^a-z0-9]+")
+# Latin letters that Unicode does not decompose into a base letter and an accent.
+_LATIN_LETTERS = str.maketrans(
+    {
+        "ß": "ss",
+        "æ": "ae",
+        "Æ": "AE",
+        "œ": "oe",
+        "Œ": "OE",
+        "ø": "o",
+        "Ø": "O",
+        "ł": "l",
+        "Ł": "L",
+        "đ": "d",
+        "Đ": "D",
+        "þ": "th",
+        "Þ": "TH",
+        "ð": "d",
+        "Ð": "D",
+    }
+)
+_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9_.=+@-]+")
+
+
+def slugify(text: str, max_chars: int = SLUG_MAX_CHARS) -> str:
+    """Lower-case ASCII words joined by hyphens; "image" when nothing is left."""
+    folded = unicodedata.normalize("NFKD", text.translate(_LATIN_LETTERS))
+    ascii_text = folded.encode("ascii", "ignore").decode()
+    slug = _NOT_SLUG.sub("-", ascii_text.lower()).strip("-")
+    if len(slug) > max_chars:
+        cut = slug[:max_chars]
+        slug = cut.rsplit("-", 1)[0] if "-" in cut else cut
+    return slug or "image"
+
+
+def normalize_prefix(prefix: str) -> str:
+    """A prefix as "a/b/c", or InvalidRequestError if it is not a safe S3 folder."""
+    segments = [s for s in prefix.strip().strip("/").split("/")]
+    if segments == [""]:
+        return ""
+    for segment in segments:
+        if segment in ("", ".", "..") or not _PREFIX_SEGMENT.fullmatch(segment):
+            raise InvalidRequestError(
+                f"The prefix {prefix!r} is not a safe S3 folder: use letters, digits and "
+                "_ . = + @ - in segments separated by single slashes, with no '.' or '..'."
+            )
+    return "/".join(segments)
+
+
+def join_key(*parts: str) -> str:
+    """Join folder parts and a file name, skipping empty parts."""
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def image_key(bucket_folder: str, prefix: str, image: GeneratedImage) -> str:
+    """Where an image is stored."""
+    request = image.request
+    slug = slugify(request.name or request.prompt)
+    filename = f"{slug}-{image.sha256[:HASH_CHARS]}.{image.extension}"
+    return join_key(bucket_folder, normalize_prefix(prefix), filename)
+
+
+def manifest_key(bucket_folder: str, prefix: str, run_label: str) -> str:
+    """Where a batch's manifest is stored: beside its images."""
+    filename = f"manifest-{slugify(run_label, max_chars=80)}.jsonl"
+    return join_key(bucket_folder, normalize_prefix(prefix), filename)

@@ -1,0 +1,161 @@
+"""Loading a prompt set: a list, or a `.txt`, `.csv` or `.jsonl` file, local or on S3.
+
+Every request is validated here, before anything is paid for; a bad line is
+reported with its file and line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from prefect_gpt_image.errors import InvalidRequestError
+from prefect_gpt_image.models import ImageRequest
+
+PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
+EXTRAS_COLUMN_PREFIX = "extras."
+"""A CSV column named `extras.quality` becomes `extras["quality"]`."""
+
+PromptItem = str | ImageRequest | Mapping[str, Any]
+ReadURI = Callable[[str], bytes]
+
+
+def load_prompts(
+    source: Sequence[PromptItem] | str | Path,
+    *,
+    width: int = 1024,
+    height: int = 1024,
+    read_uri: ReadURI | None = None,
+) -> list[ImageRequest]:
+    """The requests in a prompt set, with `width` and `height` as defaults.
+
+    `source` is a list of prompts, requests or dicts, or the path or `s3://` URI of
+    a prompt file; `read_uri` reads `s3://` URIs.
+    """
+    defaults = {"width": width, "height": height}
+    if isinstance(source, str | Path):
+        return _load_file(str(source), defaults, read_uri)
+    if not source:
+        raise InvalidRequestError("The prompt set is empty.")
+    return [_request(item, defaults, where=f"prompt #{n}") for n, item in enumerate(source, 1)]
+
+
+def _load_file(
+    location: str, defaults: dict[str, Any], read_uri: ReadURI | None
+) -> list[ImageRequest]:
+    suffix = Path(location.split("?", 1)[0]).suffix.lower()
+    if suffix not in PROMPT_FILE_SUFFIXES:
+        raise InvalidRequestError(
+            f"{location!r} is not a prompt file: prompts must be a list, or the path or "
+            f"s3:// URI of a {', '.join(PROMPT_FILE_SUFFIXES)} file."
+        )
+    text = _read_text(location, read_uri)
+    name = Path(location).name
+    if suffix == ".txt":
+        rows: list[tuple[int, PromptItem]] = [
+            (n, line.strip())
+            for n, line in enumerate(_lines(text), 1)
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    elif suffix == ".csv":
+        rows = _csv_rows(text, name)
+    else:
+        rows = _jsonl_rows(text, name)
+    if not rows:
+        raise InvalidRequestError(f"{name} holds no prompts.")
+    return [_request(item, defaults, where=f"{name}, line {n}") for n, item in rows]
+
+
+def _read_text(location: str, read_uri: ReadURI | None) -> str:
+    if location.startswith("s3://"):
+        if read_uri is None:
+            raise InvalidRequestError(f"Cannot read {location}: no S3 bucket to read it with.")
+        data = read_uri(location)
+    else:
+        try:
+            data = Path(location).expanduser().read_bytes()
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"Cannot read the prompt file {location}: {exc.strerror or exc}."
+            ) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"The prompt file {location} is not UTF-8 text (byte {exc.start})."
+        ) from None
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at line ends only: `str.splitlines` also splits at U+2028 and kin,
+    which may stand inside a prompt."""
+    return text.replace("\r\n", "\n").split("\n")
+
+
+def _csv_rows(text: str, name: str) -> list[tuple[int, PromptItem]]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "prompt" not in reader.fieldnames:
+        raise InvalidRequestError(f"{name}, line 1: a CSV prompt file needs a 'prompt' column.")
+    rows: list[tuple[int, PromptItem]] = []
+    for record in reader:
+        fields: dict[str, Any] = {}
+        extras: dict[str, Any] = {}
+        for column, value in record.items():
+            if column is None:
+                raise InvalidRequestError(
+                    f"{name}, line {reader.line_num}: more cells than columns."
+                )
+            if value in (None, ""):
+                continue
+            if column.startswith(EXTRAS_COLUMN_PREFIX):
+                extras[column.removeprefix(EXTRAS_COLUMN_PREFIX)] = value
+            else:
+                fields[column] = value
+        if extras:
+            fields["extras"] = extras
+        if any(fields.values()):
+            rows.append((reader.line_num, fields))
+    return rows
+
+
+def _jsonl_rows(text: str, name: str) -> list[tuple[int, PromptItem]]:
+    rows: list[tuple[int, PromptItem]] = []
+    for n, line in enumerate(_lines(text), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"{name}, line {n}: not valid JSON ({exc.msg}).") from None
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict):
+            raise InvalidRequestError(f"{name}, line {n}: expected an object or a string.")
+        rows.append((n, item))
+    return rows
+
+
+def _request(item: PromptItem, defaults: dict[str, Any], where: str) -> ImageRequest:
+    if isinstance(item, ImageRequest):
+        return item
+    fields = {"prompt": item} if isinstance(item, str) else dict(item)
+    try:
+        return ImageRequest.model_validate({**defaults, **fields})
+    except ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        raise InvalidRequestError(f"{where}: {problems}") from None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    field = ".".join(str(part) for part in error.get("loc", ())) or "request"
+    if error.get("type") == "extra_forbidden":
+        known = ", ".join(ImageRequest.model_fields)
+        return f"unknown field {field!r} (known: {known}, or extras.* columns)"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{field}: {message}"

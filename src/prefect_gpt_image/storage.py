@@ -1,0 +1,157 @@
+"""S3 access through a prefect-aws `S3Bucket` block, with one shared client per credentials.
+
+A boto3 client costs about 300 ms of CPU to build, and prefect-aws's own uses
+botocore's defaults (legacy retries, 10 connections), so this module builds one
+per credentials with standard retries and a pool sized for concurrent uploads,
+and every upload task in the process shares it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
+
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from prefect_gpt_image.errors import StorageError
+from prefect_gpt_image.models import GeneratedImage
+
+if TYPE_CHECKING:
+    from prefect_aws import S3Bucket
+
+CLIENT_CONFIG = Config(
+    retries={"mode": "standard", "max_attempts": 4},
+    connect_timeout=10,
+    read_timeout=60,
+    max_pool_connections=64,
+)
+METADATA_PROMPT_BYTES = 1024
+"""S3 allows 2 KB of user metadata in all; the prompt gets at most this much of it."""
+
+_clients: dict[int, Any] = {}
+_clients_lock = threading.Lock()
+
+_CREDENTIAL_ERRORS = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+}
+
+
+def s3_client(bucket: S3Bucket) -> Any:
+    """The process-wide boto3 client for this bucket's credentials."""
+    credentials = bucket.credentials
+    cache_key = hash(credentials)
+    with _clients_lock:
+        if (client := _clients.get(cache_key)) is None:
+            params = credentials.aws_client_parameters.get_params_override()
+            user_config = params.pop("config", None)
+            config = user_config.merge(CLIENT_CONFIG) if user_config else CLIENT_CONFIG
+            client = credentials.get_boto3_session().client(
+                "s3", region_name=credentials.region_name, config=config, **params
+            )
+            _clients[cache_key] = client
+        return client
+
+
+def object_uri(bucket: S3Bucket, key: str) -> str:
+    return f"s3://{bucket.bucket_name}/{key}"
+
+
+def put_image(bucket: S3Bucket, key: str, image: GeneratedImage) -> bool:
+    """Store an image unless the same bytes are there already; True if it was written."""
+    client = s3_client(bucket)
+    try:
+        existing = client.head_object(Bucket=bucket.bucket_name, Key=key)
+        if existing["ContentLength"] == len(image.data):
+            return False
+    except ClientError as exc:
+        if _error_code(exc) not in ("404", "NoSuchKey", "NotFound"):
+            raise storage_error(exc, bucket.bucket_name, "check") from None
+    except BotoCoreError as exc:
+        raise storage_error(exc, bucket.bucket_name, "check") from None
+    put_bytes(bucket, key, image.data, image.media_type, metadata=image_metadata(image))
+    return True
+
+
+def put_bytes(
+    bucket: S3Bucket,
+    key: str,
+    data: bytes,
+    content_type: str,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    try:
+        s3_client(bucket).put_object(
+            Bucket=bucket.bucket_name,
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+            Metadata=metadata or {},
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise storage_error(exc, bucket.bucket_name, "write") from None
+
+
+def read_uri(bucket: S3Bucket, uri: str) -> bytes:
+    """Read `s3://bucket/key` with this block's credentials and endpoint."""
+    parts = urlsplit(uri)
+    try:
+        answer = s3_client(bucket).get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+        return bytes(answer["Body"].read())
+    except (ClientError, BotoCoreError) as exc:
+        raise storage_error(exc, parts.netloc, f"read {uri}") from None
+
+
+def image_metadata(image: GeneratedImage) -> dict[str, str]:
+    """User metadata, which S3 keeps ASCII-only: text fields are percent-encoded UTF-8."""
+    request = image.request
+    metadata = {
+        "prompt": _ascii_truncated(request.prompt, METADATA_PROMPT_BYTES),
+        "model": quote(image.model, safe=" "),
+        "size": f"{image.width}x{image.height}",
+        "sha256": image.sha256,
+    }
+    if request.name:
+        metadata["name"] = _ascii_truncated(request.name, 256)
+    return metadata
+
+
+def _ascii_truncated(text: str, limit: int) -> str:
+    encoded = quote(text, safe=" ,.:;!?'()/-_")
+    if len(encoded) <= limit:
+        return encoded
+    cut = encoded[:limit]
+    # Never split a %XX escape.
+    return cut[: cut.rfind("%")] if "%" in cut[-2:] else cut
+
+
+def storage_error(exc: Exception, bucket_name: str, action: str) -> StorageError:
+    """A clear, correctly classified error from a boto3 failure."""
+    code = _error_code(exc) if isinstance(exc, ClientError) else ""
+    where = f"bucket {bucket_name!r}"
+    if code in ("NoSuchKey", "404"):
+        return StorageError(f"Could not {action}: no such object in {where}.", retryable=False)
+    if code == "NoSuchBucket":
+        return StorageError(
+            f"Could not {action}: {where} does not exist at this endpoint. Create it, or "
+            "fix bucket_name in the S3Bucket block.",
+            retryable=False,
+        )
+    if code in _CREDENTIAL_ERRORS or code == "403":
+        return StorageError(
+            f"Could not {action}: S3 refused the credentials for {where} ({code}). Check "
+            "the AwsCredentials block's access key, secret and endpoint.",
+            retryable=False,
+        )
+    return StorageError(
+        f"Could not {action} in {where}: {type(exc).__name__}: {exc}", retryable=True
+    )
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))

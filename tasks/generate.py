@@ -1,0 +1,82 @@
+"""The generation task: one paid call, retried when that can help, cached for good."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+from prefect.runtime import task_run
+from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+
+from prefect_gpt_image.block_refs import resolve_credentials
+from prefect_gpt_image.caching import generation_cache_key
+from prefect_gpt_image.models import GeneratedImage, ImageRequest
+from prefect_gpt_image.object_keys import slugify
+from prefect_gpt_image.retry_policy import (
+    GENERATION_RETRIES,
+    GENERATION_RETRY_DELAYS,
+    RETRY_JITTER_FACTOR,
+    retry_condition,
+)
+
+
+def as_request(request: ImageRequest | str) -> ImageRequest:
+    return request if isinstance(request, ImageRequest) else ImageRequest(prompt=request)
+
+
+def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return generation_cache_key(
+        as_request(parameters["request"]), resolve_credentials(parameters.get("credentials"))
+    )
+
+
+def _run_name() -> str:
+    request = task_run.parameters.get("request", "")
+    label = (request.name or request.prompt) if isinstance(request, ImageRequest) else str(request)
+    return f"generate-{slugify(label, max_chars=40)}"
+
+
+@task(
+    name="generate-image",
+    task_run_name=_run_name,
+    retries=GENERATION_RETRIES,
+    retry_delay_seconds=GENERATION_RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER_FACTOR,
+    retry_condition_fn=retry_condition,
+    cache_key_fn=_cache_key,
+    persist_result=True,
+)
+def generate_image(
+    request: ImageRequest | str, credentials: RapidAPICredentials | str | None = None
+) -> GeneratedImage:
+    """Generate one image, download it and check it.
+
+    Args:
+        request: What to generate: an `ImageRequest`, or just a prompt.
+        credentials: A `RapidAPICredentials` block, a saved block's name, or None to
+            read `RAPIDAPI_KEY` and its siblings from the environment.
+
+    Returns:
+        The image with its bytes, media type, SHA-256 and dimensions. The result is
+        persisted and cached: the same request (prompt, size, extras, host, model)
+        is served from the cache in later runs instead of being paid for again.
+        Change the expiry with `generate_image.with_options(cache_expiration=...)`.
+
+    Rate limits, 5xx answers, timeouts and lost connections are retried (see
+    `prefect_gpt_image.retry_policy`); a rejected key, prompt or size fails at once.
+    """
+    image_request = as_request(request)
+    creds = resolve_credentials(credentials)
+    creds.check_request(image_request)
+    image = creds.get_client().generate(image_request)
+    get_run_logger().info(
+        "Generated %r: %s %dx%d, %d bytes",
+        image_request.label,
+        image.media_type,
+        image.width,
+        image.height,
+        len(image.data),
+    )
+    return image

@@ -1,0 +1,61 @@
+"""The upload task: one image into an S3-compatible bucket."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.logging import get_run_logger
+from prefect.runtime import task_run
+from prefect_aws import S3Bucket
+
+from prefect_gpt_image.models import GeneratedImage, StoredImage
+from prefect_gpt_image.object_keys import image_key, slugify
+from prefect_gpt_image.retry_policy import (
+    RETRY_JITTER_FACTOR,
+    UPLOAD_RETRIES,
+    UPLOAD_RETRY_DELAYS,
+    retry_condition,
+)
+from prefect_gpt_image.storage import object_uri, put_image
+
+
+def _run_name() -> str:
+    image = task_run.parameters.get("image")
+    label = (
+        (image.request.name or image.request.prompt) if isinstance(image, GeneratedImage) else ""
+    )
+    return f"upload-{slugify(label, max_chars=40)}"
+
+
+@task(
+    name="upload-image",
+    task_run_name=_run_name,
+    retries=UPLOAD_RETRIES,
+    retry_delay_seconds=UPLOAD_RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER_FACTOR,
+    retry_condition_fn=retry_condition,
+)
+def upload_image(image: GeneratedImage, bucket: S3Bucket, prefix: str = "") -> StoredImage:
+    """Store an image at `{bucket_folder}/{prefix}/{slug}-{sha256[:12]}.{ext}`.
+
+    Sets Content-Type and user metadata (prompt, model, size, sha256). The key is
+    content-addressed, so uploading the same image again writes nothing new.
+    Throttling and outages are retried; a missing bucket or refused credentials
+    fail at once with an error that says which.
+    """
+    key = image_key(bucket.bucket_folder, prefix, image)
+    written = put_image(bucket, key, image)
+    uri = object_uri(bucket, key)
+    get_run_logger().info("%s %s", "Stored" if written else "Already stored", uri)
+    return StoredImage(
+        bucket=bucket.bucket_name,
+        key=key,
+        uri=uri,
+        sha256=image.sha256,
+        size=len(image.data),
+        media_type=image.media_type,
+        width=image.width,
+        height=image.height,
+        prompt=image.request.prompt,
+        name=image.request.name,
+        model=image.model,
+    )

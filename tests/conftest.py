@@ -1,0 +1,96 @@
+"""Real parts for every test: Prefect's test harness, the API emulator on loopback, and
+`rclone serve s3` over a temporary folder.
+
+The only thing not real is RapidAPI itself, which cannot be reached (or paid for)
+from tests: `prefect_gpt_image.testing.GptImageEmulator` stands in for it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# Prefect reads its settings when imported: keep its home, and so the result
+# cache, inside this test session.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="prefect-gpt-image-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_DIR / "prefect-home" / "storage")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
+for _name in ("RAPIDAPI_KEY", "RAPIDAPI_HOST", "RAPIDAPI_BASE_URL", "PREFECT_API_URL"):
+    os.environ.pop(_name, None)
+
+import pytest  # noqa: E402
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect_aws import S3Bucket  # noqa: E402
+
+from prefect_gpt_image import RapidAPICredentials  # noqa: E402
+from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server  # noqa: E402
+
+API_KEY = "test-key-5f3a9c0e7b214d8e"
+"""Distinctive, so that a test can search everything written for it."""
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    return API_KEY
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_harness() -> Iterator[None]:
+    with (
+        prefect_test_harness(server_startup_timeout=180),
+        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+    ):
+        yield
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def s3_server(session_dir: Path) -> Iterator[LocalS3Server]:
+    with LocalS3Server(session_dir / "s3") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[GptImageEmulator]:
+    with GptImageEmulator(api_key=API_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def api(emulator: GptImageEmulator) -> Iterator[GptImageEmulator]:
+    """The emulator, with no faults and no records from earlier tests."""
+    emulator.reset()
+    emulator.shape, emulator.latency, emulator.subscribed = "url", 0.0, True
+    yield emulator
+    emulator.reset()
+
+
+@pytest.fixture
+def credentials(api: GptImageEmulator) -> RapidAPICredentials:
+    """Credentials pointing at the emulator.
+
+    Each test gets a model name of its own, which is part of the cache key, so that
+    no test is served images another test generated.
+    """
+    return RapidAPICredentials(
+        api_key=API_KEY,
+        base_url=api.base_url,
+        model=f"gpt-image-test-{uuid.uuid4().hex[:8]}",
+        timeout_seconds=10,
+    )
+
+
+@pytest.fixture
+def bucket(s3_server: LocalS3Server) -> S3Bucket:
+    """A new, empty bucket for each test."""
+    return s3_server.bucket_block(f"test-{uuid.uuid4().hex[:12]}")

@@ -1,0 +1,109 @@
+"""The credentials block as Prefect users meet it: in the UI, saved, loaded by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+from prefect.blocks.core import Block
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+from prefect.utilities.dispatch import lookup_type
+from prefect_aws import S3Bucket
+from pydantic import SecretStr
+
+from prefect_gpt_image import RapidAPICredentials, generate_images
+from prefect_gpt_image.errors import ConfigurationError
+from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
+
+
+def test_block_metadata_for_the_ui() -> None:
+    assert RapidAPICredentials.get_block_type_name() == "RapidAPI Credentials"
+    assert RapidAPICredentials.get_block_type_slug() == "rapidapi-credentials"
+    assert RapidAPICredentials.get_description()
+    assert str(RapidAPICredentials._documentation_url).startswith("https://")
+    assert 'RapidAPICredentials.load("BLOCK_NAME")' in (
+        RapidAPICredentials.get_code_example() or ""
+    )
+    for name, field in RapidAPICredentials.model_fields.items():
+        assert field.description and field.description.endswith("."), name
+    schema = RapidAPICredentials.model_json_schema()
+    assert schema["required"] == ["api_key"]
+    assert schema["properties"]["api_key"]["format"] == "password"
+
+
+def test_defaults_name_todays_endpoint() -> None:
+    creds = RapidAPICredentials(api_key=SecretStr("k"))
+    assert creds.endpoint_url == "https://gpt-image-1-5.p.rapidapi.com/generate"
+    assert (creds.model, creds.price_per_image_usd) == ("gpt-image-1.5", 0.03)
+    assert creds.timeout_seconds >= 120  # high-quality generations take over a minute
+    moved = RapidAPICredentials(
+        api_key=SecretStr("k"), api_host="gpt-image-2.p.rapidapi.com", path="v2/images"
+    )
+    assert moved.endpoint_url == "https://gpt-image-2.p.rapidapi.com/v2/images"
+
+
+def test_saved_blocks_are_used_by_name(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    credentials.save("test-credentials", overwrite=True)
+    bucket.save("test-bucket", overwrite=True)
+
+    report = generate_images(
+        ["a saved swallow"], bucket="test-bucket", credentials="test-credentials"
+    )
+
+    (image,) = report.images
+    assert (
+        s3_server.object_path(bucket.bucket_name, image.key).read_bytes()
+        == api.served[image.sha256]
+    )
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name(
+            "test-credentials", "rapidapi-credentials", include_secrets=False
+        )
+    assert credentials.api_key.get_secret_value() not in str(document.data)
+
+
+def test_unknown_block_name_says_what_to_do(bucket: S3Bucket) -> None:
+    with pytest.raises(ConfigurationError, match="No saved RapidAPICredentials block named 'nope'"):
+        generate_images(["x"], bucket=bucket, credentials="nope")
+
+
+def test_no_key_anywhere_says_what_to_do(bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAPIDAPI_KEY", raising=False)
+    with pytest.raises(ConfigurationError, match="set the RAPIDAPI_KEY environment variable"):
+        generate_images(["x"], bucket=bucket)
+
+
+def test_collection_entry_point_makes_the_block_known_to_prefect() -> None:
+    (entry,) = [
+        e for e in entry_points(group="prefect.collections") if e.name == "prefect_gpt_image"
+    ]
+    entry.load()
+    assert lookup_type(Block, "rapidapi-credentials") is RapidAPICredentials
+
+
+def test_prefect_block_register(tmp_path: Path) -> None:
+    prefect = str(Path(sys.executable).parent / "prefect")
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    result = subprocess.run(
+        [prefect, "block", "register", "-m", "prefect_gpt_image"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RapidAPI Credentials" in result.stdout
+    with get_client(sync_client=True) as client:
+        block_type = client.read_block_type_by_slug("rapidapi-credentials")
+    assert block_type.name == "RapidAPI Credentials"

@@ -1,0 +1,109 @@
+"""The `prefect-gpt-image` command, run as a user runs it: a separate process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
+
+COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [COMMAND, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def user_env(api: GptImageEmulator, api_key: str, s3_server: LocalS3Server) -> dict[str, str]:
+    """A user's shell: the key and endpoint in the environment, AWS_* for the bucket, and
+    this session's Prefect server."""
+    return {
+        **os.environ,
+        "RAPIDAPI_KEY": api_key,
+        "RAPIDAPI_BASE_URL": api.base_url,
+        "GPT_IMAGE_MODEL": f"gpt-image-cli-{uuid.uuid4().hex[:8]}",
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+    }
+
+
+def test_help_is_quick_to_reach_and_lists_the_commands() -> None:
+    result = subprocess.run([COMMAND, "--help"], capture_output=True, text=True, check=True)
+    assert "generate" in result.stdout and "demo" in result.stdout
+
+
+def test_generate_stores_a_prompt_file(
+    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator, s3_server: LocalS3Server
+) -> None:
+    bucket = f"cli-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a command-line comet\nune comète en ligne de commande\n", "utf-8")
+
+    result = run(
+        ["generate", str(prompts), "--bucket", f"s3://{bucket}/cli", "--prefix", "p"], user_env
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "2 stored, 0 failed; 2 generated, 0 from cache; cost $0.06" in result.stdout
+    stored = sorted(s3_server.object_path(bucket, "cli/p").iterdir())
+    images = [p for p in stored if p.suffix == ".png"]
+    assert [p.name.rsplit("-", 1)[0] for p in images] == [
+        "a-command-line-comet",
+        "une-comete-en-ligne-de-commande",
+    ]
+    assert {p.read_bytes() for p in images} == set(api.served.values())
+    assert any(p.name.startswith("manifest-") for p in stored)
+
+
+def test_generate_reports_bad_input_without_a_traceback(
+    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator
+) -> None:
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,colour\na cat,red\n", "utf-8")
+
+    result = run(["generate", str(prompts), "--bucket", "s3://anything"], user_env)
+
+    assert result.returncode == 2
+    assert "prompts.csv, line 2: unknown field 'colour'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert api.calls == []
+
+
+def test_generate_exits_1_when_prompts_fail(
+    tmp_path: Path, user_env: dict[str, str], s3_server: LocalS3Server
+) -> None:
+    bucket = f"cli-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fine ferret\n[reject] a refused ferret\n", "utf-8")
+
+    result = run(["generate", str(prompts), "--bucket", f"s3://{bucket}"], user_env)
+
+    assert result.returncode == 1
+    assert "FAILED '[reject] a refused ferret'" in result.stdout
+    assert "1 of 2 prompts failed" in result.stderr
+
+
+def test_demo_runs_end_to_end_with_nothing_configured(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAPIDAPI_"))}
+    result = run(["demo", "--dir", str(tmp_path / "demo")], env, timeout=300)
+
+    assert result.returncode == 0, result.stderr
+    assert "12 stored, 0 failed; 11 generated, 0 from cache" in result.stdout
+    folder = tmp_path / "demo" / "s3" / "gpt-image-demo" / "spring-campaign"
+    assert len(list(folder.glob("*.png"))) == 11
+    assert len(list(folder.glob("manifest-*.jsonl"))) == 1
+    assert "would cost $0.33" in result.stdout

@@ -1,0 +1,268 @@
+"""The batch flow, end to end: emulator → Prefect → real S3 server."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect_aws import S3Bucket
+
+from prefect_gpt_image import (
+    BatchReport,
+    ImageRequest,
+    RapidAPICredentials,
+    generate_images,
+)
+from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
+from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
+
+MIXED_BATCH = [
+    "a red fox in fresh snow, wildlife photo",
+    "a glass greenhouse full of ferns",
+    "[reject] a prompt the model refuses",
+    "a red fox in fresh snow, wildlife photo",  # a duplicate: generated once
+    "Ein Leuchtturm im Sturm, Ölgemälde",
+    "桜の木の下の猫、水彩画",
+    "a lighthouse keeper's cottage at dusk",
+]
+
+
+def read_object(s3: LocalS3Server, bucket: S3Bucket, key: str) -> dict[str, Any]:
+    answer = s3.boto3_client().get_object(Bucket=bucket.bucket_name, Key=key)
+    return {**answer, "Body": answer["Body"].read()}
+
+
+def manifest_lines(s3: LocalS3Server, bucket: S3Bucket, report: BatchReport) -> list[dict]:
+    assert report.manifest_key
+    body = read_object(s3, bucket, report.manifest_key)["Body"]
+    return [json.loads(line) for line in body.decode().splitlines()]
+
+
+def test_mixed_batch_stores_every_good_image_and_fails_only_the_rejected_one(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    api.add_fault(Fault.rate_limited(retry_after=1), prompt_contains="greenhouse")
+    api.add_fault(Fault.server_error(503), prompt_contains="Leuchtturm")
+    api.add_fault(Fault.malformed_body(), prompt_contains="cottage")
+
+    report = generate_images(
+        MIXED_BATCH, bucket=bucket, credentials=credentials, prefix="winter", allow_failures=1
+    )
+
+    # One failure, the rejected prompt, with the reason a user can act on.
+    (failure,) = report.failures
+    assert failure.prompt == MIXED_BATCH[2]
+    assert failure.error_type == "PromptRejectedError"
+    assert "refused the prompt" in failure.error
+
+    # Every other prompt is stored, byte for byte what the API served.
+    assert [image.prompt for image in report.images] == [
+        p for p in MIXED_BATCH if not p.startswith("[reject]")
+    ]
+    for image in report.images:
+        stored = read_object(s3_server, bucket, image.key)
+        assert stored["Body"] == api.served[image.sha256]
+        assert stored["ContentType"] == "image/png"
+        assert (
+            image.key.startswith("winter/")
+            and image.uri == f"s3://{bucket.bucket_name}/{image.key}"
+        )
+
+    # The duplicate was generated once and stored once; faults were retried.
+    assert api.billed_for(MIXED_BATCH[0]) == 1
+    assert report.images[0].key == report.images[2].key
+    assert report.generated == 5 and report.from_cache == 0
+    assert report.cost_usd == pytest.approx(5 * 0.03)
+    assert len(api.calls) == 5 + 1 + 3  # 5 images, 1 rejection, 3 faults retried
+
+    # The manifest lists every prompt, in order, beside the images.
+    assert report.manifest_key and report.manifest_key.startswith("winter/manifest-")
+    lines = manifest_lines(s3_server, bucket, report)
+    assert [line["prompt"] for line in lines] == MIXED_BATCH
+    assert [line["status"] for line in lines] == ["stored"] * 2 + ["failed"] + ["stored"] * 4
+    assert lines[2]["error_type"] == "PromptRejectedError"
+    assert lines[5]["prompt"] == "桜の木の下の猫、水彩画"
+
+
+def test_second_run_with_another_prefix_calls_the_api_zero_times(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    prompts = ["a copper kettle", "a linen tablecloth", "a bowl of figs"]
+    first = generate_images(prompts, bucket=bucket, credentials=credentials, prefix="run-1")
+    calls_after_first = len(api.calls)
+
+    other_bucket = s3_server.bucket_block(bucket.bucket_name + "-b", bucket_folder="archive")
+    second = generate_images(prompts, bucket=other_bucket, credentials=credentials, prefix="run-2")
+
+    assert calls_after_first == 3
+    assert len(api.calls) == 3
+    assert (second.generated, second.from_cache, second.cost_usd) == (0, 3, 0.0)
+    for before, after in zip(first.images, second.images, strict=True):
+        assert after.key == "archive/run-2/" + before.key.removeprefix("run-1/")
+        assert read_object(s3_server, other_bucket, after.key)["Body"] == api.served[before.sha256]
+
+
+def test_too_many_failures_fail_the_run_after_storing_the_rest(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    prompts = ["a good gannet", "[reject] a bad one", "a good guillemot"]
+    with pytest.raises(BatchFailedError) as raised:
+        generate_images(prompts, bucket=bucket, credentials=credentials)
+
+    message = str(raised.value)
+    assert "1 of 3 prompts failed (allow_failures=0)" in message
+    assert "[reject] a bad one" in message and "refused the prompt" in message
+    report = raised.value.report
+    assert isinstance(report, BatchReport)
+    assert [image.prompt for image in report.images] == ["a good gannet", "a good guillemot"]
+    for image in report.images:
+        assert read_object(s3_server, bucket, image.key)["Body"] == api.served[image.sha256]
+    assert report.manifest_uri and report.manifest_uri in message
+
+
+def test_failed_run_is_failed_in_prefect(
+    api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
+) -> None:
+    state = generate_images(
+        ["[reject] nothing good"], bucket=bucket, credentials=credentials, return_state=True
+    )
+    assert state.is_failed()
+    assert "1 of 1 prompts failed" in state.message
+
+
+def test_object_metadata_keeps_non_ascii_prompts(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    request = ImageRequest(prompt="Crème brûlée au café — 東京, 2026", name="Dessert № 1")
+    report = generate_images([request], bucket=bucket, credentials=credentials)
+
+    (image,) = report.images
+    stored = read_object(s3_server, bucket, image.key)
+    # rclone returns metadata keys Title-Cased; S3 itself lower-cases them.
+    metadata = {k.lower(): v for k, v in stored["Metadata"].items()}
+    assert urllib.parse.unquote(metadata["prompt"]) == request.prompt
+    assert urllib.parse.unquote(metadata["name"]) == "Dessert № 1"
+    assert metadata["model"] == credentials.model
+    assert metadata["size"] == "1024x1024"
+    assert metadata["sha256"] == image.sha256
+    assert image.key.startswith("dessert-no-1-")
+
+
+def test_same_image_uploaded_again_is_not_rewritten(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    first = generate_images(["a quiet quay"], bucket=bucket, credentials=credentials)
+    path = s3_server.object_path(bucket.bucket_name, first.images[0].key)
+    written_at = path.stat().st_mtime_ns
+
+    second = generate_images(["a quiet quay"], bucket=bucket, credentials=credentials)
+
+    assert second.images[0].key == first.images[0].key
+    assert path.stat().st_mtime_ns == written_at
+
+
+def test_names_make_separate_objects_from_one_generation(
+    api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
+) -> None:
+    prompts = [
+        ImageRequest(prompt="a shared sunrise", name="homepage hero"),
+        ImageRequest(prompt="a shared sunrise", name="newsletter banner"),
+    ]
+    report = generate_images(prompts, bucket=bucket, credentials=credentials)
+
+    assert len(api.calls) == 1
+    keys = [image.key for image in report.images]
+    assert keys[0].startswith("homepage-hero-") and keys[1].startswith("newsletter-banner-")
+    assert report.images[0].sha256 == report.images[1].sha256
+
+
+@pytest.mark.parametrize(
+    ("filename", "content"),
+    [
+        ("prompts.txt", "# campaign\na txt tulip\n\na txt tortoise\n"),
+        ("prompts.csv", "prompt,name,extras.quality\na csv tulip,tulip,high\na csv tortoise,,\n"),
+        ("prompts.jsonl", '{"prompt": "a jsonl tulip", "width": 1536}\n"a jsonl tortoise"\n'),
+    ],
+)
+def test_prompt_files_local_and_on_s3(
+    filename: str,
+    content: str,
+    tmp_path: Path,
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    local = tmp_path / filename
+    local.write_text(content, encoding="utf-8")
+    from_disk = generate_images(str(local), bucket=bucket, credentials=credentials)
+
+    s3_server.boto3_client().put_object(
+        Bucket=bucket.bucket_name, Key=f"inputs/{filename}", Body=content.encode()
+    )
+    from_s3 = generate_images(
+        f"s3://{bucket.bucket_name}/inputs/{filename}", bucket=bucket, credentials=credentials
+    )
+
+    assert len(from_disk.images) == 2
+    assert [i.key for i in from_s3.images] == [i.key for i in from_disk.images]
+    assert from_s3.from_cache == 2
+    assert len(api.calls) == 2
+    if filename.endswith(".csv"):
+        assert api.calls_for("a csv tulip")[0].body["quality"] == "high"
+        assert from_disk.images[0].key.startswith("tulip-")
+    if filename.endswith(".jsonl"):
+        assert from_disk.images[0].width == 1536
+
+
+@pytest.mark.parametrize(
+    ("prompts", "kwargs", "message"),
+    [
+        (["fine", "   "], {}, "prompt #2: prompt: the prompt is empty"),
+        (["fine", "bell\x07"], {}, "control character"),
+        (["fine"], {"width": 1000}, "cannot produce 1000x1024"),
+        (["fine"], {"prefix": "../escape"}, "is not a safe S3 folder"),
+        ("prompts.docx", {}, "is not a prompt file"),
+        ([], {}, "The prompt set is empty"),
+    ],
+)
+def test_bad_input_is_refused_before_any_paid_call(
+    prompts: Any,
+    kwargs: dict[str, Any],
+    message: str,
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):
+        generate_images(prompts, bucket=bucket, credentials=credentials, **kwargs)
+    assert api.calls == []
+
+
+def test_max_concurrency_bounds_calls_in_flight(
+    api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
+) -> None:
+    api.latency = 0.3
+    prompts = [f"a concurrent crane #{n}" for n in range(12)]
+    report = generate_images(prompts, bucket=bucket, credentials=credentials, max_concurrency=3)
+
+    assert len(report.images) == 12
+    assert api.peak_concurrency == 3

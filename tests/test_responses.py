@@ -1,0 +1,209 @@
+"""Reading the API's answers: every shape an image may come in, every error status."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from prefect_gpt_image.errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    EndpointNotFoundError,
+    InvalidResponseError,
+    NotSubscribedError,
+    PromptRejectedError,
+    QuotaExceededError,
+    RateLimitedError,
+    ServerError,
+)
+from prefect_gpt_image.responses import ImageReference, error_for_response, find_image, parse_json
+from prefect_gpt_image.retry_policy import is_retryable
+
+URL = "https://cdn.example.com/img/abc.png"
+PNG = b"\x89PNG\r\n\x1a\nfake image bytes"
+B64 = base64.b64encode(PNG).decode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"url": URL},
+        {"images": [{"url": URL}]},
+        {"images": [URL]},
+        {"output": [URL]},
+        {"data": [{"url": URL}]},
+        {"status": "succeeded", "result": {"images": [{"url": URL}]}},
+    ],
+)
+def test_find_image_finds_the_url(payload: Any) -> None:
+    assert find_image(payload) == ImageReference(url=URL)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"data": [{"b64_json": B64}]},
+        f"data:image/png;base64,{B64}",
+        {"image": f"data:image/png;base64,{B64}"},
+    ],
+)
+def test_find_image_decodes_inline_images(payload: Any) -> None:
+    assert find_image(payload) == ImageReference(data=PNG)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"status": "succeeded"},
+        {"images": []},
+        {"url": "ftp://cdn.example.com/img.png"},
+        {"images": ["javascript:alert(1)"]},
+        {"output": ["/relative/path.png"]},
+    ],
+)
+def test_find_image_without_an_image_shows_the_body(payload: Any) -> None:
+    with pytest.raises(InvalidResponseError) as raised:
+        find_image(payload)
+    assert str(raised.value) == f"The API answered 200 but with no image in it: {payload!r}"
+    assert is_retryable(raised.value)
+
+
+def test_find_image_preview_is_cut_at_200_characters() -> None:
+    payload = {"status": "x" * 500}
+    with pytest.raises(InvalidResponseError, match=r"'xxx+\.\.\.$") as raised:
+        find_image(payload)
+    assert len(str(raised.value)) == len("The API answered 200 but with no image in it: ") + 203
+
+
+@pytest.mark.parametrize(
+    "payload", [{"data": [{"b64_json": "not base64!"}]}, "data:image/png;base64,@@@@"]
+)
+def test_find_image_rejects_invalid_base64(payload: Any) -> None:
+    with pytest.raises(
+        InvalidResponseError, match=r"^The API's inline image is not valid base64\.$"
+    ):
+        find_image(payload)
+
+
+def test_parse_json_rejects_a_non_json_body_with_a_preview() -> None:
+    with pytest.raises(InvalidResponseError) as raised:
+        parse_json(b"<html>upstream busy</html>")
+    assert str(raised.value) == (
+        "The API answered 200 with a body that is not JSON: <html>upstream busy</html>"
+    )
+
+
+def test_parse_json_reads_json() -> None:
+    assert parse_json(b'{"url": "https://x.example/a.png"}') == {"url": "https://x.example/a.png"}
+
+
+# What each error's message opens with, and whether retrying can help.
+FIRST_SENTENCE: dict[type[APIError], tuple[str, bool]] = {
+    AuthenticationError: ("RapidAPI rejected the API key ({})", False),
+    NotSubscribedError: ("The API key is not subscribed to this API ({})", False),
+    EndpointNotFoundError: ("No API answers at this host and path ({})", False),
+    QuotaExceededError: ("The RapidAPI plan's quota is spent ({})", False),
+    RateLimitedError: ("Rate limited by RapidAPI ({})", True),
+    ServerError: ("The API or RapidAPI's gateway failed ({})", True),
+    PromptRejectedError: ("The model refused the prompt ({})", False),
+    BadRequestError: ("The API refused the request ({})", False),
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error_type"),
+    [
+        (401, b'{"message": "Invalid API key."}', AuthenticationError),
+        (403, b'{"message": "You are not subscribed to this API."}', NotSubscribedError),
+        (404, b'{"message": "Endpoint does not exist"}', EndpointNotFoundError),
+        (429, b'{"message": "You have exceeded the MONTHLY quota"}', QuotaExceededError),
+        (429, b'{"message": "Too many requests"}', RateLimitedError),
+        (500, b'{"error": {"message": "internal error"}}', ServerError),
+        (502, b"Bad Gateway", ServerError),
+        (503, b'{"detail": "overloaded"}', ServerError),
+        (504, b"", ServerError),
+        (400, b'{"error": {"message": "Rejected by the safety system"}}', PromptRejectedError),
+        (400, b'{"error": "content_policy_violation"}', PromptRejectedError),
+        (422, b'{"detail": "violates our usage policy"}', PromptRejectedError),
+        (400, b'{"error": {"message": "Invalid size 13x13"}}', BadRequestError),
+        (422, b'{"detail": "quality must be low, medium or high"}', BadRequestError),
+    ],
+)
+def test_error_for_response_maps_status_to_error(
+    status: int, body: bytes, error_type: type[APIError]
+) -> None:
+    error = error_for_response(status, httpx.Headers(), body)
+    first_sentence, retryable = FIRST_SENTENCE[error_type]
+    assert type(error) is error_type
+    assert error.status_code == status
+    assert is_retryable(error) is retryable
+    assert str(error).startswith(first_sentence.format(status) + ".")
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b'{"message": "Invalid API key."}', "Invalid API key."),
+        (b'{"error": {"code": "invalid_size"}}', "invalid_size"),
+        (b'{"detail": "overloaded"}', "overloaded"),
+        (b"plain   text\n error", "plain text error"),
+    ],
+)
+def test_error_message_quotes_the_api(body: bytes, said: str) -> None:
+    assert str(error_for_response(400, httpx.Headers(), body)).endswith(f" The API said: {said}")
+
+
+def test_gateway_html_page_is_reduced_to_its_title() -> None:
+    page = (
+        b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title><style>body{}</style>"
+        b"</head><body><h1>502 Bad Gateway</h1><hr><center>nginx</center></body></html>"
+    )
+    error = error_for_response(502, httpx.Headers(), page)
+    assert str(error) == (
+        "The API or RapidAPI's gateway failed (502). The API said: 502 Bad Gateway"
+    )
+
+
+def test_error_message_never_quotes_a_whole_body() -> None:
+    error = error_for_response(500, httpx.Headers(), b'{"message": "' + b"x" * 1000 + b'"}')
+    assert str(error).endswith(" The API said: " + "x" * 300)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "7"}, 7.0),
+        ({"Retry-After": "-3"}, 0.0),
+        ({"x-ratelimit-requests-reset": "12"}, 12.0),
+        ({"X-RateLimit-Reset": "5"}, 5.0),
+        ({"Retry-After": "soon", "x-ratelimit-requests-reset": "4"}, 4.0),
+        ({"x-ratelimit-requests-reset": "-1"}, None),
+        ({"x-ratelimit-requests-reset": "nan"}, None),
+        ({}, None),
+    ],
+)
+def test_rate_limited_retry_after(headers: dict[str, str], expected: float | None) -> None:
+    error = error_for_response(429, httpx.Headers(headers), b'{"message": "Too many requests"}')
+    assert isinstance(error, RateLimitedError)
+    assert error.retry_after == expected
+
+
+def test_retry_after_as_an_http_date() -> None:
+    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    headers = httpx.Headers({"Retry-After": format_datetime(when, usegmt=True)})
+    error = error_for_response(429, headers, b"")
+    assert isinstance(error, RateLimitedError)
+    assert error.retry_after is not None
+    assert 27 <= error.retry_after <= 30
+
+
+def test_server_error_carries_retry_after() -> None:
+    error = error_for_response(503, httpx.Headers({"Retry-After": "2"}), b"")
+    assert isinstance(error, ServerError)
+    assert error.retry_after == 2.0
