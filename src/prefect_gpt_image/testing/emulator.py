@@ -75,7 +75,11 @@ _NOT_AN_IMAGE = b"<html><body>Service temporarily unavailable</body></html>"
 
 @dataclass(frozen=True)
 class Fault:
-    """A misbehaviour to inject into the emulator's next answers; build it with a classmethod."""
+    """A misbehaviour to inject into the emulator's next answers; build it with a classmethod.
+
+    `kind` names the situation (it is recorded in `RecordedCall.fault`); the other fields are
+    its parameters: the status to answer, seconds to stall, rate-limit headers or a message.
+    """
 
     kind: str
     status: int | None = None
@@ -353,6 +357,7 @@ class GptImageEmulator:
         self._thread: threading.Thread | None = None
         self._origin = ""
         self._epoch = 0
+        self._in_flight = 0
         self._clear()
 
     def _clear(self) -> None:
@@ -362,6 +367,7 @@ class GptImageEmulator:
         self._blobs: dict[str, _Reply] = {}
         self._served: dict[str, bytes] = {}
         self._downloads = 0
+        self._peak = 0
         self._cycle = 0
         self._rng = random.Random(0)
         self.fault_rate = 0.0
@@ -447,6 +453,12 @@ class GptImageEmulator:
             return dict(self._served)
 
     @property
+    def peak_concurrency(self) -> int:
+        """The most generation requests being handled at once since the last reset."""
+        with self._lock:
+            return self._peak
+
+    @property
     def image_downloads(self) -> int:
         """GET requests under /images/, found or not."""
         with self._lock:
@@ -494,6 +506,16 @@ class GptImageEmulator:
     # -- request handling --------------------------------------------------------------------
 
     def _handle_generate(self, raw: bytes, headers: dict[str, str]) -> _Reply:
+        with self._lock:
+            self._in_flight += 1
+            self._peak = max(self._peak, self._in_flight)
+        try:
+            return self._answer_generate(raw, headers)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer_generate(self, raw: bytes, headers: dict[str, str]) -> _Reply:
         with self._lock:
             arrival, epoch = next(self._arrivals), self._epoch
         request = _parse(raw)

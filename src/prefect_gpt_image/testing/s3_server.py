@@ -1,7 +1,7 @@
 """A real S3-compatible server on loopback: `rclone serve s3` over a local folder.
 
-Moto and in-process fakes accept anything; rclone checks SigV4 signatures, speaks HTTP from
-another process and can be stopped, restarted or frozen, so storage code meets real failures.
+Unlike in-process fakes, rclone checks SigV4 signatures, speaks HTTP from another process and
+can be stopped, restarted or frozen, so storage code meets the failures of a real endpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from prefect_aws import AwsCredentials, S3Bucket
 
-__all__ = ["LocalS3Server"]
+__all__ = ["LocalS3Server", "rclone_binary"]
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
@@ -71,7 +71,7 @@ class LocalS3Server:
 
     def __init__(
         self,
-        root: Path,
+        root: Path | str,
         access_key: str = "prefect-gpt-image",
         secret_key: str = "local-secret",
         host: str = "127.0.0.1",
@@ -85,6 +85,7 @@ class LocalS3Server:
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: Path | None = None
         self._terminate: Callable[[], object] | None = None
+        self._admin: S3Client | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -113,8 +114,6 @@ class LocalS3Server:
             str(workdir / "cache"),
             "--log-level",
             "NOTICE",  # rclone reports fatal errors such as a busy port at NOTICE
-            "--dir-cache-time",
-            "0s",  # see buckets and objects that tests create on disk while it runs
         ]
         with (workdir / "rclone.log").open("wb") as log:
             process = subprocess.Popen(
@@ -209,11 +208,40 @@ class LocalS3Server:
     # -- buckets and clients -----------------------------------------------------------------
 
     def create_bucket(self, name: str) -> None:
-        """Create bucket `name` (a top-level folder, which rclone exposes as a bucket)."""
+        """Create bucket `name`, a top-level folder of `root`; does nothing if it exists.
+
+        While the server runs this goes through the S3 API: rclone caches directory listings
+        for minutes, so a folder made behind its back would stay invisible.
+        """
+        if self._process is not None:
+            from botocore.exceptions import ClientError
+
+            try:
+                self._admin_client().create_bucket(Bucket=name)
+            except ClientError as error:
+                code = error.response.get("Error", {}).get("Code")
+                if code not in ("BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+                    raise
         (self.root / name).mkdir(parents=True, exist_ok=True)
 
+    def _admin_client(self) -> S3Client:
+        """A plain boto3 client, cheaper to import than the Prefect blocks."""
+        if self._admin is None:
+            import boto3
+            from botocore.config import Config
+
+            self._admin = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                aws_access_key_id=self.access_key,
+                aws_secret_access_key=self.secret_key,
+                region_name="us-east-1",
+                config=Config(s3={"addressing_style": "path"}),
+            )
+        return self._admin
+
     def object_path(self, bucket: str, key: str) -> Path:
-        """Where the object `key` of `bucket` lives on disk."""
+        """Where object `key` of `bucket` lives on disk; write objects through S3, not here."""
         return self.root / bucket / key
 
     def aws_credentials(self) -> AwsCredentials:
