@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Annotated, Any
 
-from prefect import flow
+from prefect import Task, flow
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -30,7 +30,7 @@ from prefect_gpt_image.models import (
     PromptFailure,
     StoredImage,
 )
-from prefect_gpt_image.object_keys import manifest_key, normalize_prefix
+from prefect_gpt_image.object_keys import join_key, manifest_key, normalize_prefix
 from prefect_gpt_image.prompt_sets import load_prompts
 from prefect_gpt_image.storage import object_uri, put_bytes, read_uri
 
@@ -91,9 +91,36 @@ def generate_images(
         "Generating %d images (%d distinct requests) into %s",
         len(requests),
         len(batch.groups),
-        object_uri(s3, folder or s3.bucket_folder),
+        object_uri(s3, join_key(s3.bucket_folder, folder)),
     )
 
+    _generate_and_store(batch, generate, creds, s3, folder, max_concurrency)
+
+    report = batch.report(price=creds.price_per_image_usd)
+    key = manifest_key(s3.bucket_folder, folder, _run_label())
+    put_bytes(s3, key, batch.manifest(), "application/x-ndjson")
+    report.manifest_key, report.manifest_uri = key, object_uri(s3, key)
+    logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
+
+    if len(report.failures) > allow_failures:
+        raise BatchFailedError(_failure_message(report, len(requests), allow_failures), report)
+    return report
+
+
+def _generate_and_store(
+    batch: _Batch,
+    generate: Task[..., GeneratedImage],
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    folder: str,
+    max_concurrency: int,
+) -> None:
+    """Keep `max_concurrency` generations in flight, and upload each image as it comes.
+
+    Prefect's thread pool is unbounded, so the window is kept here: a new generation
+    is submitted as one finishes, and uploads (cheap, and not the API's business)
+    start at once.
+    """
     events: queue.SimpleQueue[tuple[str, Any, PrefectFuture[Any]]] = queue.SimpleQueue()
 
     def watch(stage: str, tag: Any, future: PrefectFuture[Any]) -> None:
@@ -106,54 +133,48 @@ def generate_images(
         nonlocal in_flight
         while waiting and in_flight < max_concurrency:
             key = waiting.popleft()
-            request = requests[batch.groups[key][0]]
-            watch("generate", key, generate.submit(request, creds))
+            request = batch.requests[batch.groups[key][0]]
+            watch("generate", key, generate.submit(request, credentials))
             in_flight += 1
 
     submit_generations()
     while not batch.finished:
         stage, tag, future = events.get()
+        outcome = future.result(raise_on_failure=False)
         if stage == "generate":
             in_flight -= 1
             submit_generations()
-            outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, GeneratedImage):
                 batch.generated(tag, cached=future.state.name == "Cached")
-                for index, image in batch.images_to_store(tag, outcome):
+                for index in batch.uploads(tag):
                     # wait_for only draws the edge in the run graph: `future` is done.
                     upload = upload_image.submit(
-                        image, s3, folder, wait_for=[future], return_state=False
+                        outcome,
+                        bucket,
+                        folder,
+                        batch.requests[index],
+                        wait_for=[future],
+                        return_state=False,
                     )
                     watch("upload", index, upload)
             else:
                 batch.generation_failed(tag, _exception(outcome))
+        elif isinstance(outcome, StoredImage):
+            batch.stored(tag, outcome)
         else:
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, StoredImage):
-                batch.stored(tag, outcome)
-            else:
-                batch.upload_failed(tag, _exception(outcome))
-        progress.report(batch.done, len(requests))
+            batch.upload_failed(tag, _exception(outcome))
+        progress.report(batch.done, len(batch.requests))
 
-    report = batch.report(price=creds.price_per_image_usd)
-    key = manifest_key(s3.bucket_folder, folder, _run_label())
-    put_bytes(s3, key, batch.manifest(), "application/x-ndjson")
-    report.manifest_key, report.manifest_uri = key, object_uri(s3, key)
-    logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
 
-    if len(report.failures) > allow_failures:
-        listed = "\n".join(
-            f"- {f.prompt[:80]!r}: {f.error}" for f in report.failures[:FAILURES_LISTED]
-        )
-        more = len(report.failures) - FAILURES_LISTED
-        raise BatchFailedError(
-            f"{len(report.failures)} of {len(requests)} prompts failed "
-            f"(allow_failures={allow_failures}); {len(report.images)} images are stored "
-            f"and listed in {report.manifest_uri}.\n{listed}"
-            + (f"\n... and {more} more" if more > 0 else ""),
-            report,
-        )
-    return report
+def _failure_message(report: BatchReport, total: int, allow_failures: int) -> str:
+    listed = [f"- {f.prompt[:80]!r}: {f.error}" for f in report.failures[:FAILURES_LISTED]]
+    if (more := len(report.failures) - FAILURES_LISTED) > 0:
+        listed.append(f"... and {more} more")
+    return (
+        f"{len(report.failures)} of {total} prompts failed (allow_failures={allow_failures}); "
+        f"{len(report.images)} images are stored and listed in {report.manifest_uri}.\n"
+        + "\n".join(listed)
+    )
 
 
 class _Batch:
@@ -189,15 +210,12 @@ class _Batch:
         else:
             self.paid += 1
 
-    def images_to_store(self, key: str, image: GeneratedImage) -> list[tuple[int, GeneratedImage]]:
-        """One image per distinct name in the group; the others share its object."""
+    def uploads(self, key: str) -> list[int]:
+        """The prompts of a group that need an object each: one per distinct name."""
         by_name: dict[str | None, int] = {}
         for index in self.groups[key]:
             by_name.setdefault(self.requests[index].name, index)
-        return [
-            (index, image.model_copy(update={"request": self.requests[index]}))
-            for index in by_name.values()
-        ]
+        return list(by_name.values())
 
     def stored(self, index: int, stored: StoredImage) -> None:
         for other in self._same_object(index):

@@ -7,7 +7,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image.models import GeneratedImage, StoredImage
+from prefect_gpt_image.models import GeneratedImage, ImageRequest, StoredImage
 from prefect_gpt_image.object_keys import image_key, slugify
 from prefect_gpt_image.retry_policy import (
     RETRY_JITTER_FACTOR,
@@ -34,14 +34,29 @@ def _run_name() -> str:
     retry_jitter_factor=RETRY_JITTER_FACTOR,
     retry_condition_fn=retry_condition,
 )
-def upload_image(image: GeneratedImage, bucket: S3Bucket, prefix: str = "") -> StoredImage:
+def upload_image(
+    image: GeneratedImage,
+    bucket: S3Bucket,
+    prefix: str = "",
+    request: ImageRequest | None = None,
+) -> StoredImage:
     """Store an image at `{bucket_folder}/{prefix}/{slug}-{sha256[:12]}.{ext}`.
 
-    Sets Content-Type and user metadata (prompt, model, size, sha256). The key is
-    content-addressed, so uploading the same image again writes nothing new.
+    Args:
+        image: What `generate_image` returned.
+        bucket: A prefect-aws `S3Bucket` block, for any S3-compatible storage.
+        prefix: The folder, within the bucket folder.
+        request: The request to store the image for, when it is not the one the image
+            was generated for: a cached image serves every request with the same
+            prompt, size and extras, whatever its `name`.
+
+    Sets Content-Type and user metadata (prompt, name, model, size, sha256). The key
+    is content-addressed, so uploading the same image again writes nothing new.
     Throttling and outages are retried; a missing bucket or refused credentials
     fail at once with an error that says which.
     """
+    if request is not None:
+        image = image.model_copy(update={"request": request})
     key = image_key(bucket.bucket_folder, prefix, image)
     written = put_image(bucket, key, image)
     uri = object_uri(bucket, key)

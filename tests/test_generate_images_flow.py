@@ -266,3 +266,23 @@ def test_max_concurrency_bounds_calls_in_flight(
 
     assert len(report.images) == 12
     assert api.peak_concurrency == 3
+
+
+def test_a_cached_image_is_stored_under_the_new_name(
+    api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
+) -> None:
+    first = generate_images(
+        [ImageRequest(prompt="a renamed rose", name="old name")],
+        bucket=bucket,
+        credentials=credentials,
+    )
+    second = generate_images(
+        [ImageRequest(prompt="a renamed rose", name="new name")],
+        bucket=bucket,
+        credentials=credentials,
+    )
+
+    assert second.from_cache == 1 and len(api.calls) == 1
+    assert first.images[0].key.startswith("old-name-")
+    assert second.images[0].key.startswith("new-name-")
+    assert second.images[0].name == "new name"

@@ -80,8 +80,7 @@ def test_key_format_and_record(bucket: S3Bucket, s3_server: LocalS3Server) -> No
 
 
 def test_missing_bucket_is_a_clear_error_not_a_retry_storm(s3_server: LocalS3Server) -> None:
-    missing = s3_server.bucket_block("test-never-created")
-    (s3_server.root / "test-never-created").rmdir()
+    missing = S3Bucket(bucket_name="test-never-created", credentials=s3_server.aws_credentials())
 
     started = time.monotonic()
     state = store(an_image(), missing, return_state=True)

@@ -42,6 +42,7 @@ def run_demo(directory: Path, *, verbose: bool = False) -> int:
     # points at another server, and the cache stays with the demo.
     os.environ["PREFECT_HOME"] = str(directory / "prefect-home")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.pop("PREFECT_API_URL", None)

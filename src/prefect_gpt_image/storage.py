@@ -70,7 +70,8 @@ def put_image(bucket: S3Bucket, key: str, image: GeneratedImage) -> bool:
         if existing["ContentLength"] == len(image.data):
             return False
     except ClientError as exc:
-        if _error_code(exc) not in ("404", "NoSuchKey", "NotFound"):
+        # 403: a write-only policy may forbid HEAD; the PUT will tell.
+        if _error_code(exc) not in ("404", "NoSuchKey", "NotFound", "403"):
             raise storage_error(exc, bucket.bucket_name, "check") from None
     except BotoCoreError as exc:
         raise storage_error(exc, bucket.bucket_name, "check") from None
