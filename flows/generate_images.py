@@ -14,13 +14,11 @@ from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect_aws import S3Bucket
-from prefect_gpt_image.blocks.credentials import RapidAPICredentials
-from prefect_gpt_image.tasks.generate import generate_image
-from prefect_gpt_image.tasks.upload import upload_image
 from pydantic import Field
 
 from prefect_gpt_image import progress
 from prefect_gpt_image.block_refs import resolve_bucket, resolve_credentials
+from prefect_gpt_image.blocks.credentials import RapidAPICredentials
 from prefect_gpt_image.caching import generation_cache_key
 from prefect_gpt_image.errors import BatchFailedError
 from prefect_gpt_image.models import (
@@ -30,9 +28,16 @@ from prefect_gpt_image.models import (
     PromptFailure,
     StoredImage,
 )
-from prefect_gpt_image.object_keys import join_key, manifest_key, normalize_prefix
+from prefect_gpt_image.object_keys import (
+    check_bucket_name,
+    join_key,
+    manifest_key,
+    normalize_prefix,
+)
 from prefect_gpt_image.prompt_sets import load_prompts
 from prefect_gpt_image.storage import object_uri, put_bytes, read_uri
+from prefect_gpt_image.tasks.generate import generate_image
+from prefect_gpt_image.tasks.upload import upload_image
 
 FAILURES_LISTED = 20
 """How many failures the flow's failure message spells out."""
@@ -77,6 +82,7 @@ def generate_images(
     logger = get_run_logger()
     creds = resolve_credentials(credentials)
     s3 = resolve_bucket(bucket)
+    check_bucket_name(s3.bucket_name)
     folder = normalize_prefix(prefix)
     requests = load_prompts(prompts, width=width, height=height, read_uri=partial(read_uri, s3))
     for request in requests:
@@ -102,8 +108,8 @@ def generate_images(
     report.manifest_key, report.manifest_uri = key, object_uri(s3, key)
     logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
 
-    if len(report.failures) > allow_failures:
-        raise BatchFailedError(_failure_message(report, len(requests), allow_failures), report)
+    if batch.stopped_by is not None or len(report.failures) > allow_failures:
+        raise BatchFailedError(_failure_message(batch, report, allow_failures), report)
     return report
 
 
@@ -143,7 +149,6 @@ def _generate_and_store(
         outcome = future.result(raise_on_failure=False)
         if stage == "generate":
             in_flight -= 1
-            submit_generations()
             if isinstance(outcome, GeneratedImage):
                 batch.generated(tag, cached=future.state.name == "Cached")
                 for index in batch.uploads(tag):
@@ -158,7 +163,13 @@ def _generate_and_store(
                     )
                     watch("upload", index, upload)
             else:
-                batch.generation_failed(tag, _exception(outcome))
+                error = _exception(outcome)
+                batch.generation_failed(tag, error)
+                if getattr(error, "stops_batch", False) and waiting:
+                    # Every other request would fail the same way, and may cost money.
+                    batch.stop(error, not_attempted=list(waiting))
+                    waiting.clear()
+            submit_generations()
         elif isinstance(outcome, StoredImage):
             batch.stored(tag, outcome)
         else:
@@ -166,14 +177,20 @@ def _generate_and_store(
         progress.report(batch.done, len(batch.requests))
 
 
-def _failure_message(report: BatchReport, total: int, allow_failures: int) -> str:
+def _failure_message(batch: _Batch, report: BatchReport, allow_failures: int) -> str:
+    stored = f"{len(report.images)} images are stored and listed in {report.manifest_uri}."
+    if batch.stopped_by is not None:
+        skipped = sum(f.stage == "not attempted" for f in report.failures)
+        return (
+            f"The batch stopped: {batch.stopped_by} {skipped} of {len(batch.requests)} prompts "
+            f"were not attempted. {stored}"
+        )
     listed = [f"- {f.prompt[:80]!r}: {f.error}" for f in report.failures[:FAILURES_LISTED]]
     if (more := len(report.failures) - FAILURES_LISTED) > 0:
         listed.append(f"... and {more} more")
     return (
-        f"{len(report.failures)} of {total} prompts failed (allow_failures={allow_failures}); "
-        f"{len(report.images)} images are stored and listed in {report.manifest_uri}.\n"
-        + "\n".join(listed)
+        f"{len(report.failures)} of {len(batch.requests)} prompts failed "
+        f"(allow_failures={allow_failures}); {stored}\n" + "\n".join(listed)
     )
 
 
@@ -194,6 +211,7 @@ class _Batch:
         self.cached: set[int] = set()
         self.paid = 0
         self.from_cache = 0
+        self.stopped_by: BaseException | None = None
 
     @property
     def done(self) -> int:
@@ -224,6 +242,12 @@ class _Batch:
     def generation_failed(self, key: str, error: BaseException) -> None:
         for index in self.groups[key]:
             self.outcomes[index] = self._failure(index, error, "generate")
+
+    def stop(self, error: BaseException, not_attempted: list[str]) -> None:
+        self.stopped_by = error
+        for key in not_attempted:
+            for index in self.groups[key]:
+                self.outcomes[index] = self._failure(index, error, "not attempted")
 
     def upload_failed(self, index: int, error: BaseException) -> None:
         for other in self._same_object(index):
@@ -259,10 +283,13 @@ class _Batch:
 
     def _failure(self, index: int, error: BaseException, stage: str) -> PromptFailure:
         request = self.requests[index]
+        reason = str(error)
+        if stage == "not attempted":
+            reason = f"Not attempted: the batch stopped after {type(error).__name__}."
         return PromptFailure(
             prompt=request.prompt,
             name=request.name,
-            error=str(error),
+            error=reason,
             error_type=type(error).__name__,
             stage=stage,
         )

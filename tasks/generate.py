@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
-from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
-from prefect_gpt_image.blocks.credentials import RapidAPICredentials
 
 from prefect_gpt_image.block_refs import resolve_credentials
-from prefect_gpt_image.caching import generation_cache_key
-from prefect_gpt_image.models import GeneratedImage, ImageRequest
+from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+from prefect_gpt_image.caching import generation_cache_policy
+from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
 from prefect_gpt_image.object_keys import slugify
 from prefect_gpt_image.retry_policy import (
     GENERATION_RETRIES,
@@ -20,16 +17,6 @@ from prefect_gpt_image.retry_policy import (
     RETRY_JITTER_FACTOR,
     retry_condition,
 )
-
-
-def as_request(request: ImageRequest | str) -> ImageRequest:
-    return request if isinstance(request, ImageRequest) else ImageRequest(prompt=request)
-
-
-def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return generation_cache_key(
-        as_request(parameters["request"]), resolve_credentials(parameters.get("credentials"))
-    )
 
 
 def _run_name() -> str:
@@ -45,7 +32,7 @@ def _run_name() -> str:
     retry_delay_seconds=GENERATION_RETRY_DELAYS,
     retry_jitter_factor=RETRY_JITTER_FACTOR,
     retry_condition_fn=retry_condition,
-    cache_key_fn=_cache_key,
+    cache_policy=generation_cache_policy(),
     persist_result=True,
 )
 def generate_image(

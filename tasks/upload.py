@@ -8,7 +8,7 @@ from prefect.runtime import task_run
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, StoredImage
-from prefect_gpt_image.object_keys import image_key, slugify
+from prefect_gpt_image.object_keys import check_bucket_name, image_key, slugify
 from prefect_gpt_image.retry_policy import (
     RETRY_JITTER_FACTOR,
     UPLOAD_RETRIES,
@@ -55,6 +55,7 @@ def upload_image(
     Throttling and outages are retried; a missing bucket or refused credentials
     fail at once with an error that says which.
     """
+    check_bucket_name(bucket.bucket_name)
     if request is not None:
         image = image.model_copy(update={"request": request})
     key = image_key(bucket.bucket_folder, prefix, image)

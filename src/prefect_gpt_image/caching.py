@@ -1,4 +1,4 @@
-"""The generation cache key, in one place.
+"""The generation cache, in one place: its key, and the policy the task runs under.
 
 Two requests share a key, and so one paid generation, when they ask the same
 model at the same endpoint for the same picture: prompt, size and extras. Where
@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prefect_gpt_image.models import ImageRequest
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.settings import get_current_settings
+
+from prefect_gpt_image.block_refs import resolve_credentials
+from prefect_gpt_image.locking import ProcessFileLockManager
+from prefect_gpt_image.models import ImageRequest, as_request
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
@@ -34,3 +40,21 @@ def generation_cache_key(request: ImageRequest, credentials: RapidAPICredentials
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return "gpt-image-" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def generation_cache_policy() -> CachePolicy:
+    """Cache by `generation_cache_key`, SERIALIZABLE: of two runs asking for the same
+    image at once, the second waits for the first's result instead of paying again.
+
+    The locks are files under Prefect's home, so they serialize runs on one machine.
+    """
+    locks = get_current_settings().home / "locks" / "prefect-gpt-image"
+    return CachePolicy.from_cache_key_fn(_task_cache_key).configure(
+        isolation_level="SERIALIZABLE", lock_manager=ProcessFileLockManager(locks)
+    )
+
+
+def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return generation_cache_key(
+        as_request(parameters["request"]), resolve_credentials(parameters.get("credentials"))
+    )

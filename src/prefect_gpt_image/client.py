@@ -23,13 +23,17 @@ from prefect_gpt_image.models import GeneratedImage, ImageRequest
 from prefect_gpt_image.responses import error_for_response, find_image, parse_json
 from prefect_gpt_image.retry_policy import DOWNLOAD_ATTEMPTS
 from prefect_gpt_image.throttle import gate_for
+from prefect_gpt_image.url_safety import check_image_url, is_local_endpoint
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
 
 logger = logging.getLogger(__name__)
 
-DOWNLOAD_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+DOWNLOAD_READ_TIMEOUT_SECONDS = 30.0
+DOWNLOAD_DEADLINE_SECONDS = 120.0
+"""A download that trickles is cut off here, whatever its read timeout."""
+MAX_REDIRECTS = 5
 
 _http: httpx.Client | None = None
 _http_lock = threading.Lock()
@@ -65,10 +69,19 @@ class GptImageClient:
     the generation endpoint, never to the host serving the image.
     """
 
-    def __init__(self, credentials: RapidAPICredentials) -> None:
+    def __init__(
+        self, credentials: RapidAPICredentials, *, allow_internal_images: bool | None = None
+    ) -> None:
+        """`allow_internal_images`: fetch images from internal addresses; by default only
+        when the API itself is configured at one (an emulator, an in-house proxy)."""
         self._credentials = credentials
         self._http = shared_http_client()
         self._gate = gate_for(credentials.endpoint_url)
+        if allow_internal_images is None:
+            allow_internal_images = is_local_endpoint(credentials.endpoint_url)
+        self._allow_internal_images = allow_internal_images
+        read_timeout = min(DOWNLOAD_READ_TIMEOUT_SECONDS, credentials.timeout_seconds)
+        self._download_timeout = httpx.Timeout(read_timeout, connect=min(10.0, read_timeout))
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
         creds = self._credentials
@@ -140,27 +153,45 @@ class GptImageClient:
         )
 
     def _download_once(self, url: str) -> bytes:
-        if not url.startswith(("http://", "https://")):
-            raise InvalidResponseError(f"The API pointed at {url!r}, which is not http(s).")
         cap = self._credentials.max_image_bytes
-        with self._http.stream("GET", url, timeout=DOWNLOAD_TIMEOUT, follow_redirects=True) as r:
-            if r.status_code >= 500:
-                raise _TransientDownloadError(f"{r.status_code} from the image host")
-            if r.status_code >= 400:
-                raise InvalidResponseError(
-                    f"The generated image's URL answered {r.status_code}: it has expired or "
-                    "was never there. The image must be generated again."
-                )
-            if int(r.headers.get("content-length") or 0) > cap:
-                raise _too_large(int(r.headers["content-length"]), cap)
-            chunks: list[bytes] = []
-            size = 0
-            for chunk in r.iter_bytes():
-                size += len(chunk)
-                if size > cap:
-                    raise _too_large(size, cap)
-                chunks.append(chunk)
-            return b"".join(chunks)
+        deadline = time.monotonic() + DOWNLOAD_DEADLINE_SECONDS
+        for _ in range(MAX_REDIRECTS + 1):
+            # Redirects are followed by hand, so that every hop is checked.
+            check_image_url(url, allow_internal=self._allow_internal_images)
+            request = self._http.build_request("GET", url, timeout=self._download_timeout)
+            r = self._http.send(request, stream=True)
+            try:
+                if r.is_redirect and r.next_request is not None:
+                    url = str(r.next_request.url)
+                    continue
+                _check_download_status(r.status_code)
+                if int(r.headers.get("content-length") or 0) > cap:
+                    raise _too_large(int(r.headers["content-length"]), cap)
+                chunks: list[bytes] = []
+                size = 0
+                for chunk in r.iter_bytes():
+                    size += len(chunk)
+                    if size > cap:
+                        raise _too_large(size, cap)
+                    if time.monotonic() > deadline:
+                        raise _TransientDownloadError(
+                            f"still downloading after {DOWNLOAD_DEADLINE_SECONDS:g} s"
+                        )
+                    chunks.append(chunk)
+                return b"".join(chunks)
+            finally:
+                r.close()
+        raise InvalidResponseError(f"The image URL redirected more than {MAX_REDIRECTS} times.")
+
+
+def _check_download_status(status: int) -> None:
+    if status >= 500:
+        raise _TransientDownloadError(f"{status} from the image host")
+    if status >= 400:
+        raise InvalidResponseError(
+            f"The generated image's URL answered {status}: it has expired or was never "
+            "there. The image must be generated again."
+        )
 
 
 class _TransientDownloadError(APIError):

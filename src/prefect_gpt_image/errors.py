@@ -12,6 +12,8 @@ class GptImageError(Exception):
     """Base class for every error this package raises."""
 
     retryable: bool = False
+    stops_batch: bool = False
+    """True where every other request of the batch would fail the same way."""
 
 
 class InvalidRequestError(GptImageError, ValueError):
@@ -36,13 +38,19 @@ class APIError(GptImageError):
 class AuthenticationError(APIError):
     """401: RapidAPI rejected the key."""
 
+    stops_batch = True
+
 
 class NotSubscribedError(APIError):
     """403: the key is valid but its RapidAPI app is not subscribed to this API."""
 
+    stops_batch = True
+
 
 class EndpointNotFoundError(APIError):
     """404: the host or path does not name an API; typically a retired model."""
+
+    stops_batch = True
 
 
 class PromptRejectedError(APIError):
@@ -55,6 +63,8 @@ class BadRequestError(APIError):
 
 class QuotaExceededError(APIError):
     """429 for a spent daily or monthly quota: retrying cannot help and may incur overage."""
+
+    stops_batch = True
 
 
 class RateLimitedError(APIError):
@@ -101,6 +111,14 @@ class InvalidResponseError(GptImageError):
 
 class InvalidImageError(GptImageError):
     """The downloaded bytes are not a PNG, JPEG or WebP image, or are too large."""
+
+
+class UnsafeImageURLError(GptImageError):
+    """The API pointed at an address this machine should not fetch from.
+
+    Image URLs come from the API, so they are untrusted: a URL into a private
+    network or a cloud metadata service is refused, not retried.
+    """
 
 
 # --- Storage --------------------------------------------------------------------------

@@ -73,6 +73,11 @@ class ImageRequest(BaseModel):
         return text if len(text) <= 60 else text[:57] + "..."
 
 
+def as_request(request: ImageRequest | str) -> ImageRequest:
+    """A request, from a request or a bare prompt."""
+    return request if isinstance(request, ImageRequest) else ImageRequest(prompt=request)
+
+
 class GeneratedImage(BaseModel):
     """An image as the API produced it, downloaded and checked.
 
@@ -120,7 +125,7 @@ class PromptFailure(BaseModel):
     name: str | None = None
     error: str = Field(description="What went wrong, as the user should read it.")
     error_type: str = Field(description="The exception class, e.g. PromptRejectedError.")
-    stage: str = Field(description="'generate' or 'upload'.")
+    stage: str = Field(description="'generate', 'upload', or 'not attempted'.")
 
 
 class BatchReport(BaseModel):

@@ -65,6 +65,25 @@ def normalize_prefix(prefix: str) -> str:
     return "/".join(segments)
 
 
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
+
+
+def check_bucket_name(name: str) -> None:
+    """Refuse a bucket name S3 would refuse, before anything is paid for."""
+    if (
+        not _BUCKET_NAME.fullmatch(name)
+        or ".." in name
+        or ".-" in name
+        or "-." in name
+        or _IP_ADDRESS.fullmatch(name)
+    ):
+        raise InvalidRequestError(
+            f"{name!r} is not a valid S3 bucket name: 3 to 63 lower-case letters, digits, "
+            "dots and hyphens, starting and ending with a letter or digit."
+        )
+
+
 def join_key(*parts: str) -> str:
     """Join folder parts and a file name, skipping empty parts."""
     return "/".join(p.strip("/") for p in parts if p.strip("/"))

@@ -1,0 +1,221 @@
+"""Faults a batch must survive: a dead key, an S3 outage, a killed run, two runs at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL
+from prefect_aws import S3Bucket
+
+from prefect_gpt_image import ImageRequest, RapidAPICredentials, generate_images
+from prefect_gpt_image.client import GptImageClient
+from prefect_gpt_image.errors import BatchFailedError, StorageError, UnsafeImageURLError
+from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
+from prefect_gpt_image.url_safety import check_image_url
+
+COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_type"),
+    [
+        (Fault.unauthorized(), "AuthenticationError"),
+        (Fault.not_subscribed(), "NotSubscribedError"),
+        (Fault.quota_exceeded(), "QuotaExceededError"),
+    ],
+    ids=["bad-key", "not-subscribed", "quota-spent"],
+)
+def test_a_dead_key_stops_the_batch(
+    fault: Fault,
+    error_type: str,
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+) -> None:
+    api.add_fault(fault, times=1000)
+    prompts = [f"a doomed dormouse #{n}" for n in range(40)]
+
+    with pytest.raises(BatchFailedError) as raised:
+        generate_images(prompts, bucket=bucket, credentials=credentials, max_concurrency=2)
+
+    assert len(api.calls) <= 2  # the calls in flight when the first answer came back
+    report = raised.value.report
+    stages = [failure.stage for failure in report.failures]
+    assert len(stages) == 40 and stages.count("not attempted") >= 38
+    assert {f.error_type for f in report.failures} == {error_type}
+    message = str(raised.value)
+    assert message.startswith("The batch stopped: ")
+    assert "of 40 prompts were not attempted" in message
+
+
+def test_images_generated_while_s3_is_down_are_not_paid_for_again(
+    tmp_path: Path, api: GptImageEmulator, credentials: RapidAPICredentials
+) -> None:
+    prompts = ["an outage owl", "an outage otter", "an outage oriole"]
+    with LocalS3Server(tmp_path / "s3") as s3:
+        bucket = s3.bucket_block("outage")
+        s3.stop()
+        with pytest.raises(StorageError):
+            generate_images(prompts, bucket=bucket, credentials=credentials)
+        assert api.billed == 3
+
+        s3.start()
+        report = generate_images(prompts, bucket=bucket, credentials=credentials)
+
+    assert api.billed == 3
+    assert (report.generated, report.from_cache) == (0, 3)
+    for image in report.images:
+        assert s3.object_path("outage", image.key).read_bytes() == api.served[image.sha256]
+
+
+def cli_env(
+    api: GptImageEmulator, api_key: str, credentials: RapidAPICredentials, s3: LocalS3Server
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "RAPIDAPI_KEY": api_key,
+        "RAPIDAPI_BASE_URL": api.base_url,
+        "GPT_IMAGE_MODEL": credentials.model,
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "AWS_ENDPOINT_URL": s3.endpoint_url,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+    }
+
+
+def test_a_killed_run_resumes_without_paying_twice(
+    tmp_path: Path,
+    api: GptImageEmulator,
+    api_key: str,
+    credentials: RapidAPICredentials,
+    s3_server: LocalS3Server,
+) -> None:
+    bucket = f"killed-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    prompts = [f"a resumable raccoon #{n}" for n in range(100)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts), "utf-8")
+    args = [
+        COMMAND,
+        "generate",
+        str(tmp_path / "prompts.txt"),
+        "--bucket",
+        f"s3://{bucket}",
+        "--max-concurrency",
+        "4",
+    ]
+    env = cli_env(api, api_key, credentials, s3_server)
+    api.latency = 0.2
+
+    run = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while api.billed < 30 and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    billed_at_kill = api.billed
+    assert 30 <= billed_at_kill < 100
+
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "100 stored, 0 failed" in again.stdout
+    paid_twice = [p for p in prompts if api.billed_for(p) > 1]
+    assert len(paid_twice) <= 4  # at most the generations in flight at the kill
+    assert api.billed == 100 + len(paid_twice)
+    stored = [p for p in s3_server.object_path(bucket, "").iterdir() if p.suffix == ".png"]
+    assert len(stored) == 100  # the images in flight at the kill were never persisted
+
+
+def test_two_runs_at_once_pay_once(
+    tmp_path: Path,
+    api: GptImageEmulator,
+    api_key: str,
+    credentials: RapidAPICredentials,
+    s3_server: LocalS3Server,
+) -> None:
+    bucket = f"twins-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    prompts = [f"a twin tern #{n}" for n in range(12)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts), "utf-8")
+    env = cli_env(api, api_key, credentials, s3_server)
+    api.latency = 0.5
+
+    runs = [
+        subprocess.Popen(
+            [
+                COMMAND,
+                "generate",
+                str(tmp_path / "prompts.txt"),
+                "--bucket",
+                f"s3://{bucket}",
+                "--prefix",
+                prefix,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for prefix in ("first", "second")
+    ]
+    outputs = [run.communicate(timeout=300) for run in runs]
+
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(out for out, _ in outputs)
+    assert api.billed == 12
+    assert all(api.billed_for(p) == 1 for p in prompts)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/image.png",
+        "http://192.168.0.10/image.png",
+        "http://127.0.0.1:8080/image.png",
+        "http://[::1]/image.png",
+        "http://[::ffff:127.0.0.1]/image.png",
+        "http://localhost/image.png",
+        "http://0.0.0.0/image.png",
+    ],
+)
+def test_image_urls_into_the_local_network_are_refused(url: str) -> None:
+    with pytest.raises(UnsafeImageURLError, match="internal address"):
+        check_image_url(url, allow_internal=False)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://cdn/x.png", "gopher://x", "//x"])
+def test_image_urls_must_be_http(url: str) -> None:
+    with pytest.raises(UnsafeImageURLError, match="not an http"):
+        check_image_url(url, allow_internal=True)
+
+
+def test_public_image_urls_pass() -> None:
+    check_image_url("https://93.184.215.14/image.png", allow_internal=False)
+
+
+def test_client_refuses_an_internal_image_url_from_a_public_api(
+    api: GptImageEmulator, credentials: RapidAPICredentials
+) -> None:
+    client = GptImageClient(credentials, allow_internal_images=False)
+    with pytest.raises(UnsafeImageURLError):
+        client.generate(ImageRequest(prompt="a metadata-hungry mole"))
+    assert api.image_downloads == 0
+
+
+def test_invalid_bucket_name_is_refused_before_any_paid_call(
+    api: GptImageEmulator, credentials: RapidAPICredentials, s3_server: LocalS3Server
+) -> None:
+    from prefect_gpt_image.errors import InvalidRequestError
+
+    bad = S3Bucket(bucket_name="Not_A_Bucket", credentials=s3_server.aws_credentials())
+    with pytest.raises(InvalidRequestError, match="not a valid S3 bucket name"):
+        generate_images(["a bucketless bee"], bucket=bad, credentials=credentials)
+    assert api.calls == []
