@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from prefect.settings import PREFECT_API_URL
@@ -73,6 +77,90 @@ def test_images_generated_while_s3_is_down_are_not_paid_for_again(
     assert (report.generated, report.from_cache) == (0, 3)
     for image in report.images:
         assert s3.object_path("outage", image.key).read_bytes() == api.served[image.sha256]
+
+
+class ThrottlingProxy(ThreadingHTTPServer):
+    """Stands between boto3 and the S3 server, answering the first `throttle` PUTs with
+    503 SlowDown as S3 does under load, and forwarding everything else untouched (the
+    Host header included, so signatures still verify)."""
+
+    daemon_threads = True
+
+    def __init__(self, target: str, throttle: int) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        parts = urlsplit(target)
+        self.target = (parts.hostname or "", parts.port or 80)
+        self.throttle = throttle
+        self.throttled = 0
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ThrottlingProxy
+
+    def do_PUT(self) -> None:
+        self._forward()
+
+    do_GET = do_HEAD = do_POST = do_DELETE = do_PUT
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.command == "PUT" and self.server.throttled < self.server.throttle:
+            self.server.throttled += 1
+            slow_down = b"<Error><Code>SlowDown</Code><Message>Reduce your rate.</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(slow_down)))
+            self.end_headers()
+            self.wfile.write(slow_down)
+            return
+        upstream = http.client.HTTPConnection(*self.server.target, timeout=30)
+        upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+        for name, value in self.headers.items():
+            upstream.putheader(name, value)
+        upstream.endheaders(body)
+        answer = upstream.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in ("connection", "transfer-encoding"):
+                self.send_header(name, value)
+        if answer.getheader("Content-Length") is None:
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        upstream.close()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_s3_throttling_is_retried(
+    api: GptImageEmulator, credentials: RapidAPICredentials, s3_server: LocalS3Server
+) -> None:
+    bucket_name = f"throttled-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket_name)
+    proxy = ThrottlingProxy(s3_server.endpoint_url, throttle=3)
+    creds = s3_server.aws_credentials()
+    creds.aws_client_parameters.endpoint_url = proxy.url
+    try:
+        report = generate_images(
+            ["a throttled thrush"],
+            bucket=S3Bucket(bucket_name=bucket_name, credentials=creds),
+            credentials=credentials,
+        )
+    finally:
+        proxy.shutdown()
+
+    assert proxy.throttled == 3
+    (image,) = report.images
+    assert s3_server.object_path(bucket_name, image.key).read_bytes() == api.served[image.sha256]
+    assert api.billed == 1
 
 
 def cli_env(

@@ -325,3 +325,15 @@ def test_credentials_from_the_environment(
     image = from_env()
     assert image.model == "gpt-image-env-test"
     assert api.served[image.sha256] == image.data
+
+
+def test_a_stalled_download_is_retried_without_paying_again(
+    api: GptImageEmulator, credentials: RapidAPICredentials
+) -> None:
+    creds = credentials.model_copy(update={"timeout_seconds": 1.0})
+    api.add_fault(Fault.slow_download(2.5))
+    image = generate_in_flow("a dawdling dormouse", creds)
+
+    assert api.billed == 1
+    assert api.image_downloads == 2
+    assert api.served[image.sha256] == image.data

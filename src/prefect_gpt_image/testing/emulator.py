@@ -133,6 +133,11 @@ class Fault:
         return cls("not_an_image", status=200)
 
     @classmethod
+    def slow_download(cls, seconds: float) -> Fault:
+        """A billed 200 whose image host sits on the first download for `seconds`."""
+        return cls("slow_download", status=200, seconds=seconds)
+
+    @classmethod
     def truncated_image(cls) -> Fault:
         """A billed 200 whose URL serves only half a PNG (a dropped download or partial upload)."""
         return cls("truncated_image", status=200)
@@ -367,6 +372,7 @@ class GptImageEmulator:
         self._blobs: dict[str, _Reply] = {}
         self._served: dict[str, bytes] = {}
         self._downloads = 0
+        self._download_delays: dict[str, float] = {}
         self._peak = 0
         self._cycle = 0
         self._rng = random.Random(0)
@@ -526,6 +532,8 @@ class GptImageEmulator:
             if fault is not None and fault.kind == "stall":
                 time.sleep(fault.seconds or 0.0)
                 reply = self._generate(request)
+            elif fault is not None and fault.kind == "slow_download":
+                reply = self._generate(request, first_download_delay=fault.seconds or 0.0)
             elif fault is not None:
                 reply = self._fault_reply(fault, request)
             else:
@@ -557,7 +565,7 @@ class GptImageEmulator:
             return _message(404, "API doesn't exists")
         return None
 
-    def _generate(self, request: _Request) -> _Reply:
+    def _generate(self, request: _Request, first_download_delay: float = 0.0) -> _Reply:
         if request.problem is not None:
             return _error(400, "invalid_request", request.problem)
         prompt = request.prompt or ""
@@ -569,7 +577,11 @@ class GptImageEmulator:
         with self._lock:
             self._served[hashlib.sha256(data).hexdigest()] = data
         blob = _Reply(200, data, self._media_type)
-        return self._link(self._new_path(self._extension), blob, inline=data, advance=True)
+        path = self._new_path(self._extension)
+        if first_download_delay > 0:
+            with self._lock:
+                self._download_delays[path] = first_download_delay
+        return self._link(path, blob, inline=data, advance=True)
 
     def _fault_reply(self, fault: Fault, request: _Request) -> _Reply:
         if fault.kind == "rate_limited":
@@ -617,6 +629,8 @@ class GptImageEmulator:
         with self._lock:
             self._downloads += 1
             blob = self._blobs.get(path)
+            delay = self._download_delays.pop(path, 0.0)
+        time.sleep(delay)
         return blob or _s3_error(404, path)
 
     def _shape(self, *, advance: bool) -> str:
