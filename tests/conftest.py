@@ -94,3 +94,24 @@ def credentials(api: GptImageEmulator) -> RapidAPICredentials:
 def bucket(s3_server: LocalS3Server) -> S3Bucket:
     """A new, empty bucket for each test."""
     return s3_server.bucket_block(f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def user_env(
+    api: GptImageEmulator, credentials: RapidAPICredentials, s3_server: LocalS3Server
+) -> dict[str, str]:
+    """A user's shell, for the command line: the key and endpoint in the environment,
+    AWS_* for the bucket, and this session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {
+        **os.environ,
+        "RAPIDAPI_KEY": credentials.api_key.get_secret_value(),
+        "RAPIDAPI_BASE_URL": api.base_url,
+        "GPT_IMAGE_MODEL": credentials.model,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+    }

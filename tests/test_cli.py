@@ -8,9 +8,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytest
-from prefect.settings import PREFECT_API_URL
-
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
@@ -20,23 +17,6 @@ def run(args: list[str], env: dict[str, str], timeout: float = 240) -> subproces
     return subprocess.run(
         [COMMAND, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
-
-
-@pytest.fixture
-def user_env(api: GptImageEmulator, api_key: str, s3_server: LocalS3Server) -> dict[str, str]:
-    """A user's shell: the key and endpoint in the environment, AWS_* for the bucket, and
-    this session's Prefect server."""
-    return {
-        **os.environ,
-        "RAPIDAPI_KEY": api_key,
-        "RAPIDAPI_BASE_URL": api.base_url,
-        "GPT_IMAGE_MODEL": f"gpt-image-cli-{uuid.uuid4().hex[:8]}",
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-    }
 
 
 def test_help_is_quick_to_reach_and_lists_the_commands() -> None:

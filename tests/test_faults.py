@@ -15,7 +15,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from prefect.settings import PREFECT_API_URL
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import ImageRequest, RapidAPICredentials, generate_images
@@ -163,46 +162,23 @@ def test_s3_throttling_is_retried(
     assert api.billed == 1
 
 
-def cli_env(
-    api: GptImageEmulator, api_key: str, credentials: RapidAPICredentials, s3: LocalS3Server
-) -> dict[str, str]:
-    return {
-        **os.environ,
-        "RAPIDAPI_KEY": api_key,
-        "RAPIDAPI_BASE_URL": api.base_url,
-        "GPT_IMAGE_MODEL": credentials.model,
-        "AWS_ACCESS_KEY_ID": s3.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-        "AWS_ENDPOINT_URL": s3.endpoint_url,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-    }
+def cli_batch(s3: LocalS3Server, folder: Path, prompts: list[str]) -> tuple[str, list[str]]:
+    """A new bucket, and the command line that generates `prompts` into it."""
+    bucket = f"cli-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(bucket)
+    (folder / "prompts.txt").write_text("\n".join(prompts), "utf-8")
+    return bucket, [COMMAND, "generate", str(folder / "prompts.txt"), "--bucket", f"s3://{bucket}"]
 
 
 def test_a_killed_run_resumes_without_paying_twice(
-    tmp_path: Path,
-    api: GptImageEmulator,
-    api_key: str,
-    credentials: RapidAPICredentials,
-    s3_server: LocalS3Server,
+    tmp_path: Path, api: GptImageEmulator, s3_server: LocalS3Server, user_env: dict[str, str]
 ) -> None:
-    bucket = f"killed-{uuid.uuid4().hex[:8]}"
-    s3_server.create_bucket(bucket)
     prompts = [f"a resumable raccoon #{n}" for n in range(100)]
-    (tmp_path / "prompts.txt").write_text("\n".join(prompts), "utf-8")
-    args = [
-        COMMAND,
-        "generate",
-        str(tmp_path / "prompts.txt"),
-        "--bucket",
-        f"s3://{bucket}",
-        "--max-concurrency",
-        "4",
-    ]
-    env = cli_env(api, api_key, credentials, s3_server)
+    bucket, args = cli_batch(s3_server, tmp_path, prompts)
+    args += ["--max-concurrency", "4"]
     api.latency = 0.2
 
-    run = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(args, env=user_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while api.billed < 30 and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.05)
@@ -211,7 +187,7 @@ def test_a_killed_run_resumes_without_paying_twice(
     billed_at_kill = api.billed
     assert 30 <= billed_at_kill < 100
 
-    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(args, env=user_env, capture_output=True, text=True, timeout=300)
 
     assert again.returncode == 0, again.stderr[-2000:]
     assert "100 stored, 0 failed" in again.stdout
@@ -223,31 +199,16 @@ def test_a_killed_run_resumes_without_paying_twice(
 
 
 def test_two_runs_at_once_pay_once(
-    tmp_path: Path,
-    api: GptImageEmulator,
-    api_key: str,
-    credentials: RapidAPICredentials,
-    s3_server: LocalS3Server,
+    tmp_path: Path, api: GptImageEmulator, s3_server: LocalS3Server, user_env: dict[str, str]
 ) -> None:
-    bucket = f"twins-{uuid.uuid4().hex[:8]}"
-    s3_server.create_bucket(bucket)
     prompts = [f"a twin tern #{n}" for n in range(12)]
-    (tmp_path / "prompts.txt").write_text("\n".join(prompts), "utf-8")
-    env = cli_env(api, api_key, credentials, s3_server)
+    _, args = cli_batch(s3_server, tmp_path, prompts)
     api.latency = 0.5
 
     runs = [
         subprocess.Popen(
-            [
-                COMMAND,
-                "generate",
-                str(tmp_path / "prompts.txt"),
-                "--bucket",
-                f"s3://{bucket}",
-                "--prefix",
-                prefix,
-            ],
-            env=env,
+            [*args, "--prefix", prefix],
+            env=user_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
