@@ -8,6 +8,7 @@ from tests: `prefect_gpt_image.testing.GptImageEmulator` stands in for it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -40,18 +41,19 @@ def api_key() -> str:
     return API_KEY
 
 
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[Path]:
+    yield _SESSION_DIR
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def prefect_harness() -> Iterator[None]:
+def prefect_harness(session_dir: Path) -> Iterator[None]:
     with (
         prefect_test_harness(server_startup_timeout=180),
         temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
     ):
         yield
-
-
-@pytest.fixture(scope="session")
-def session_dir() -> Path:
-    return _SESSION_DIR
 
 
 @pytest.fixture(scope="session")

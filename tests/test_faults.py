@@ -268,3 +268,18 @@ def test_invalid_bucket_name_is_refused_before_any_paid_call(
     with pytest.raises(InvalidRequestError, match="not a valid S3 bucket name"):
         generate_images(["a bucketless bee"], bucket=bad, credentials=credentials)
     assert api.calls == []
+
+
+def test_redirects_are_followed_and_every_hop_is_checked(
+    api: GptImageEmulator, credentials: RapidAPICredentials
+) -> None:
+    client = GptImageClient(credentials)
+    first = client.generate(ImageRequest(prompt="a redirected wren"))
+    assert first.source_url
+    api.add_fault(Fault.redirected_url(first.source_url))
+    via_redirect = client.generate(ImageRequest(prompt="a redirected wren"))
+    assert via_redirect.data == first.data
+
+    api.add_fault(Fault.redirected_url("file:///etc/passwd"))
+    with pytest.raises(UnsafeImageURLError, match="not an http"):
+        client.generate(ImageRequest(prompt="a trapped wren"))

@@ -131,8 +131,9 @@ def test_request_carries_headers_size_and_extras(
         Fault.malformed_body(),
         Fault.no_image(),
         Fault.expired_url(404),
+        Fault.expired_url(403),
     ],
-    ids=lambda fault: fault.kind + str(getattr(fault, "status", "") or ""),
+    ids=lambda fault: f"{fault.kind}-{fault.status}",
 )
 def test_transient_failures_are_retried(
     fault: Fault, api: GptImageEmulator, credentials: RapidAPICredentials

@@ -94,9 +94,9 @@ def test_key_appears_nowhere(
             .read()
             .decode()
         )
-    for path in (session_dir / "prefect-home" / "storage").rglob("*"):
+    for path in (session_dir / "prefect-home").rglob("*"):  # results, cache keys, locks
         if path.is_file():
-            written[f"result {path.name}"] = path.read_bytes().decode("latin-1")
+            written[f"file {path}"] = str(path) + path.read_bytes().decode("latin-1")
 
     assert len(written) > 10
     for where, text in written.items():

@@ -133,6 +133,11 @@ class Fault:
         return cls("not_an_image", status=200)
 
     @classmethod
+    def redirected_url(cls, location: str) -> Fault:
+        """A billed 200 whose image URL redirects to `location` (a CDN hop, or a trap)."""
+        return cls("redirected_url", status=200, message=location)
+
+    @classmethod
     def slow_download(cls, seconds: float) -> Fault:
         """A billed 200 whose image host sits on the first download for `seconds`."""
         return cls("slow_download", status=200, seconds=seconds)
@@ -600,6 +605,10 @@ class GptImageEmulator:
             return _Reply(200, b'{"url": "http://')
         if fault.kind == "no_image":
             return _json(200, {"status": "succeeded", "result": {}})
+        if fault.kind == "redirected_url":
+            path = self._new_path(self._extension)
+            redirect = _Reply(302, b"", "text/plain", (("Location", fault.message or "/"),))
+            return self._link(path, redirect, inline=None)
         if fault.kind == "expired_url":
             path = self._new_path(self._extension)
             return self._link(path, _s3_error(fault.status or 404, path), inline=None)
