@@ -16,11 +16,12 @@ from prefect.runtime import flow_run
 from prefect_aws import S3Bucket
 from pydantic import Field
 
-from prefect_gpt_image import progress
+from prefect_gpt_image import progress as progress_listeners
+from prefect_gpt_image.artifacts import ProgressArtifact, publish_results
 from prefect_gpt_image.block_refs import resolve_bucket, resolve_credentials
 from prefect_gpt_image.blocks.credentials import RapidAPICredentials
 from prefect_gpt_image.caching import generation_cache_key
-from prefect_gpt_image.errors import BatchFailedError
+from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
 from prefect_gpt_image.models import (
     BatchReport,
     GeneratedImage,
@@ -34,8 +35,8 @@ from prefect_gpt_image.object_keys import (
     manifest_key,
     normalize_prefix,
 )
-from prefect_gpt_image.prompt_sets import load_prompts
-from prefect_gpt_image.storage import object_uri, put_bytes, read_uri
+from prefect_gpt_image.prompt_sets import expand_template, load_prompts
+from prefect_gpt_image.storage import object_link, object_uri, put_bytes, read_uri
 from prefect_gpt_image.tasks.generate import generate_image
 from prefect_gpt_image.tasks.upload import upload_image
 
@@ -45,9 +46,12 @@ FAILURES_LISTED = 20
 
 @flow(name="generate-images")
 def generate_images(
-    prompts: list[str | ImageRequest] | str,
+    prompts: list[str | ImageRequest] | str | None = None,
+    *,
     bucket: S3Bucket | str,
     credentials: RapidAPICredentials | str | None = None,
+    template: str | None = None,
+    variables: dict[str, list[str]] | None = None,
     prefix: str = "",
     width: Annotated[int, Field(ge=64, le=4096)] = 1024,
     height: Annotated[int, Field(ge=64, le=4096)] = 1024,
@@ -55,6 +59,8 @@ def generate_images(
     allow_failures: Annotated[int, Field(ge=0)] = 0,
     refresh_cache: bool = False,
     cache_expiration_days: Annotated[float | None, Field(gt=0)] = None,
+    public_base_url: str | None = None,
+    link_expiry_hours: Annotated[float, Field(gt=0, le=168)] = 24,
 ) -> BatchReport:
     """Generate an image for every prompt and store each one in the bucket.
 
@@ -65,6 +71,10 @@ def generate_images(
             (with the environment's AWS credentials).
         credentials: A `RapidAPICredentials` block, a saved block's name, or None to
             read `RAPIDAPI_KEY` from the environment.
+        template: Instead of `prompts`: a prompt with `{variables}`, such as
+            "{product} on a {background} background".
+        variables: The values of each template variable; every combination is
+            generated, and named after its values.
         prefix: The folder, within the bucket folder, for this batch's images.
         width: Width of prompts that do not give one.
         height: Height of prompts that do not give one.
@@ -73,6 +83,9 @@ def generate_images(
         refresh_cache: Generate again even where a cached image exists (and pay).
         cache_expiration_days: How long generated images are served from the cache;
             None keeps them for good.
+        public_base_url: Where the bucket is served publicly (a CDN), for the links
+            in the run's artifacts; without it they are presigned URLs.
+        link_expiry_hours: How long presigned links in the artifacts work.
 
     Returns:
         The `BatchReport`: stored images, failures, the manifest's key and the cost.
@@ -84,7 +97,13 @@ def generate_images(
     s3 = resolve_bucket(bucket)
     check_bucket_name(s3.bucket_name)
     folder = normalize_prefix(prefix)
-    requests = load_prompts(prompts, width=width, height=height, read_uri=partial(read_uri, s3))
+    if (prompts is None) == (template is None):
+        raise InvalidRequestError("Give either prompts or a template (with variables).")
+    if template is not None:
+        requests = expand_template(template, variables or {}, width=width, height=height)
+    else:
+        assert prompts is not None
+        requests = load_prompts(prompts, width=width, height=height, read_uri=partial(read_uri, s3))
     for request in requests:
         creds.check_request(request)
 
@@ -100,13 +119,23 @@ def generate_images(
         object_uri(s3, join_key(s3.bucket_folder, folder)),
     )
 
-    _generate_and_store(batch, generate, creds, s3, folder, max_concurrency)
+    progress = ProgressArtifact(total=len(requests))
+    try:
+        _generate_and_store(batch, generate, creds, s3, folder, max_concurrency, progress)
+    finally:
+        progress.close()
 
-    report = batch.report(price=creds.price_per_image_usd)
+    report = batch.report()
+    rows = batch.rows()
     key = manifest_key(s3.bucket_folder, folder, _run_label())
-    put_bytes(s3, key, batch.manifest(), "application/x-ndjson")
+    manifest = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    put_bytes(s3, key, manifest.encode(), "application/x-ndjson")
     report.manifest_key, report.manifest_uri = key, object_uri(s3, key)
     logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
+    link = partial(
+        object_link, s3, public_base_url=public_base_url, expires_in=int(link_expiry_hours * 3600)
+    )
+    publish_results(rows, report, link)
 
     if batch.stopped_by is not None or len(report.failures) > allow_failures:
         raise BatchFailedError(_failure_message(batch, report, allow_failures), report)
@@ -120,6 +149,7 @@ def _generate_and_store(
     bucket: S3Bucket,
     folder: str,
     max_concurrency: int,
+    progress: ProgressArtifact,
 ) -> None:
     """Keep `max_concurrency` generations in flight, and upload each image as it comes.
 
@@ -174,7 +204,8 @@ def _generate_and_store(
             batch.stored(tag, outcome)
         else:
             batch.upload_failed(tag, _exception(outcome))
-        progress.report(batch.done, len(batch.requests))
+        progress.update(batch.done)
+        progress_listeners.report(batch.done, len(batch.requests))
 
 
 def _failure_message(batch: _Batch, report: BatchReport, allow_failures: int) -> str:
@@ -203,13 +234,14 @@ class _Batch:
 
     def __init__(self, requests: list[ImageRequest], credentials: RapidAPICredentials) -> None:
         self.requests = requests
+        self.price = credentials.price_per_image_usd
         self.key_of = [generation_cache_key(request, credentials) for request in requests]
         self.groups: dict[str, list[int]] = {}
         for index, key in enumerate(self.key_of):
             self.groups.setdefault(key, []).append(index)
         self.outcomes: dict[int, StoredImage | PromptFailure] = {}
         self.cached: set[int] = set()
-        self.paid = 0
+        self.paid_keys: set[str] = set()
         self.from_cache = 0
         self.stopped_by: BaseException | None = None
 
@@ -226,7 +258,7 @@ class _Batch:
             self.from_cache += 1
             self.cached.update(self.groups[key])
         else:
-            self.paid += 1
+            self.paid_keys.add(key)
 
     def uploads(self, key: str) -> list[int]:
         """The prompts of a group that need an object each: one per distinct name."""
@@ -253,28 +285,33 @@ class _Batch:
         for other in self._same_object(index):
             self.outcomes[other] = self._failure(other, error, "upload")
 
-    def report(self, price: float) -> BatchReport:
+    def report(self) -> BatchReport:
         ordered = [self.outcomes[i] for i in range(len(self.requests))]
         return BatchReport(
             images=[o for o in ordered if isinstance(o, StoredImage)],
             failures=[o for o in ordered if isinstance(o, PromptFailure)],
-            generated=self.paid,
+            generated=len(self.paid_keys),
             from_cache=self.from_cache,
-            cost_usd=round(self.paid * price, 6),
+            cost_usd=round(len(self.paid_keys) * self.price, 6),
         )
 
-    def manifest(self) -> bytes:
-        """JSON Lines, one line per prompt in the order given."""
-        lines = []
-        for index in range(len(self.requests)):
-            outcome = self.outcomes[index]
-            line: dict[str, Any] = {"index": index, "status": "stored"}
+    def rows(self) -> list[dict[str, Any]]:
+        """One record per prompt, in the order given: for the manifest and the table."""
+        rows = []
+        for index, outcome in sorted(self.outcomes.items()):
+            row: dict[str, Any] = {"index": index, **outcome.model_dump()}
             if isinstance(outcome, PromptFailure):
-                line.update(status="failed", **outcome.model_dump())
+                row["status"] = "not attempted" if outcome.stage == "not attempted" else "failed"
             else:
-                line.update(outcome.model_dump(), cached=index in self.cached)
-            lines.append(json.dumps(line, ensure_ascii=False))
-        return ("\n".join(lines) + "\n").encode()
+                key = self.key_of[index]
+                paid = key in self.paid_keys and self.groups[key][0] == index
+                row.update(
+                    status="stored",
+                    cached=index in self.cached,
+                    cost_usd=self.price if paid else 0.0,
+                )
+            rows.append(row)
+        return rows
 
     def _same_object(self, index: int) -> list[int]:
         """The prompts stored as one object with `index`: same request, same name."""

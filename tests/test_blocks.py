@@ -12,10 +12,12 @@ import pytest
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
+from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from prefect.utilities.dispatch import lookup_type
 from prefect_aws import S3Bucket
 from pydantic import SecretStr
 
+import prefect_gpt_image
 from prefect_gpt_image import RapidAPICredentials, generate_images
 from prefect_gpt_image.errors import ConfigurationError
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
@@ -107,3 +109,13 @@ def test_prefect_block_register(tmp_path: Path) -> None:
     with get_client(sync_client=True) as client:
         block_type = client.read_block_type_by_slug("rapidapi-credentials")
     assert block_type.name == "RapidAPI Credentials"
+
+
+class TestRapidAPICredentialsMeetsPrefectsStandard(BlockStandardTestSuite):
+    @pytest.fixture
+    def block(self, monkeypatch: pytest.MonkeyPatch) -> type[Block]:
+        # The suite downloads the logo from `_logo_url`; the logo ships in the package, and
+        # is checked here from the installed copy.
+        logo = Path(prefect_gpt_image.__file__).parent / "assets" / "logo.png"
+        monkeypatch.setattr(RapidAPICredentials, "_logo_url", logo.as_uri())
+        return RapidAPICredentials

@@ -39,6 +39,7 @@ def test_wheel_has_one_top_level_package(tmp_path: Path) -> None:
         "prefect_gpt_image/flows/generate_images.py",
         "prefect_gpt_image/testing/emulator.py",
         "prefect_gpt_image/py.typed",
+        "prefect_gpt_image/assets/logo.png",
     ):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(

@@ -1,4 +1,5 @@
-"""Loading a prompt set: a list, or a `.txt`, `.csv` or `.jsonl` file, local or on S3.
+"""Loading a prompt set: a list, a `.txt`, `.csv` or `.jsonl` file (local or on S3),
+or a template times its variables.
 
 Every request is validated here, before anything is paid for; a bad line is
 reported with its file and line number.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import string
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.models import ImageRequest
 
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
+MAX_TEMPLATE_PROMPTS = 10_000
+"""A template's product past this is more likely a mistake than a campaign."""
 EXTRAS_COLUMN_PREFIX = "extras."
 """A CSV column named `extras.quality` becomes `extras["quality"]`."""
 
@@ -44,6 +49,50 @@ def load_prompts(
     if not source:
         raise InvalidRequestError("The prompt set is empty.")
     return [_request(item, defaults, where=f"prompt #{n}") for n, item in enumerate(source, 1)]
+
+
+def expand_template(
+    template: str,
+    variables: Mapping[str, Sequence[str]],
+    *,
+    width: int = 1024,
+    height: int = 1024,
+) -> list[ImageRequest]:
+    """One request per combination of the variables' values, named after its values.
+
+    `expand_template("{product} on a {background} background", {"product": ["mug", "vase"],
+    "background": ["marble", "oak"]})` gives four requests, named "mug marble", "mug oak"...
+    """
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise InvalidRequestError(f"The template is not valid: {exc}.") from None
+    if not fields:
+        raise InvalidRequestError("The template has no {variable} in it.")
+    if bad := [f for f in fields if not f.isidentifier()]:
+        raise InvalidRequestError(f"Template fields must be plain names, not {bad[0]!r}.")
+    used = list(dict.fromkeys(fields))
+    if missing := [name for name in used if name not in variables]:
+        raise InvalidRequestError(f"The template uses {{{missing[0]}}}, which has no values.")
+    if unused := [name for name in variables if name not in used]:
+        raise InvalidRequestError(f"The variable {unused[0]!r} is not used in the template.")
+    if empty := [name for name in used if not variables[name]]:
+        raise InvalidRequestError(f"The variable {empty[0]!r} has no values.")
+    count = 1
+    for name in used:
+        count *= len(variables[name])
+    if count > MAX_TEMPLATE_PROMPTS:
+        raise InvalidRequestError(
+            f"The template expands to {count:,} prompts; at most {MAX_TEMPLATE_PROMPTS:,} "
+            "are allowed in one batch."
+        )
+    defaults = {"width": width, "height": height}
+    requests = []
+    for values in itertools.product(*(variables[name] for name in used)):
+        combination = dict(zip(used, values, strict=True))
+        item = {"prompt": template.format_map(combination), "name": " ".join(values)}
+        requests.append(_request(item, defaults, where=f"template with {combination}"))
+    return requests
 
 
 def _load_file(

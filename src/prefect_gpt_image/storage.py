@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from prefect_aws import S3Bucket
 
 CLIENT_CONFIG = Config(
+    signature_version="s3v4",
     retries={"mode": "standard", "max_attempts": 4},
     connect_timeout=10,
     read_timeout=60,
@@ -50,7 +51,8 @@ def s3_client(bucket: S3Bucket) -> Any:
         if (client := _clients.get(cache_key)) is None:
             params = credentials.aws_client_parameters.get_params_override()
             user_config = params.pop("config", None)
-            config = user_config.merge(CLIENT_CONFIG) if user_config else CLIENT_CONFIG
+            # The block's own botocore settings win over these defaults.
+            config = CLIENT_CONFIG.merge(user_config) if user_config else CLIENT_CONFIG
             client = credentials.get_boto3_session().client(
                 "s3", region_name=credentials.region_name, config=config, **params
             )
@@ -60,6 +62,17 @@ def s3_client(bucket: S3Bucket) -> Any:
 
 def object_uri(bucket: S3Bucket, key: str) -> str:
     return f"s3://{bucket.bucket_name}/{key}"
+
+
+def object_link(bucket: S3Bucket, key: str, *, public_base_url: str | None, expires_in: int) -> str:
+    """A URL a person can open: under the public base URL, else presigned."""
+    if public_base_url:
+        return f"{public_base_url.rstrip('/')}/{quote(key)}"
+    return str(
+        s3_client(bucket).generate_presigned_url(
+            "get_object", Params={"Bucket": bucket.bucket_name, "Key": key}, ExpiresIn=expires_in
+        )
+    )
 
 
 def put_image(bucket: S3Bucket, key: str, image: GeneratedImage) -> bool:

@@ -1,0 +1,125 @@
+"""What a run shows on its page in Prefect: progress while it runs, then a table of every
+prompt and a gallery of the images."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from prefect_gpt_image.models import BatchReport
+
+logger = logging.getLogger(__name__)
+
+TABLE_KEY = "gpt-image-batch"
+GALLERY_KEY = "gpt-image-gallery"
+GALLERY_MAX_IMAGES = 60
+GALLERY_COLUMNS = 4
+PROGRESS_INTERVAL_SECONDS = 2.0
+"""Progress is published at most this often, from a thread of its own: a busy Prefect
+server can take seconds to answer, and the batch must not wait for it."""
+
+Link = Callable[[str], str]
+"""The URL a person can open for an object key: presigned, or under a public base URL."""
+
+
+class ProgressArtifact:
+    """A progress artifact, published in the background as the batch advances."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._done = 0
+        self._published = -1
+        self._changed = threading.Event()
+        self._closed = threading.Event()
+        artifact_id = create_progress_artifact(
+            progress=0.0, description=f"Images generated and stored, of {total}."
+        )
+        assert isinstance(artifact_id, UUID)  # from sync code, the id itself
+        self._artifact_id = artifact_id
+        self._thread = threading.Thread(target=self._publish_loop, daemon=True)
+        self._thread.start()
+
+    def update(self, done: int) -> None:
+        self._done = done
+        self._changed.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._changed.set()
+        self._thread.join()
+
+    def _publish_loop(self) -> None:
+        while not self._closed.is_set():
+            self._changed.wait()
+            self._publish()
+            self._closed.wait(PROGRESS_INTERVAL_SECONDS)
+        self._publish()
+
+    def _publish(self) -> None:
+        self._changed.clear()
+        done = self._done
+        if done == self._published:
+            return
+        try:
+            update_progress_artifact(self._artifact_id, progress=100.0 * done / self._total)
+            self._published = done
+        except Exception:  # progress is a courtesy: never fail a batch over it
+            logger.warning("Could not update the progress artifact", exc_info=True)
+
+
+def publish_results(rows: Sequence[dict[str, Any]], report: BatchReport, link: Link) -> None:
+    """The table of every prompt, and the gallery of the stored images."""
+    create_table_artifact(
+        key=TABLE_KEY,
+        table=[_table_row(row, link) for row in rows],
+        description=report.summary(),
+    )
+    create_markdown_artifact(key=GALLERY_KEY, markdown=gallery(report, link))
+
+
+def _table_row(row: dict[str, Any], link: Link) -> dict[str, Any]:
+    return {
+        "prompt": row["prompt"],
+        "status": row["status"],
+        "object": row.get("uri", ""),
+        "link": link(row["key"]) if row.get("key") else "",
+        "size": row.get("size", ""),
+        "cost_usd": row.get("cost_usd", 0.0),
+        "cached": row.get("cached", False),
+        "error": row.get("error", ""),
+    }
+
+
+def gallery(report: BatchReport, link: Link) -> str:
+    """A markdown grid of thumbnails, each captioned with its name or prompt."""
+    images = list({image.key: image for image in report.images}.values())
+    lines = [f"## {report.summary()}", ""]
+    if not images:
+        return "\n".join([*lines, "No image was stored."])
+    lines += ["| " + " | ".join([" "] * GALLERY_COLUMNS) + " |"]
+    lines += ["|" + "---|" * GALLERY_COLUMNS]
+    shown = images[:GALLERY_MAX_IMAGES]
+    for start in range(0, len(shown), GALLERY_COLUMNS):
+        cells = []
+        for image in shown[start : start + GALLERY_COLUMNS]:
+            caption = _escape((image.name or image.prompt)[:80])
+            cells.append(f"[![{caption}]({link(image.key)})]({link(image.key)})<br>{caption}")
+        cells += [" "] * (GALLERY_COLUMNS - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(images) > GALLERY_MAX_IMAGES:
+        lines += ["", f"... and {len(images) - GALLERY_MAX_IMAGES} more, listed in the table."]
+    return "\n".join(lines)
+
+
+def _escape(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|").replace("[", "(").replace("]", ")")
