@@ -97,13 +97,7 @@ def generate_images(
     s3 = resolve_bucket(bucket)
     check_bucket_name(s3.bucket_name)
     folder = normalize_prefix(prefix)
-    if (prompts is None) == (template is None):
-        raise InvalidRequestError("Give either prompts or a template (with variables).")
-    if template is not None:
-        requests = expand_template(template, variables or {}, width=width, height=height)
-    else:
-        assert prompts is not None
-        requests = load_prompts(prompts, width=width, height=height, read_uri=partial(read_uri, s3))
+    requests = _requests(prompts, template, variables, width, height, s3)
     for request in requests:
         creds.check_request(request)
 
@@ -127,10 +121,10 @@ def generate_images(
 
     report = batch.report()
     rows = batch.rows()
-    key = manifest_key(s3.bucket_folder, folder, _run_label())
+    report.manifest_key = manifest_key(s3.bucket_folder, folder, _run_label())
+    report.manifest_uri = object_uri(s3, report.manifest_key)
     manifest = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    put_bytes(s3, key, manifest.encode(), "application/x-ndjson")
-    report.manifest_key, report.manifest_uri = key, object_uri(s3, key)
+    put_bytes(s3, report.manifest_key, manifest.encode(), "application/x-ndjson")
     logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
     link = partial(
         object_link, s3, public_base_url=public_base_url, expires_in=int(link_expiry_hours * 3600)
@@ -140,6 +134,23 @@ def generate_images(
     if batch.stopped_by is not None or len(report.failures) > allow_failures:
         raise BatchFailedError(_failure_message(batch, report, allow_failures), report)
     return report
+
+
+def _requests(
+    prompts: list[str | ImageRequest] | str | None,
+    template: str | None,
+    variables: dict[str, list[str]] | None,
+    width: int,
+    height: int,
+    bucket: S3Bucket,
+) -> list[ImageRequest]:
+    """The batch's requests, from a prompt set or a template; all checked, none paid for."""
+    if (prompts is None) == (template is None):
+        raise InvalidRequestError("Give either prompts or a template (with variables).")
+    if template is not None:
+        return expand_template(template, variables or {}, width=width, height=height)
+    assert prompts is not None
+    return load_prompts(prompts, width=width, height=height, read_uri=partial(read_uri, bucket))
 
 
 def _generate_and_store(
