@@ -24,6 +24,7 @@ from prefect_gpt_image.caching import generation_cache_key
 from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
 from prefect_gpt_image.models import (
     BatchReport,
+    FailureStage,
     GeneratedImage,
     ImageRequest,
     PromptFailure,
@@ -329,7 +330,7 @@ class _Batch:
         name = self.requests[index].name
         return [i for i in self.groups[self.key_of[index]] if self.requests[i].name == name]
 
-    def _failure(self, index: int, error: BaseException, stage: str) -> PromptFailure:
+    def _failure(self, index: int, error: BaseException, stage: FailureStage) -> PromptFailure:
         request = self.requests[index]
         reason = str(error)
         if stage == "not attempted":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -118,6 +118,9 @@ class StoredImage(BaseModel):
     model: str
 
 
+FailureStage = Literal["generate", "upload", "not attempted"]
+
+
 class PromptFailure(BaseModel):
     """A prompt that did not end in the bucket, and why."""
 
@@ -125,7 +128,9 @@ class PromptFailure(BaseModel):
     name: str | None = None
     error: str = Field(description="What went wrong, as the user should read it.")
     error_type: str = Field(description="The exception class, e.g. PromptRejectedError.")
-    stage: str = Field(description="'generate', 'upload', or 'not attempted'.")
+    stage: FailureStage = Field(
+        description="Where it failed; 'not attempted' when the batch stopped before it."
+    )
 
 
 class BatchReport(BaseModel):
@@ -138,10 +143,6 @@ class BatchReport(BaseModel):
     generated: int = Field(default=0, description="Images paid for in this run.")
     from_cache: int = Field(default=0, description="Images served from the cache, at no cost.")
     cost_usd: float = Field(default=0.0, description="What this run's generations cost.")
-
-    @property
-    def succeeded(self) -> int:
-        return len(self.images)
 
     def summary(self) -> str:
         return (
