@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from typing import Any
@@ -45,7 +46,7 @@ def test_run_page_has_a_table_a_gallery_and_progress(
     # Every link in the gallery opens the image the API served.
     gallery = artifacts["markdown"].data
     assert gallery.startswith("## 3 stored, 1 failed; 2 generated")
-    links = set(re.findall(r"\]\((http[^)]+)\)", gallery))
+    links = {html.unescape(url) for url in re.findall(r'<img src="([^"]+)"', gallery)}
     assert len(links) == 2
     for link in links:
         assert httpx.get(link).content in api.served.values()

@@ -3,6 +3,7 @@ prompt and a gallery of the images."""
 
 from __future__ import annotations
 
+import html
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 TABLE_KEY = "gpt-image-batch"
 GALLERY_KEY = "gpt-image-gallery"
 GALLERY_MAX_IMAGES = 60
-GALLERY_COLUMNS = 4
+THUMBNAIL_WIDTH = 200
 PROGRESS_INTERVAL_SECONDS = 2.0
 """Progress is published at most this often, from a thread of its own: a busy Prefect
 server can take seconds to answer, and the batch must not wait for it."""
@@ -101,25 +102,23 @@ def _table_row(row: dict[str, Any], link: Link) -> dict[str, Any]:
 
 
 def gallery(report: BatchReport, link: Link) -> str:
-    """A markdown grid of thumbnails, each captioned with its name or prompt."""
+    """Thumbnails of the stored images, each linking to the full image.
+
+    HTML, because markdown cannot size an image: the UI would show each at full width.
+    """
     images = list({image.key: image for image in report.images}.values())
     lines = [f"## {report.summary()}", ""]
     if not images:
         return "\n".join([*lines, "No image was stored."])
-    lines += ["| " + " | ".join([" "] * GALLERY_COLUMNS) + " |"]
-    lines += ["|" + "---|" * GALLERY_COLUMNS]
-    shown = images[:GALLERY_MAX_IMAGES]
-    for start in range(0, len(shown), GALLERY_COLUMNS):
-        cells = []
-        for image in shown[start : start + GALLERY_COLUMNS]:
-            caption = _escape((image.name or image.prompt)[:80])
-            cells.append(f"[![{caption}]({link(image.key)})]({link(image.key)})<br>{caption}")
-        cells += [" "] * (GALLERY_COLUMNS - len(cells))
-        lines.append("| " + " | ".join(cells) + " |")
+    thumbnails = []
+    for image in images[:GALLERY_MAX_IMAGES]:
+        url = html.escape(link(image.key))
+        caption = html.escape(" ".join((image.name or image.prompt).split())[:120])
+        thumbnails.append(
+            f'<a href="{url}"><img src="{url}" width="{THUMBNAIL_WIDTH}" '
+            f'alt="{caption}" title="{caption}"></a>'
+        )
+    lines.append(" ".join(thumbnails))
     if len(images) > GALLERY_MAX_IMAGES:
         lines += ["", f"... and {len(images) - GALLERY_MAX_IMAGES} more, listed in the table."]
     return "\n".join(lines)
-
-
-def _escape(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|").replace("[", "(").replace("]", ")")

@@ -1,0 +1,252 @@
+"""End to end, as a user meets the product: a real Prefect server, the blocks registered and
+saved, `deployments/prefect.yaml` deployed to a process work pool, a worker, a run started
+with custom parameters, the images in S3, the artifacts in the API, and the gallery in a
+browser.
+
+Slower than the rest (about a minute), marked `e2e`; it runs in the default suite.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from pydantic import SecretStr
+
+from prefect_gpt_image import RapidAPICredentials
+from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=15000",
+    "--window-size=1400,900",
+]
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    """Stop a process this test started, by its pid."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real `prefect server start` on loopback, and the environment that points at it."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    log = (home / "server.log").open("wb")
+    process = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, (home / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the Prefect server did not start"
+            time.sleep(0.5)
+        yield api_url, env
+    finally:
+        stop(process)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium; installed here on a machine that has apt and runs as root (CI)."""
+    if found := shutil.which("chromium"):
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("needs Debian's chromium package (apt-get install chromium)")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "chromium"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+    return shutil.which("chromium") or pytest.fail("chromium did not install")
+
+
+def prefect(args: list[str], env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [str(BIN / "prefect"), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
+    server: tuple[str, dict[str, str]],
+    chromium: str,
+    api: GptImageEmulator,
+    api_key: str,
+    s3_server: LocalS3Server,
+    tmp_path: Path,
+) -> None:
+    api_url, env = server
+    bucket_name = "e2e-creatives"
+
+    # A newcomer's steps: register the block types, save both blocks, deploy, start a worker.
+    assert "RapidAPI Credentials" in prefect(["block", "register", "-m", "prefect_gpt_image"], env)
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        RapidAPICredentials(api_key=SecretStr(api_key), base_url=api.base_url).save(
+            "gpt-image-credentials", overwrite=True
+        )
+        s3_server.bucket_block(bucket_name).save("creatives-bucket", overwrite=True)
+    prefect(["work-pool", "create", "creatives", "--type", "process"], env)
+    deployed = prefect(
+        ["--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], env
+    )
+    assert "generate-images/weekly-creatives" in deployed
+    weekly = httpx.get(f"{api_url}/deployments/name/generate-images/weekly-creatives").json()
+    (schedule,) = weekly["schedules"]
+    assert schedule["schedule"] == {"cron": "0 6 * * 1", "timezone": "Europe/Paris", "day_or": True}
+
+    worker_log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "creatives"],
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        variables = {
+            "product": ["teapot", "lamp"],
+            "background": ["linen"],
+            "style": ["soft light"],
+        }
+        started = prefect(
+            [
+                "deployment",
+                "run",
+                "generate-images/product-shots",
+                "--param",
+                "prefix=e2e",
+                "--params",
+                json.dumps({"variables": variables}),
+            ],
+            env,
+        )
+        match = re.search(r"UUID: ([0-9a-f-]{36})", started)
+        assert match, started
+        flow_run = wait_for_final_state(api_url, match.group(1))
+    finally:
+        stop(worker)
+        worker_log.close()
+
+    assert flow_run["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+
+    # The images are in the bucket, byte for byte what the API served.
+    folder = s3_server.object_path(bucket_name, "e2e")
+    images = sorted(p for p in folder.iterdir() if p.suffix == ".png")
+    assert [p.name.rsplit("-", 1)[0] for p in images] == [
+        "lamp-linen-soft-light",
+        "teapot-linen-soft-light",
+    ]
+    assert {p.read_bytes() for p in images} == set(api.served.values())
+
+    # The artifacts are in the API.
+    artifacts = httpx.post(
+        f"{api_url}/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}},
+    ).json()
+    by_type = {artifact["type"]: artifact for artifact in artifacts}
+    table = json.loads(by_type["table"]["data"])
+    assert [row["status"] for row in table] == ["stored", "stored"]
+    assert by_type["progress"]["data"] == 100.0
+    gallery_id = by_type["markdown"]["id"]
+
+    # And a browser shows the gallery: the page renders the thumbnails.
+    page = f"http://127.0.0.1:{api_url.split(':')[2].split('/')[0]}/artifacts/artifact/{gallery_id}"
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", page],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    rendered = [html.unescape(src) for src in re.findall(r'<img src="([^"]+)"', dom)]
+    assert len(rendered) == 2 and all("/e2e/" in src for src in rendered), dom[-3000:]
+    screenshot = tmp_path / "gallery.png"
+    subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            f"--screenshot={screenshot}",
+            page,
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert screenshot.stat().st_size > 20_000  # a page with pictures, not a blank one
+
+
+def wait_for_final_state(api_url: str, flow_run_id: str, timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        flow_run: dict[str, Any] = httpx.get(f"{api_url}/flow_runs/{flow_run_id}").json()
+        if flow_run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return flow_run
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} did not finish in {timeout} s")
