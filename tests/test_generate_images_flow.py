@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,19 @@ def test_prompt_files_local_and_on_s3(
         (["fine"], {"prefix": "../escape"}, "is not a safe S3 folder"),
         ("prompts.docx", {}, "is not a prompt file"),
         ([], {}, "The prompt set is empty"),
+        (None, {"template": "a {product}", "variables": {}}, "{product}, which has no values"),
+        (None, {"template": "a {x}", "variables": {"x": ["1"], "y": ["2"]}}, "'y' is not used"),
+        (None, {"template": "a {product}", "variables": {"product": []}}, "has no values"),
+        (None, {"template": "no fields"}, "has no {variable}"),
+        (None, {"template": "a {0}", "variables": {}}, "plain names"),
+        (None, {"template": "a {x", "variables": {"x": ["y"]}}, "not valid"),
+        (
+            None,
+            {"template": "{a}{b}", "variables": {"a": ["1"] * 200, "b": ["2"] * 100}},
+            "expands to 20,000 prompts",
+        ),
+        (["x"], {"template": "a {b}", "variables": {"b": ["c"]}}, "either prompts or"),
+        (None, {}, "either prompts or"),
     ],
 )
 def test_bad_input_is_refused_before_any_paid_call(
@@ -252,7 +266,7 @@ def test_bad_input_is_refused_before_any_paid_call(
     credentials: RapidAPICredentials,
     bucket: S3Bucket,
 ) -> None:
-    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
         generate_images(prompts, bucket=bucket, credentials=credentials, **kwargs)
     assert api.calls == []
 

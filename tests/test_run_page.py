@@ -8,13 +8,11 @@ import re
 from typing import Any
 
 import httpx
-import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import RapidAPICredentials, generate_images
-from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.testing import GptImageEmulator
 
 
@@ -88,35 +86,3 @@ def test_a_template_times_its_variables(
     assert report.images[1].prompt == "a mug on a oak background, flat"
     assert report.images[1].key.startswith("templated/mug-oak-flat-")
     assert len(api.calls) == 4
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"template": "a {product}", "variables": {}}, "uses {product}, which has no values"),
-        (
-            {"template": "a {product}", "variables": {"product": ["x"], "colour": ["red"]}},
-            "'colour' is not used",
-        ),
-        ({"template": "a {product}", "variables": {"product": []}}, "'product' has no values"),
-        ({"template": "no fields", "variables": {}}, "has no {variable}"),
-        ({"template": "a {0}", "variables": {}}, "plain names"),
-        ({"template": "a {x", "variables": {"x": ["y"]}}, "not valid"),
-        (
-            {"template": "{a}{b}", "variables": {"a": ["1"] * 200, "b": ["2"] * 100}},
-            "expands to 20,000 prompts",
-        ),
-        ({"prompts": ["x"], "template": "a {b}", "variables": {"b": ["c"]}}, "either prompts or"),
-        ({}, "either prompts or"),
-    ],
-)
-def test_bad_templates_are_refused_before_any_paid_call(
-    kwargs: dict[str, Any],
-    message: str,
-    api: GptImageEmulator,
-    credentials: RapidAPICredentials,
-    bucket: S3Bucket,
-) -> None:
-    with pytest.raises(InvalidRequestError, match=re.escape(message)):
-        generate_images(bucket=bucket, credentials=credentials, **kwargs)
-    assert api.calls == []
