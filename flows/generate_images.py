@@ -252,9 +252,8 @@ class _Batch:
         for index, key in enumerate(self.key_of):
             self.groups.setdefault(key, []).append(index)
         self.outcomes: dict[int, StoredImage | PromptFailure] = {}
-        self.cached: set[int] = set()
         self.paid_keys: set[str] = set()
-        self.from_cache = 0
+        self.cached_keys: set[str] = set()
         self.stopped_by: BaseException | None = None
 
     @property
@@ -266,11 +265,7 @@ class _Batch:
         return self.done == len(self.requests)
 
     def generated(self, key: str, *, cached: bool) -> None:
-        if cached:
-            self.from_cache += 1
-            self.cached.update(self.groups[key])
-        else:
-            self.paid_keys.add(key)
+        (self.cached_keys if cached else self.paid_keys).add(key)
 
     def uploads(self, key: str) -> list[int]:
         """The prompts of a group that need an object each: one per distinct name."""
@@ -291,7 +286,12 @@ class _Batch:
         self.stopped_by = error
         for key in not_attempted:
             for index in self.groups[key]:
-                self.outcomes[index] = self._failure(index, error, "not attempted")
+                self.outcomes[index] = self._failure(
+                    index,
+                    error,
+                    "not attempted",
+                    reason=f"Not attempted: the batch stopped after {type(error).__name__}.",
+                )
 
     def upload_failed(self, index: int, error: BaseException) -> None:
         for other in self._same_object(index):
@@ -303,7 +303,7 @@ class _Batch:
             images=[o for o in ordered if isinstance(o, StoredImage)],
             failures=[o for o in ordered if isinstance(o, PromptFailure)],
             generated=len(self.paid_keys),
-            from_cache=self.from_cache,
+            from_cache=len(self.cached_keys),
             cost_usd=round(len(self.paid_keys) * self.price, 6),
         )
 
@@ -319,7 +319,7 @@ class _Batch:
                 paid = key in self.paid_keys and self.groups[key][0] == index
                 row.update(
                     status="stored",
-                    cached=index in self.cached,
+                    cached=key in self.cached_keys,
                     cost_usd=self.price if paid else 0.0,
                 )
             rows.append(row)
@@ -330,15 +330,14 @@ class _Batch:
         name = self.requests[index].name
         return [i for i in self.groups[self.key_of[index]] if self.requests[i].name == name]
 
-    def _failure(self, index: int, error: BaseException, stage: FailureStage) -> PromptFailure:
+    def _failure(
+        self, index: int, error: BaseException, stage: FailureStage, reason: str | None = None
+    ) -> PromptFailure:
         request = self.requests[index]
-        reason = str(error)
-        if stage == "not attempted":
-            reason = f"Not attempted: the batch stopped after {type(error).__name__}."
         return PromptFailure(
             prompt=request.prompt,
             name=request.name,
-            error=reason,
+            error=reason or str(error),
             error_type=type(error).__name__,
             stage=stage,
         )

@@ -534,15 +534,7 @@ class GptImageEmulator:
         reply = self._gatekeep(headers)
         if reply is None:
             fault = self._take_fault(request.prompt)
-            if fault is not None and fault.kind == "stall":
-                time.sleep(fault.seconds or 0.0)
-                reply = self._generate(request)
-            elif fault is not None and fault.kind == "slow_download":
-                reply = self._generate(request, first_download_delay=fault.seconds or 0.0)
-            elif fault is not None:
-                reply = self._fault_reply(fault, request)
-            else:
-                reply = self._generate(request)
+            reply = self._generate(request) if fault is None else self._fault_reply(fault, request)
         shown = {k: "<redacted>" if k == "x-rapidapi-key" else v for k, v in headers.items()}
         call = RecordedCall(
             request.prompt,
@@ -589,6 +581,11 @@ class GptImageEmulator:
         return self._link(path, blob, inline=data, advance=True)
 
     def _fault_reply(self, fault: Fault, request: _Request) -> _Reply:
+        if fault.kind == "stall":
+            time.sleep(fault.seconds or 0.0)
+            return self._generate(request)
+        if fault.kind == "slow_download":
+            return self._generate(request, first_download_delay=fault.seconds or 0.0)
         if fault.kind == "rate_limited":
             return _rate_limited(fault)
         if fault.kind == "quota_exceeded":
