@@ -1,100 +1,108 @@
-"""Throughput of the batch flow against the emulator and a local S3 server, beside two
-references measured in the same run: the sequential loop users write by hand, and a plain
-asyncio + httpx + boto3 script with the same concurrency (the orchestration-free ceiling).
+"""The batch flow at scale, beside two references measured in the same run: the sequential
+loop users write by hand, and a plain asyncio + httpx + boto3 script with the same
+concurrency (the orchestration-free ceiling).
 
-    python3 -m uv run python benchmarks/throughput.py --prompts 500 --latency 1 --concurrency 16
+    python3 -m uv run python benchmarks/throughput.py
 
-Prints a markdown table; BENCHMARKS.md keeps the figures.
+Every run is a process of its own (so that its CPU time and peak RSS are its own), against
+the API emulator in another process (latency, rate limit and image size set per scenario),
+a local `rclone serve s3` and a real `prefect server`. Prints markdown tables; BENCHMARKS.md
+keeps the figures. `--quick` runs every scenario smaller, to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import resource
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-WORK = Path(tempfile.mkdtemp(prefix="gpt-image-bench-"))
-os.environ.update(
-    PREFECT_HOME=str(WORK / "prefect-home"),
-    PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    DO_NOT_TRACK="1",
-    PREFECT_LOGGING_LEVEL="WARNING",
-)
-os.environ.pop("PREFECT_API_URL", None)
-
-import boto3  # noqa: E402
-import httpx  # noqa: E402
-from botocore.config import Config  # noqa: E402
-
-from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server  # noqa: E402
+import httpx
 
 API_KEY = "bench-key"
+BUCKET = "bench"
+HERE = Path(__file__).resolve()
 
 
-@dataclass
-class Result:
-    name: str
-    images: int
-    seconds: float
-    cpu_seconds: float
-    api_calls: int
-
-    @property
-    def rate(self) -> float:
-        return self.images / self.seconds
+# --- one measured run, in a process of its own ------------------------------------------
 
 
-def measure(name: str, api: GptImageEmulator, images: int, run: Callable[[], object]) -> Result:
-    api.reset()
-    cpu = time.process_time()
-    started = time.perf_counter()
-    run()
-    return Result(
-        name, images, time.perf_counter() - started, time.process_time() - cpu, len(api.calls)
-    )
+def child_main(spec: dict[str, Any]) -> None:
+    """Run one measured job and print its figures as one JSON line."""
+    prompts = [f"{spec['label']} #{n}" for n in range(spec["prompts"])]
+    kind = spec["kind"]
+    # Imports are paid once per process, not per batch: out of the measurement.
+    import boto3  # noqa: F401
+
+    if kind == "flow":
+        import prefect_aws  # noqa: F401
+
+        import prefect_gpt_image.flows.generate_images  # noqa: F401
+    cpu, started = time.process_time(), time.perf_counter()
+    extra: dict[str, Any] = {}
+    if kind == "sequential":
+        sequential_loop(spec, prompts)
+    elif kind == "asyncio":
+        asyncio_script(spec, prompts)
+    else:
+        extra = run_flow(spec, prompts)
+    figures = {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **extra,
+    }
+    print(json.dumps(figures), flush=True)
 
 
-def s3_client(s3: LocalS3Server, pool: int) -> object:
+def s3_client(spec: dict[str, Any], pool: int) -> Any:
+    import boto3
+    from botocore.config import Config
+
     return boto3.client(
         "s3",
-        endpoint_url=s3.endpoint_url,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
+        endpoint_url=spec["s3_endpoint"],
+        aws_access_key_id=spec["s3_access_key"],
+        aws_secret_access_key=spec["s3_secret_key"],
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}, max_pool_connections=pool),
     )
 
 
-def sequential_loop(
-    api: GptImageEmulator, s3: LocalS3Server, bucket: str, prompts: list[str]
-) -> None:
+def sequential_loop(spec: dict[str, Any], prompts: list[str]) -> None:
     """The tutorial's loop: one request after another, then the upload."""
-    client = s3_client(s3, 1)
-    headers = {"x-rapidapi-key": API_KEY, "x-rapidapi-host": api.api_host}
+    client = s3_client(spec, 1)
+    headers = {"x-rapidapi-key": API_KEY, "x-rapidapi-host": spec["api_host"]}
     with httpx.Client(timeout=60) as http:
         for n, prompt in enumerate(prompts):
             answer = http.post(
-                api.url, json={"prompt": prompt, "width": 1024, "height": 1024}, headers=headers
+                spec["api_url"],
+                json={"prompt": prompt, "width": 1024, "height": 1024},
+                headers=headers,
             )
             answer.raise_for_status()
             data = http.get(answer.json()["url"]).content
-            client.put_object(Bucket=bucket, Key=f"sequential/{n}.png", Body=data)  # type: ignore[attr-defined]
+            client.put_object(Bucket=BUCKET, Key=f"{spec['prefix']}/{n}.png", Body=data)
 
 
-def asyncio_script(
-    api: GptImageEmulator, s3: LocalS3Server, bucket: str, prompts: list[str], concurrency: int
-) -> None:
+def asyncio_script(spec: dict[str, Any], prompts: list[str]) -> None:
     """asyncio + httpx + boto3 (in threads), `concurrency` generations in flight."""
-    client = s3_client(s3, concurrency)
-    headers = {"x-rapidapi-key": API_KEY, "x-rapidapi-host": api.api_host}
+    concurrency = spec["concurrency"]
+    client = s3_client(spec, concurrency)
+    headers = {"x-rapidapi-key": API_KEY, "x-rapidapi-host": spec["api_host"]}
 
     async def main() -> None:
         slots = asyncio.Semaphore(concurrency)
@@ -105,17 +113,14 @@ def asyncio_script(
             async def one(n: int, prompt: str) -> None:
                 async with slots:
                     answer = await http.post(
-                        api.url,
+                        spec["api_url"],
                         json={"prompt": prompt, "width": 1024, "height": 1024},
                         headers=headers,
                     )
                     answer.raise_for_status()
                     data = (await http.get(answer.json()["url"])).content
                 await asyncio.to_thread(
-                    client.put_object,
-                    Bucket=bucket,
-                    Key=f"asyncio/{n}.png",
-                    Body=data,  # type: ignore[attr-defined]
+                    client.put_object, Bucket=BUCKET, Key=f"{spec['prefix']}/{n}.png", Body=data
                 )
 
             await asyncio.gather(*(one(n, p) for n, p in enumerate(prompts)))
@@ -123,100 +128,292 @@ def asyncio_script(
     asyncio.run(main())
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=500)
-    parser.add_argument("--latency", type=float, default=1.0, help="emulator seconds per image")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument(
-        "--sequential-prompts",
-        type=int,
-        default=30,
-        help="the sequential loop runs on this many (its rate is steady)",
-    )
-    args = parser.parse_args()
-
+def run_flow(spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
     from pydantic import SecretStr
 
     from prefect_gpt_image import RapidAPICredentials, generate_images
 
-    run = uuid.uuid4().hex[:6]
-    prompts = [f"a benchmarked bison #{n} ({run})" for n in range(args.prompts)]
-    results: list[Result] = []
-    with (
-        GptImageEmulator(api_key=API_KEY, latency=args.latency) as api,
-        LocalS3Server(WORK / "s3") as s3,
-        prefect_test_harness(server_startup_timeout=180),
-        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-    ):
-        s3.create_bucket("bench")
-        credentials = RapidAPICredentials(
-            api_key=SecretStr(API_KEY), base_url=api.base_url, model=f"bench-{run}"
-        )
-        bucket = s3.bucket_block("bench")
-        few = prompts[: args.sequential_prompts]
-        results.append(
-            measure(
-                "sequential loop (tutorial)",
-                api,
-                len(few),
-                lambda: sequential_loop(api, s3, "bench", few),
-            )
-        )
-        results.append(
-            measure(
-                f"asyncio + httpx + boto3, {args.concurrency} in flight",
-                api,
-                len(prompts),
-                lambda: asyncio_script(api, s3, "bench", prompts, args.concurrency),
-            )
-        )
-
-        def flow(prefix: str) -> None:
-            generate_images(
-                prompts,
-                bucket=bucket,
-                credentials=credentials,
-                prefix=prefix,
-                max_concurrency=args.concurrency,
-            )
-
-        results.append(
-            measure(
-                f"generate_images, max_concurrency={args.concurrency}",
-                api,
-                len(prompts),
-                lambda: flow("first"),
-            )
-        )
-        results.append(
-            measure("generate_images again (cached)", api, len(prompts), lambda: flow("again"))
-        )
-
-    ideal = args.concurrency / args.latency if args.latency else float("nan")
-    sequential, ceiling, first, cached = results
-    print(
-        f"\n{args.prompts} prompts, emulator latency {args.latency:g} s, "
-        f"concurrency {args.concurrency}; ideal {ideal:.1f} images/s\n"
+    credentials = RapidAPICredentials(
+        api_key=SecretStr(API_KEY), base_url=spec["api_base"], model=spec["model"]
     )
-    print(
-        "| run | images | wall s | images/s | vs ideal | vs sequential | CPU ms/image | API calls |"
+    bucket = S3Bucket(
+        bucket_name=BUCKET,
+        credentials=AwsCredentials(
+            aws_access_key_id=spec["s3_access_key"],
+            aws_secret_access_key=SecretStr(spec["s3_secret_key"]),
+            region_name="us-east-1",
+            aws_client_parameters=AwsClientParameters(
+                endpoint_url=spec["s3_endpoint"], config={"s3": {"addressing_style": "path"}}
+            ),
+        ),
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(
-            f"| {r.name} | {r.images} | {r.seconds:.1f} | {r.rate:.2f} | "
-            f"{r.rate / ideal:.0%} | {r.rate / sequential.rate:.1f}x | "
-            f"{1000 * r.cpu_seconds / r.images:.1f} | {r.api_calls} |"
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        report = generate_images(
+            prompts,
+            bucket=bucket,
+            credentials=credentials,
+            prefix=spec["prefix"],
+            max_concurrency=spec["concurrency"],
+            requests_per_second=spec.get("requests_per_second"),
         )
-    print(
-        f"\ncached re-run: {cached.seconds / first.seconds:.0%} of the first run's wall time; "
-        f"flow CPU per image {first.cpu_seconds / ceiling.cpu_seconds:.1f}x the asyncio script's"
+    return {
+        "stored": len(report.images),
+        "generated": report.generated,
+        "bytes_stored": sum(image.size for image in report.images),
+    }
+
+
+# --- the servers, and a run in a child process ------------------------------------------
+
+
+@dataclass
+class Emulator:
+    process: subprocess.Popen[str]
+    base_url: str
+
+    def stats(self) -> dict[str, int]:
+        return dict(httpx.get(f"{self.base_url}/__emulator__/stats").json())
+
+    def reset(self) -> None:
+        httpx.post(f"{self.base_url}/__emulator__/reset").raise_for_status()
+
+
+@contextmanager
+def emulator(latency: float, rate_limit: float | None = None, **options: Any) -> Iterator[Emulator]:
+    args = [sys.executable, "-m", "prefect_gpt_image.testing.emulator", "--port", "0"]
+    args += ["--api-key", API_KEY, "--latency", str(latency)]
+    if rate_limit:
+        args += ["--rate-limit", str(rate_limit)]
+    if options.get("image_bytes"):
+        args += ["--image-bytes", str(options["image_bytes"])]
+    if options.get("no_rate_limit_headers"):
+        args += ["--no-rate-limit-headers"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        yield Emulator(process, process.stdout.readline().strip())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+
+
+@dataclass
+class Bench:
+    env: dict[str, str]
+    s3: Any
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+
+    def run(self, api: Emulator, kind: str, prompts: int, **spec: Any) -> dict[str, Any]:
+        """One measured job in a fresh process; its figures and the emulator's counts."""
+        spec = {
+            "kind": kind,
+            "prompts": prompts,
+            "label": f"a benchmarked bison ({spec.get('model', kind)}, {self.run_id})",
+            "prefix": f"{kind}-{uuid.uuid4().hex[:6]}",
+            "concurrency": 16,
+            "model": f"bench-{self.run_id}",
+            "api_base": api.base_url,
+            "api_url": api.base_url + "/generate",
+            "api_host": "gpt-image-1-5.p.rapidapi.com",
+            "s3_endpoint": self.s3.endpoint_url,
+            "s3_access_key": self.s3.access_key,
+            "s3_secret_key": self.s3.secret_key,
+            **spec,
+        }
+        api.reset()
+        out = subprocess.run(
+            [sys.executable, str(HERE), "--child", json.dumps(spec)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"{kind} run failed:\n{out.stderr[-4000:]}")
+        figures = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+        figures.update(api.stats(), prompts=prompts, rate=prompts / figures["seconds"])
+        if kind == "flow":
+            # The server records a batch's task-run events for a while after it ends, and
+            # a run started meanwhile waits for its database: let it settle, as the gap
+            # between scheduled batches would.
+            time.sleep(min(60.0, 0.01 * prompts))
+        return figures
+
+
+# --- the scenarios ----------------------------------------------------------------------
+
+
+def throughput(bench: Bench, n: int, latency: float, sequential_n: int) -> list[str]:
+    ideal = 16 / latency
+    with emulator(latency) as api:
+        seq = bench.run(api, "sequential", sequential_n)
+        ceiling = bench.run(api, "asyncio", n)
+        first = bench.run(api, "flow", n, model=f"bench-throughput-{bench.run_id}", prefix="tp")
+        again = bench.run(api, "flow", n, model=f"bench-throughput-{bench.run_id}", prefix="tp")
+    rows = [
+        ("sequential loop (tutorial)", seq),
+        ("asyncio + httpx + boto3, 16 in flight", ceiling),
+        ("generate_images, max_concurrency=16", first),
+        ("generate_images again (cached)", again),
+    ]
+    lines = [
+        f"### Throughput: {n} prompts, latency {latency:g} s, concurrency 16 "
+        f"(ideal {ideal:.0f} images/s)",
+        "",
+        "| run | images | wall s | images/s | of ideal | vs sequential | CPU ms/image "
+        "| API calls | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['prompts']} | {r['seconds']:.1f} | {r['rate']:.2f} | "
+            f"{r['rate'] / ideal:.0%} | {r['rate'] / seq['rate']:.1f}x | "
+            f"{1000 * r['cpu_seconds'] / r['prompts']:.1f} | {r['calls']} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        f"- the flow: **{first['rate'] / ideal:.0%} of ideal**, "
+        f"**{first['rate'] / seq['rate']:.1f}x the sequential loop**, "
+        f"{first['rate'] / ceiling['rate']:.0%} of the asyncio ceiling",
+        f"- cached re-run: **{again['calls']} API calls, "
+        f"{again['seconds'] / first['seconds']:.0%} of the first run's wall time**",
+    ]
+    return lines
+
+
+def overhead(bench: Bench, n: int) -> list[str]:
+    with emulator(0.0) as api:
+        ceiling = bench.run(api, "asyncio", n)
+        flow = bench.run(api, "flow", n, model=f"bench-overhead-{bench.run_id}")
+    per = [1000 * r["cpu_seconds"] / n for r in (ceiling, flow)]
+    return [
+        f"### Overhead: {n} prompts at zero latency, concurrency 16",
+        "",
+        "| run | wall s | images/s | CPU ms/image |",
+        "|---|---:|---:|---:|",
+        f"| asyncio + httpx + boto3 | {ceiling['seconds']:.1f} | {ceiling['rate']:.1f} "
+        f"| {per[0]:.1f} |",
+        f"| generate_images | {flow['seconds']:.1f} | {flow['rate']:.1f} | {per[1]:.1f} |",
+        "",
+        f"- the flow's CPU per image: **{per[1] / per[0]:.1f}x the asyncio script's**",
+    ]
+
+
+def rate_limits(bench: Bench, n: int, limit: float) -> list[str]:
+    lines = [
+        f"### Rate limits: {n} prompts, latency 1 s, concurrency 16, the API allows "
+        f"{limit:g} requests/s",
+        "",
+        "| flow | images/s | of the limit | 429s | of requests |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    cases = [
+        (f"told requests_per_second={limit:g}", {"requests_per_second": limit}, {}),
+        ("not told; learns from 429s and x-ratelimit-* headers", {}, {}),
+        ("not told; learns from 429s alone (no headers)", {}, {"no_rate_limit_headers": True}),
+    ]
+    for n_case, (name, spec, options) in enumerate(cases):
+        with emulator(1.0, rate_limit=limit, **options) as api:
+            r = bench.run(api, "flow", n, model=f"bench-rate-{n_case}-{bench.run_id}", **spec)
+        lines.append(
+            f"| {name} | {r['rate']:.2f} | {r['rate'] / limit:.0%} | {r['rate_limited']} | "
+            f"{r['rate_limited'] / max(r['calls'], 1):.1%} |"
+        )
+    return lines
+
+
+def memory(bench: Bench, sizes: list[int], image_bytes: int) -> list[str]:
+    """Peak RSS by prompt count, and with small images for the same count: what grows
+    with the batch, and what grows with the bytes."""
+    lines = [
+        "### Memory: latency 0.2 s, concurrency 16",
+        "",
+        "| prompts | image size | wall s | images/s | bytes stored | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    runs = [(n, image_bytes) for n in sizes] + [(sizes[-1], 0)]
+    for n, padded_to in runs:
+        with emulator(0.2, image_bytes=padded_to) as api:
+            r = bench.run(api, "flow", n, model=f"bench-memory-{n}-{padded_to}-{bench.run_id}")
+        size = f"{r['bytes_stored'] / n / 1e6:.2f} MB"
+        lines.append(
+            f"| {n} | {size} | {r['seconds']:.1f} | {r['rate']:.1f} | "
+            f"{r['bytes_stored'] / 1e9:.2f} GB | {r['peak_rss_mb']:.0f} |"
+        )
+    return lines
+
+
+def scaling(bench: Bench, limit: float, levels: list[int]) -> list[str]:
+    lines = [
+        f"### Scaling: latency 1 s, the API allows {limit:g} requests/s, the flow is told so",
+        "",
+        "| max_concurrency | prompts | images/s | ideal min(C/latency, limit) | of ideal |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    with emulator(1.0, rate_limit=limit) as api:
+        for c in levels:
+            ideal = min(c, limit)
+            n = int(20 * ideal)
+            r = bench.run(
+                api,
+                "flow",
+                n,
+                concurrency=c,
+                requests_per_second=limit,
+                model=f"bench-scale-{c}-{bench.run_id}",
+            )
+            lines.append(f"| {c} | {n} | {r['rate']:.2f} | {ideal:g} | {r['rate'] / ideal:.0%} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="every scenario, smaller")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=["throughput", "overhead", "rate-limits", "scaling", "memory"],
+        help="run only these scenarios",
     )
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS of this process: {peak_mb:.0f} MB")
+    args = parser.parse_args()
+    if args.child:
+        child_main(json.loads(args.child))
+        return 0
+
+    from prefect_gpt_image.testing import LocalS3Server, prefect_server
+
+    quick = args.quick
+    chosen = set(args.only or ["throughput", "overhead", "rate-limits", "scaling", "memory"])
+    work = Path(tempfile.mkdtemp(prefix="gpt-image-bench-"))
+    sections: list[list[str]] = []
+    try:
+        with LocalS3Server(work / "s3") as s3, prefect_server(work / "prefect-home") as env:
+            s3.create_bucket(BUCKET)
+            env.update(
+                PREFECT_LOCAL_STORAGE_PATH=str(work / "results"), PREFECT_LOGGING_LEVEL="WARNING"
+            )
+            bench = Bench(env, s3)
+            if "throughput" in chosen:
+                sections.append(throughput(bench, 60 if quick else 500, 1.0, 5 if quick else 30))
+            if "overhead" in chosen:
+                sections.append(overhead(bench, 60 if quick else 500))
+            if "rate-limits" in chosen:
+                sections.append(rate_limits(bench, 40 if quick else 500, 8))
+            if "scaling" in chosen:
+                levels = [4, 16] if quick else [2, 4, 8, 16, 32, 64]
+                sections.append(scaling(bench, 24, levels))
+            if "memory" in chosen:
+                sizes = [50, 200] if quick else [500, 5000]
+                sections.append(memory(bench, sizes, 1_000_000))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{os.cpu_count()} CPUs; every run a process of its own\n")
+    print("\n\n".join("\n".join(lines) for lines in sections))
     return 0
 
 

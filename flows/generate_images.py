@@ -5,41 +5,56 @@ from __future__ import annotations
 import json
 import queue
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Annotated, Any
 
 from prefect import Task, flow
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from prefect_aws import S3Bucket
 from pydantic import Field
 
 from prefect_gpt_image import progress as progress_listeners
 from prefect_gpt_image.artifacts import ProgressArtifact, publish_results
+from prefect_gpt_image.batch import Batch
 from prefect_gpt_image.block_refs import resolve_bucket, resolve_credentials
 from prefect_gpt_image.blocks.credentials import RapidAPICredentials
-from prefect_gpt_image.caching import generation_cache_key
-from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
+from prefect_gpt_image.caching import cache_store, cached_image
+from prefect_gpt_image.errors import (
+    BatchFailedError,
+    BudgetExceededError,
+    ConfigurationError,
+    InvalidRequestError,
+    StorageError,
+)
+from prefect_gpt_image.image_sizes import ImageSize, parse_size
 from prefect_gpt_image.models import (
+    ApiLimits,
     BatchReport,
-    FailureStage,
     GeneratedImage,
     ImageRequest,
-    PromptFailure,
     StoredImage,
 )
 from prefect_gpt_image.object_keys import (
     check_bucket_name,
+    image_key,
     join_key,
     manifest_key,
     normalize_prefix,
 )
 from prefect_gpt_image.prompt_sets import expand_template, load_prompts
-from prefect_gpt_image.storage import object_link, object_uri, put_bytes, read_uri
+from prefect_gpt_image.retry_policy import call_with_retries
+from prefect_gpt_image.storage import object_link, object_sizes, object_uri, put_bytes, read_uri
 from prefect_gpt_image.tasks.generate import generate_image
-from prefect_gpt_image.tasks.upload import upload_image
+from prefect_gpt_image.tasks.upload import store_image
 
 FAILURES_LISTED = 20
 """How many failures the flow's failure message spells out."""
@@ -54,12 +69,16 @@ def generate_images(
     template: str | None = None,
     variables: dict[str, list[str]] | None = None,
     prefix: str = "",
-    width: Annotated[int, Field(ge=64, le=4096)] = 1024,
-    height: Annotated[int, Field(ge=64, le=4096)] = 1024,
+    size: ImageSize = "1024x1024",
     max_concurrency: Annotated[int, Field(ge=1, le=256)] = 8,
+    requests_per_second: Annotated[float | None, Field(gt=0, le=1000)] = None,
+    max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
     allow_failures: Annotated[int, Field(ge=0)] = 0,
     refresh_cache: bool = False,
     cache_expiration_days: Annotated[float | None, Field(gt=0)] = None,
+    cache_storage: S3Bucket | str | None = None,
+    global_concurrency_limit: str | None = None,
+    global_rate_limit: str | None = None,
     public_base_url: str | None = None,
     link_expiry_hours: Annotated[float, Field(gt=0, le=168)] = 24,
 ) -> BatchReport:
@@ -77,28 +96,37 @@ def generate_images(
         variables: The values of each template variable; every combination is
             generated, and named after its values.
         prefix: The folder, within the bucket folder, for this batch's images.
-        width: Width of prompts that do not give one.
-        height: Height of prompts that do not give one.
+        size: The size of prompts that do not give one: square, landscape or portrait.
         max_concurrency: Generations in flight at once.
+        requests_per_second: The plan's rate limit. Without it the rate is learned from
+            the API's 429s and rate-limit headers.
+        max_cost_usd: Refuse to start a batch whose uncached part would cost more, and
+            stop submitting once the spend reaches it.
         allow_failures: Failed prompts tolerated before the run ends Failed.
         refresh_cache: Generate again even where a cached image exists (and pay).
         cache_expiration_days: How long generated images are served from the cache;
             None keeps them for good.
+        cache_storage: Where the generation cache lives: an `S3Bucket` block or its
+            name, shared by workers on other machines. Default: Prefect's result storage.
+        global_concurrency_limit: The name of a Prefect global concurrency limit that
+            caps requests in flight across all workers.
+        global_rate_limit: The name of a Prefect global concurrency limit with slot
+            decay that caps requests per second across all workers.
         public_base_url: Where the bucket is served publicly (a CDN), for the links
             in the run's artifacts; without it they are presigned URLs.
         link_expiry_hours: How long presigned links in the artifacts work.
 
     Returns:
-        The `BatchReport`: stored images, failures, the manifest's key and the cost.
-        Every good image is stored and the manifest written before the run fails
-        for more than `allow_failures` failures.
+        The `BatchReport`: stored images, failures, the manifest's key, images generated
+        and from the cache, and the dollars spent. Every good image is stored and the
+        manifest written before the run fails for more than `allow_failures` failures.
     """
     logger = get_run_logger()
     creds = resolve_credentials(credentials)
     s3 = resolve_bucket(bucket)
     check_bucket_name(s3.bucket_name)
     folder = normalize_prefix(prefix)
-    requests = _requests(prompts, template, variables, width, height, s3)
+    requests = _requests(prompts, template, variables, *parse_size(size), s3)
     for request in requests:
         creds.check_request(request)
 
@@ -106,17 +134,41 @@ def generate_images(
         refresh_cache=refresh_cache,
         cache_expiration=timedelta(days=cache_expiration_days) if cache_expiration_days else None,
     )
-    batch = _Batch(requests, creds)
+    if cache_storage is not None:
+        generate = generate.with_options(result_storage=_saved(resolve_bucket(cache_storage)))
+    limits = ApiLimits(
+        max_concurrency=max_concurrency,
+        requests_per_second=requests_per_second,
+        global_concurrency_limit=global_concurrency_limit,
+        global_rate_limit=global_rate_limit,
+    )
+    _check_global_limits(limits)
+    batch = Batch(requests, creds)
+    uncached = set(batch.groups)
+    if not refresh_cache:
+        uncached -= _reuse_cached(batch, generate, s3, folder)
+    estimate = len(uncached) * creds.price_per_image_usd
+    if max_cost_usd is not None and estimate > max_cost_usd + 1e-9:
+        raise BudgetExceededError(
+            f"This batch needs {len(uncached)} new images, ${estimate:.2f} at "
+            f"${creds.price_per_image_usd:g} each, over max_cost_usd=${max_cost_usd:.2f}. "
+            "Nothing was generated: raise max_cost_usd or trim the prompts."
+        )
     logger.info(
-        "Generating %d images (%d distinct requests) into %s",
+        "Generating %d images (%d distinct requests, %d new, about $%.2f) into %s",
         len(requests),
         len(batch.groups),
+        len(uncached),
+        estimate,
         object_uri(s3, join_key(s3.bucket_folder, folder)),
     )
 
     progress = ProgressArtifact(total=len(requests))
     try:
-        _generate_and_store(batch, generate, creds, s3, folder, max_concurrency, progress)
+        progress.update(batch.done)
+        _generate_and_store(
+            batch, generate, creds, limits, s3, folder, uncached, max_cost_usd, progress
+        )
     finally:
         progress.close()
 
@@ -154,73 +206,183 @@ def _requests(
     return load_prompts(prompts, width=width, height=height, read_uri=partial(read_uri, bucket))
 
 
+def _check_global_limits(limits: ApiLimits) -> None:
+    """A global limit that does not exist would fail every request: say so before any."""
+    names = [n for n in (limits.global_concurrency_limit, limits.global_rate_limit) if n]
+    if not names:
+        return
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                limit = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                raise ConfigurationError(
+                    f"No Prefect global concurrency limit named {name!r}: create it with "
+                    f"`prefect gcl create {name} --limit N` (add --slot-decay-per-second "
+                    "for a rate limit)."
+                ) from None
+            if name == limits.global_rate_limit and not limit.slot_decay_per_second:
+                raise ConfigurationError(
+                    f"The global concurrency limit {name!r} has no slot decay, so it cannot "
+                    "limit a rate: give it one, or pass it as global_concurrency_limit."
+                )
+
+
+def _saved(block: S3Bucket) -> S3Bucket:
+    """Prefect stores a cache's location as a block reference: the block must be saved."""
+    if block._block_document_id is None:
+        raise ConfigurationError(
+            "cache_storage must be a saved S3Bucket block (or its name): save it with "
+            ".save('NAME') or in the Prefect UI, so that every worker can load it."
+        )
+    return block
+
+
+def _reuse_cached(
+    batch: Batch, generate: Task[..., GeneratedImage], bucket: S3Bucket, folder: str
+) -> set[str]:
+    """Find the requests already in the cache, and record at once those whose objects are
+    in the bucket too: a re-run then costs a cache read per image, not a task run.
+
+    Returns the cached keys. One image is in memory at a time.
+    """
+    store = cache_store(generate)
+    folder_prefix = join_key(bucket.bucket_folder, folder)
+    in_bucket: dict[str, int] | None = None
+    cached = set()
+    for key in batch.groups:
+        if (image := cached_image(store, key)) is None:
+            continue
+        cached.add(key)
+        if in_bucket is None:
+            in_bucket = _object_sizes(bucket, folder_prefix + "/" if folder_prefix else "")
+        stored = [
+            StoredImage.of(
+                named := image.model_copy(update={"request": batch.requests[index]}),
+                bucket.bucket_name,
+                image_key(bucket.bucket_folder, folder, named),
+            )
+            for index in batch.uploads(key)
+        ]
+        if all(in_bucket.get(s.key) == s.size for s in stored):
+            batch.generated(key, image, cached=True)
+            for index, record in zip(batch.uploads(key), stored, strict=True):
+                batch.stored(index, record)
+    return cached
+
+
+def _object_sizes(bucket: S3Bucket, prefix: str) -> dict[str, int]:
+    """The bucket's objects under `prefix`; none if it cannot be listed, so that the
+    uploads (which retry, and say what is wrong) run instead."""
+    try:
+        return object_sizes(bucket, prefix)
+    except StorageError as exc:
+        get_run_logger().warning("Could not list %s (%s); uploading every image", prefix, exc)
+        return {}
+
+
 def _generate_and_store(
-    batch: _Batch,
+    batch: Batch,
     generate: Task[..., GeneratedImage],
     credentials: RapidAPICredentials,
+    limits: ApiLimits,
     bucket: S3Bucket,
     folder: str,
-    max_concurrency: int,
+    uncached: set[str],
+    max_cost_usd: float | None,
     progress: ProgressArtifact,
 ) -> None:
-    """Keep `max_concurrency` generations in flight, and upload each image as it comes.
+    """Keep the API at its limits, and upload each image as it comes.
 
-    Prefect's thread pool is unbounded, so the window is kept here: a new generation
-    is submitted as one finishes, and uploads (cheap, and not the API's business)
-    start at once.
+    Prefect's thread pool is unbounded, so the flow keeps a window of submissions: a
+    new generation is submitted as one finishes, and uploads (cheap, and not the API's
+    business) start at once. In one process the throttle holds requests in flight to
+    `max_concurrency`, so the window can run ahead of it and the tasks' own work
+    overlaps the API's; with workers in other processes the window is the bound.
     """
-    events: queue.SimpleQueue[tuple[str, Any, PrefectFuture[Any]]] = queue.SimpleQueue()
+    events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
 
-    def watch(stage: str, tag: Any, future: PrefectFuture[Any]) -> None:
+    def watch(stage: str, tag: Any, future: PrefectFuture[Any] | Future[Any]) -> None:
         future.add_done_callback(lambda done: events.put((stage, tag, done)))
 
-    waiting = deque(batch.groups)
-    in_flight = 0
+    context = FlowRunContext.get()
+    in_process = context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner)
+    max_concurrency = limits.max_concurrency or 1
+    window = 2 * max_concurrency if in_process else max_concurrency
+    waiting = deque(key for key in batch.groups if not _settled(batch, key))
+    in_flight: set[str] = set()
 
     def submit_generations() -> None:
-        nonlocal in_flight
-        while waiting and in_flight < max_concurrency:
-            key = waiting.popleft()
-            request = batch.requests[batch.groups[key][0]]
-            watch("generate", key, generate.submit(request, credentials))
-            in_flight += 1
-
-    submit_generations()
-    while not batch.finished:
-        stage, tag, future = events.get()
-        outcome = future.result(raise_on_failure=False)
-        if stage == "generate":
-            in_flight -= 1
-            if isinstance(outcome, GeneratedImage):
-                batch.generated(tag, cached=future.state.name == "Cached")
-                for index in batch.uploads(tag):
-                    # wait_for only draws the edge in the run graph: `future` is done.
-                    upload = upload_image.submit(
-                        outcome,
-                        bucket,
-                        folder,
-                        batch.requests[index],
-                        wait_for=[future],
-                        return_state=False,
+        while waiting and len(in_flight) < window:
+            key = waiting[0]
+            if max_cost_usd is not None and key in uncached:
+                committed = batch.spent_usd + batch.price * (1 + len(in_flight & uncached))
+                if committed > max_cost_usd + 1e-9:
+                    batch.stop(
+                        BudgetExceededError(
+                            f"The spend reached max_cost_usd=${max_cost_usd:.2f} "
+                            f"(${batch.spent_usd:.2f} spent, more in flight)."
+                        ),
+                        not_attempted=list(waiting),
                     )
-                    watch("upload", index, upload)
-            else:
-                error = _exception(outcome)
-                batch.generation_failed(tag, error)
-                if getattr(error, "stops_batch", False) and waiting:
-                    # Every other request would fail the same way, and may cost money.
-                    batch.stop(error, not_attempted=list(waiting))
                     waiting.clear()
-            submit_generations()
-        elif isinstance(outcome, StoredImage):
-            batch.stored(tag, outcome)
-        else:
-            batch.upload_failed(tag, _exception(outcome))
-        progress.update(batch.done)
-        progress_listeners.report(batch.done, len(batch.requests))
+                    return
+            waiting.popleft()
+            request = batch.requests[batch.groups[key][0]]
+            arguments: tuple[Any, ...] = (request, credentials, limits)
+            if in_process:
+                # Nothing in these holds a future, so Prefect need not walk them; other
+                # task runners (Dask) ship quoted arguments without unquoting them.
+                arguments = tuple(quote(argument) for argument in arguments)
+            watch("generate", key, generate.submit(*arguments))
+            in_flight.add(key)
+
+    # Uploads run in the flow's own threads, not as task runs: a task run costs more CPU
+    # than the upload itself, and the generation's task run already stands for the image.
+    with ThreadPoolExecutor(max_concurrency, thread_name_prefix="upload") as uploads:
+        submit_generations()
+        while not batch.finished:
+            stage, tag, future = events.get()
+            if stage == "generate":
+                in_flight.discard(tag)
+                try:
+                    outcome = future.result(raise_on_failure=False)
+                except Exception as exc:  # the runner lost the task: a Dask worker died, say
+                    outcome = exc
+                if isinstance(outcome, GeneratedImage):
+                    cached = future.state.name == "Cached"
+                    batch.generated(tag, outcome, cached=cached)
+                    for index in batch.uploads(tag):
+                        store = partial(
+                            store_image,
+                            outcome,
+                            bucket,
+                            folder,
+                            batch.requests[index],
+                            check_existing=cached,
+                        )
+                        watch("upload", index, uploads.submit(call_with_retries, store))
+                else:
+                    error = _exception(outcome)
+                    batch.generation_failed(tag, error)
+                    if getattr(error, "stops_batch", False) and waiting:
+                        # Every other request would fail the same way, and may cost money.
+                        batch.stop(error, not_attempted=list(waiting))
+                        waiting.clear()
+                submit_generations()
+            elif (error := future.exception()) is None:
+                batch.stored(tag, future.result()[0])
+            else:
+                batch.upload_failed(tag, error)
+            progress.update(batch.done)
+            progress_listeners.report(batch.done, len(batch.requests))
 
 
-def _failure_message(batch: _Batch, report: BatchReport, allow_failures: int) -> str:
+def _settled(batch: Batch, key: str) -> bool:
+    return all(index in batch.outcomes for index in batch.groups[key])
+
+
+def _failure_message(batch: Batch, report: BatchReport, allow_failures: int) -> str:
     stored = f"{len(report.images)} images are stored and listed in {report.manifest_uri}."
     if batch.stopped_by is not None:
         skipped = sum(f.stage == "not attempted" for f in report.failures)
@@ -235,112 +397,6 @@ def _failure_message(batch: _Batch, report: BatchReport, allow_failures: int) ->
         f"{len(report.failures)} of {len(batch.requests)} prompts failed "
         f"(allow_failures={allow_failures}); {stored}\n" + "\n".join(listed)
     )
-
-
-class _Batch:
-    """The bookkeeping of one batch: which prompts share a generation, what became of each.
-
-    Identical requests (same cache key) share one generation; each distinct name
-    among them gets its own object.
-    """
-
-    def __init__(self, requests: list[ImageRequest], credentials: RapidAPICredentials) -> None:
-        self.requests = requests
-        self.price = credentials.price_per_image_usd
-        self.key_of = [generation_cache_key(request, credentials) for request in requests]
-        self.groups: dict[str, list[int]] = {}
-        for index, key in enumerate(self.key_of):
-            self.groups.setdefault(key, []).append(index)
-        self.outcomes: dict[int, StoredImage | PromptFailure] = {}
-        self.paid_keys: set[str] = set()
-        self.cached_keys: set[str] = set()
-        self.stopped_by: BaseException | None = None
-
-    @property
-    def done(self) -> int:
-        return len(self.outcomes)
-
-    @property
-    def finished(self) -> bool:
-        return self.done == len(self.requests)
-
-    def generated(self, key: str, *, cached: bool) -> None:
-        (self.cached_keys if cached else self.paid_keys).add(key)
-
-    def uploads(self, key: str) -> list[int]:
-        """The prompts of a group that need an object each: one per distinct name."""
-        by_name: dict[str | None, int] = {}
-        for index in self.groups[key]:
-            by_name.setdefault(self.requests[index].name, index)
-        return list(by_name.values())
-
-    def stored(self, index: int, stored: StoredImage) -> None:
-        for other in self._same_object(index):
-            self.outcomes[other] = stored
-
-    def generation_failed(self, key: str, error: BaseException) -> None:
-        for index in self.groups[key]:
-            self.outcomes[index] = self._failure(index, error, "generate")
-
-    def stop(self, error: BaseException, not_attempted: list[str]) -> None:
-        self.stopped_by = error
-        for key in not_attempted:
-            for index in self.groups[key]:
-                self.outcomes[index] = self._failure(
-                    index,
-                    error,
-                    "not attempted",
-                    reason=f"Not attempted: the batch stopped after {type(error).__name__}.",
-                )
-
-    def upload_failed(self, index: int, error: BaseException) -> None:
-        for other in self._same_object(index):
-            self.outcomes[other] = self._failure(other, error, "upload")
-
-    def report(self) -> BatchReport:
-        ordered = [self.outcomes[i] for i in range(len(self.requests))]
-        return BatchReport(
-            images=[o for o in ordered if isinstance(o, StoredImage)],
-            failures=[o for o in ordered if isinstance(o, PromptFailure)],
-            generated=len(self.paid_keys),
-            from_cache=len(self.cached_keys),
-            cost_usd=round(len(self.paid_keys) * self.price, 6),
-        )
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One record per prompt, in the order given: for the manifest and the table."""
-        rows = []
-        for index, outcome in sorted(self.outcomes.items()):
-            row: dict[str, Any] = {"index": index, **outcome.model_dump()}
-            if isinstance(outcome, PromptFailure):
-                row["status"] = "not attempted" if outcome.stage == "not attempted" else "failed"
-            else:
-                key = self.key_of[index]
-                paid = key in self.paid_keys and self.groups[key][0] == index
-                row.update(
-                    status="stored",
-                    cached=key in self.cached_keys,
-                    cost_usd=self.price if paid else 0.0,
-                )
-            rows.append(row)
-        return rows
-
-    def _same_object(self, index: int) -> list[int]:
-        """The prompts stored as one object with `index`: same request, same name."""
-        name = self.requests[index].name
-        return [i for i in self.groups[self.key_of[index]] if self.requests[i].name == name]
-
-    def _failure(
-        self, index: int, error: BaseException, stage: FailureStage, reason: str | None = None
-    ) -> PromptFailure:
-        request = self.requests[index]
-        return PromptFailure(
-            prompt=request.prompt,
-            name=request.name,
-            error=reason or str(error),
-            error_type=type(error).__name__,
-            stage=stage,
-        )
 
 
 def _exception(outcome: object) -> BaseException:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from prefect import task
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
+from prefect.utilities.annotations import BaseAnnotation
 
 from prefect_gpt_image.block_refs import resolve_credentials
 from prefect_gpt_image.blocks.credentials import RapidAPICredentials
 from prefect_gpt_image.caching import generation_cache_policy
-from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
+from prefect_gpt_image.errors import GptImageError
+from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest, as_request
 from prefect_gpt_image.object_keys import slugify
 from prefect_gpt_image.retry_policy import (
     GENERATION_RETRIES,
@@ -18,9 +20,14 @@ from prefect_gpt_image.retry_policy import (
     retry_condition,
 )
 
+_paid_calls_so_far: dict[str, int] = {}
+"""Charged answers of a task run's failed attempts, so its result can count them."""
+
 
 def _run_name() -> str:
     request = task_run.parameters.get("request", "")
+    if isinstance(request, BaseAnnotation):  # quote(request): named before it is unwrapped
+        request = request.unwrap()
     label = (request.name or request.prompt) if isinstance(request, ImageRequest) else str(request)
     return f"generate-{slugify(label, max_chars=40)}"
 
@@ -34,9 +41,13 @@ def _run_name() -> str:
     retry_condition_fn=retry_condition,
     cache_policy=generation_cache_policy(),
     persist_result=True,
+    # The result is on disk; an in-memory copy of the last thousand images is not needed.
+    cache_result_in_memory=False,
 )
 def generate_image(
-    request: ImageRequest | str, credentials: RapidAPICredentials | str | None = None
+    request: ImageRequest | str,
+    credentials: RapidAPICredentials | str | None = None,
+    limits: ApiLimits | None = None,
 ) -> GeneratedImage:
     """Generate one image, download it and check it.
 
@@ -44,6 +55,8 @@ def generate_image(
         request: What to generate: an `ImageRequest`, or just a prompt.
         credentials: A `RapidAPICredentials` block, a saved block's name, or None to
             read `RAPIDAPI_KEY` and its siblings from the environment.
+        limits: How busy this process may keep the API: requests in flight, requests
+            per second, Prefect global limits. Runs in one process share them.
 
     Returns:
         The image with its bytes, media type, SHA-256 and dimensions. The result is
@@ -57,7 +70,17 @@ def generate_image(
     image_request = as_request(request)
     creds = resolve_credentials(credentials)
     creds.check_request(image_request)
-    image = creds.get_client().generate(image_request)
+    run_id = task_run.id
+    paid_before = _paid_calls_so_far.pop(run_id, 0) if run_id else 0
+    try:
+        image = creds.get_client().generate(image_request, limits)
+    except GptImageError as exc:
+        # A charged answer that failed is paid again by the retry: count both.
+        exc.paid_calls = paid_before + exc.billed
+        if run_id and exc.paid_calls:
+            _paid_calls_so_far[run_id] = exc.paid_calls
+        raise
+    image.paid_calls += paid_before
     get_run_logger().info(
         "Generated %r: %s %dx%d, %d bytes",
         image_request.label,

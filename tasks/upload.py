@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 from prefect_aws import S3Bucket
@@ -15,7 +16,7 @@ from prefect_gpt_image.retry_policy import (
     UPLOAD_RETRY_DELAYS,
     retry_condition,
 )
-from prefect_gpt_image.storage import object_uri, put_image
+from prefect_gpt_image.storage import put_image
 
 
 def _run_name() -> str:
@@ -33,6 +34,10 @@ def _run_name() -> str:
     retry_delay_seconds=UPLOAD_RETRY_DELAYS,
     retry_jitter_factor=RETRY_JITTER_FACTOR,
     retry_condition_fn=retry_condition,
+    # An upload is checked against the bucket (HEAD), never a cache: the object may be gone.
+    # Without a cache policy, Prefect does not hash the image to make a key it would not use.
+    cache_policy=NO_CACHE,
+    persist_result=False,
 )
 def upload_image(
     image: GeneratedImage,
@@ -55,23 +60,25 @@ def upload_image(
     Throttling and outages are retried; a missing bucket or refused credentials
     fail at once with an error that says which.
     """
+    stored, written = store_image(image, bucket, prefix, request)
+    get_run_logger().info("%s %s", "Stored" if written else "Already stored", stored.uri)
+    return stored
+
+
+def store_image(
+    image: GeneratedImage,
+    bucket: S3Bucket,
+    prefix: str = "",
+    request: ImageRequest | None = None,
+    *,
+    check_existing: bool = True,
+) -> tuple[StoredImage, bool]:
+    """`upload_image` without a task run, for a flow that keeps its own records; also
+    returns whether anything was written. `check_existing=False` skips the HEAD, for an
+    image just generated."""
     check_bucket_name(bucket.bucket_name)
     if request is not None:
         image = image.model_copy(update={"request": request})
     key = image_key(bucket.bucket_folder, prefix, image)
-    written = put_image(bucket, key, image)
-    uri = object_uri(bucket, key)
-    get_run_logger().info("%s %s", "Stored" if written else "Already stored", uri)
-    return StoredImage(
-        bucket=bucket.bucket_name,
-        key=key,
-        uri=uri,
-        sha256=image.sha256,
-        size=len(image.data),
-        media_type=image.media_type,
-        width=image.width,
-        height=image.height,
-        prompt=image.request.prompt,
-        name=image.request.name,
-        model=image.model,
-    )
+    written = put_image(bucket, key, image, check_existing=check_existing)
+    return StoredImage.of(image, bucket.bucket_name, key), written

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
 from prefect_gpt_image import RapidAPICredentials
-from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
+from prefect_gpt_image.images import inspect_image
+from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server, prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -48,12 +48,6 @@ CHROMIUM_FLAGS = [
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def stop(process: subprocess.Popen[Any]) -> None:
     """Stop a process this test started, by its pid."""
     if process.poll() is None:
@@ -68,39 +62,8 @@ def stop(process: subprocess.Popen[Any]) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     """A real `prefect server start` on loopback, and the environment that points at it."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_UI_API_URL": api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-    }
-    log = (home / "server.log").open("wb")
-    process = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, (home / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the Prefect server did not start"
-            time.sleep(0.5)
-        yield api_url, env
-    finally:
-        stop(process)
-        log.close()
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as env:
+        yield env["PREFECT_API_URL"], env
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +123,12 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     weekly = httpx.get(f"{api_url}/deployments/name/generate-images/weekly-creatives").json()
     (schedule,) = weekly["schedules"]
     assert schedule["schedule"] == {"cron": "0 6 * * 1", "timezone": "Europe/Paris", "day_or": True}
+    # The run form: a size to pick, block pickers, numbers with bounds.
+    form = weekly["parameter_openapi_schema"]["properties"]
+    assert form["size"]["enum"] == ["1024x1024", "1536x1024", "1024x1536"]
+    assert {"$ref": "#/definitions/RapidAPICredentials"} in form["credentials"]["anyOf"]
+    assert {"$ref": "#/definitions/S3Bucket"} in form["bucket"]["anyOf"]
+    assert (form["max_concurrency"]["minimum"], form["max_concurrency"]["maximum"]) == (1, 256)
 
     worker_log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
@@ -181,6 +150,8 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
                 "generate-images/product-shots",
                 "--param",
                 "prefix=e2e",
+                "--param",
+                "size=1536x1024",
                 "--params",
                 json.dumps({"variables": variables}),
             ],
@@ -203,6 +174,8 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
         "teapot-linen-soft-light",
     ]
     assert {p.read_bytes() for p in images} == set(api.served.values())
+    sizes = {(info.width, info.height) for info in map(inspect_image, map(Path.read_bytes, images))}
+    assert sizes == {(1536, 1024)}
 
     # The artifacts are in the API.
     artifacts = httpx.post(

@@ -48,10 +48,12 @@ def test_a_dead_key_stops_the_batch(
     with pytest.raises(BatchFailedError) as raised:
         generate_images(prompts, bucket=bucket, credentials=credentials, max_concurrency=2)
 
-    assert len(api.calls) <= 2  # the calls in flight when the first answer came back
+    # The calls submitted when the first answer came back: the flow keeps twice
+    # max_concurrency tasks ready, so that the API never waits for a task to start.
+    assert len(api.calls) <= 4
     report = raised.value.report
     stages = [failure.stage for failure in report.failures]
-    assert len(stages) == 40 and stages.count("not attempted") >= 38
+    assert len(stages) == 40 and stages.count("not attempted") >= 36
     assert {f.error_type for f in report.failures} == {error_type}
     message = str(raised.value)
     assert message.startswith("The batch stopped: ")
@@ -192,7 +194,9 @@ def test_a_killed_run_resumes_without_paying_twice(
     assert again.returncode == 0, again.stderr[-2000:]
     assert "100 stored, 0 failed" in again.stdout
     paid_twice = [p for p in prompts if api.billed_for(p) > 1]
-    assert len(paid_twice) <= 4  # at most the generations in flight at the kill
+    # At most the generations in flight at the kill: four at the API, and as many more
+    # answered but not yet persisted (the flow keeps twice max_concurrency in flight).
+    assert len(paid_twice) <= 8
     assert api.billed == 100 + len(paid_twice)
     stored = [p for p in s3_server.object_path(bucket, "").iterdir() if p.suffix == ".png"]
     assert len(stored) == 100  # the images in flight at the kill were never persisted

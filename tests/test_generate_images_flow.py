@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import (
@@ -79,7 +82,9 @@ def test_mixed_batch_stores_every_good_image_and_fails_only_the_rejected_one(
     assert api.billed_for(MIXED_BATCH[0]) == 1
     assert report.images[0].key == report.images[2].key
     assert report.generated == 5 and report.from_cache == 0
-    assert report.cost_usd == pytest.approx(5 * 0.03)
+    # The broken answer was charged too, and the report says so: what the API billed.
+    assert api.billed == 6
+    assert report.cost_usd == pytest.approx(api.billed * 0.03)
     assert len(api.calls) == 5 + 1 + 3  # 5 images, 1 rejection, 3 faults retried
 
     # The manifest lists every prompt, in order, beside the images.
@@ -239,7 +244,7 @@ def test_prompt_files_local_and_on_s3(
     [
         (["fine", "   "], {}, "prompt #2: prompt: the prompt is empty"),
         (["fine", "bell\x07"], {}, "control character"),
-        (["fine"], {"width": 1000}, "cannot produce 1000x1024"),
+        ([ImageRequest(prompt="fine", width=1000)], {}, "cannot produce 1000x1024"),
         (["fine"], {"prefix": "../escape"}, "is not a safe S3 folder"),
         ("prompts.docx", {}, "is not a prompt file"),
         ([], {}, "The prompt set is empty"),
@@ -300,3 +305,48 @@ def test_a_cached_image_is_stored_under_the_new_name(
     assert first.images[0].key.startswith("old-name-")
     assert second.images[0].key.startswith("new-name-")
     assert second.images[0].name == "new name"
+
+
+def test_a_rerun_records_stored_images_without_task_runs(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    prompts = ["a pewter jug", "a wicker basket", "a slate roof"]
+    first = generate_images(prompts, bucket=bucket, credentials=credentials, prefix="shelf")
+    lost = first.images[1]
+    s3_server.boto3_client().delete_object(Bucket=bucket.bucket_name, Key=lost.key)
+
+    state = generate_images(
+        prompts, bucket=bucket, credentials=credentials, prefix="shelf", return_state=True
+    )
+    second = state.result()
+
+    assert len(api.calls) == 3  # the first run's
+    assert (second.generated, second.from_cache) == (0, 3)
+    assert [i.key for i in second.images] == [i.key for i in first.images]
+    assert read_object(s3_server, bucket, lost.key)["Body"] == api.served[lost.sha256]
+    # Only the lost image took a task run (a cached generation, then its upload); the
+    # two still in the bucket were recorded from the cache and a listing.
+    names = _task_run_names(state.state_details.flow_run_id, expected=1)
+    assert names == ["generate-a-wicker-basket"]
+
+
+def _task_run_names(flow_run_id: Any, expected: int) -> list[str]:
+    """The flow run's task runs, as Prefect's API records them (a moment after they end)."""
+    deadline = time.monotonic() + 20
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            if len(runs) >= expected and all(r.state and r.state.is_final() for r in runs):
+                time.sleep(1)  # and nothing more arrives
+                runs = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+                )
+                return [r.name for r in runs]
+            if time.monotonic() > deadline:
+                return [r.name for r in runs]
+            time.sleep(0.2)

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "RapidAPICredentials": "prefect_gpt_image.blocks.credentials",
+    "ApiLimits": "prefect_gpt_image.models",
     "ImageRequest": "prefect_gpt_image.models",
     "GeneratedImage": "prefect_gpt_image.models",
     "StoredImage": "prefect_gpt_image.models",
@@ -25,6 +26,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ApiLimits",
     "BatchReport",
     "GeneratedImage",
     "ImageRequest",
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
     from prefect_gpt_image.flows.generate_images import generate_images
     from prefect_gpt_image.models import (
+        ApiLimits,
         BatchReport,
         GeneratedImage,
         ImageRequest,

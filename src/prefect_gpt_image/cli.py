@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prefect_gpt_image.image_sizes import IMAGE_SIZES, parse_size
+
 if TYPE_CHECKING:
     from prefect_gpt_image.models import BatchReport
 
@@ -51,9 +53,25 @@ def _parser() -> argparse.ArgumentParser:
         help="a saved RapidAPICredentials block's name (default: RAPIDAPI_KEY from the env)",
     )
     generate.add_argument("--prefix", default="", help="folder for this batch's images")
-    generate.add_argument("--width", type=int, default=1024)
-    generate.add_argument("--height", type=int, default=1024)
+    generate.add_argument(
+        "--size",
+        default="1024x1024",
+        choices=IMAGE_SIZES,
+        help="size of prompts that do not give one (default: %(default)s)",
+    )
     generate.add_argument("--max-concurrency", type=int, default=8, metavar="N")
+    generate.add_argument(
+        "--requests-per-second",
+        type=float,
+        metavar="R",
+        help="the plan's rate limit (default: learned from the API's 429s)",
+    )
+    generate.add_argument(
+        "--max-cost-usd",
+        type=float,
+        metavar="USD",
+        help="refuse a batch whose new images would cost more, and stop at this spend",
+    )
     generate.add_argument("--allow-failures", type=int, default=0, metavar="N")
     generate.add_argument(
         "--refresh-cache", action="store_true", help="generate again even where cached (pays)"
@@ -87,7 +105,8 @@ def _generate(args: argparse.Namespace) -> int:
         # A local file is checked before a flow run starts, so a typo is a one-line error.
         # The flow checks again, as it does for every caller.
         if not args.prompts_file.startswith("s3://"):
-            load_prompts(args.prompts_file, width=args.width, height=args.height)
+            width, height = parse_size(args.size)
+            load_prompts(args.prompts_file, width=width, height=height)
         normalize_prefix(args.prefix)
         with progress_bar():
             report = generate_images(
@@ -95,9 +114,10 @@ def _generate(args: argparse.Namespace) -> int:
                 bucket=args.bucket,
                 credentials=args.credentials,
                 prefix=args.prefix,
-                width=args.width,
-                height=args.height,
+                size=args.size,
                 max_concurrency=args.max_concurrency,
+                requests_per_second=args.requests_per_second,
+                max_cost_usd=args.max_cost_usd,
                 allow_failures=args.allow_failures,
                 refresh_cache=args.refresh_cache,
             )

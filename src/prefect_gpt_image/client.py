@@ -15,14 +15,15 @@ from prefect_gpt_image.errors import (
     APIConnectionError,
     APIError,
     APITimeoutError,
+    GptImageError,
     InvalidImageError,
     InvalidResponseError,
 )
 from prefect_gpt_image.images import inspect_image
-from prefect_gpt_image.models import GeneratedImage, ImageRequest
+from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest
 from prefect_gpt_image.responses import error_for_response, find_image, parse_json
 from prefect_gpt_image.retry_policy import DOWNLOAD_ATTEMPTS
-from prefect_gpt_image.throttle import gate_for
+from prefect_gpt_image.throttle import throttle_for
 from prefect_gpt_image.url_safety import check_image_url, is_local_endpoint
 
 if TYPE_CHECKING:
@@ -76,37 +77,42 @@ class GptImageClient:
         when the API itself is configured at one (an emulator, an in-house proxy)."""
         self._credentials = credentials
         self._http = shared_http_client()
-        self._gate = gate_for(credentials.endpoint_url)
+        self._throttle = throttle_for(
+            credentials.endpoint_url, credentials.api_key.get_secret_value()
+        )
         if allow_internal_images is None:
             allow_internal_images = is_local_endpoint(credentials.endpoint_url)
         self._allow_internal_images = allow_internal_images
         read_timeout = min(DOWNLOAD_READ_TIMEOUT_SECONDS, credentials.timeout_seconds)
         self._download_timeout = httpx.Timeout(read_timeout, connect=min(10.0, read_timeout))
 
-    def generate(self, request: ImageRequest) -> GeneratedImage:
+    def generate(self, request: ImageRequest, limits: ApiLimits | None = None) -> GeneratedImage:
+        """One paid generation. `limits` say how busy this process may keep the API
+        (see `prefect_gpt_image.throttle`); the download is not counted against them."""
         creds = self._credentials
-        self._gate.wait()
-        started = time.monotonic()
-        try:
-            response = self._http.post(
-                creds.endpoint_url,
-                json=request_body(request, creds),
-                headers={
-                    "x-rapidapi-key": creds.api_key.get_secret_value(),
-                    "x-rapidapi-host": creds.api_host,
-                },
-                timeout=httpx.Timeout(creds.timeout_seconds, connect=10.0),
-            )
-        except httpx.TimeoutException:
-            raise APITimeoutError(
-                f"No answer from {creds.endpoint_url} within {creds.timeout_seconds:g} s. "
-                "Raise timeout_seconds in the credentials block for slow, high-quality "
-                "generations."
-            ) from None
-        except httpx.TransportError as exc:
-            raise APIConnectionError(
-                f"Could not reach {creds.endpoint_url}: {type(exc).__name__}: {exc}"
-            ) from None
+        with self._throttle.admit(limits) as admission:
+            started = time.monotonic()
+            try:
+                response = self._http.post(
+                    creds.endpoint_url,
+                    json=request_body(request, creds),
+                    headers={
+                        "x-rapidapi-key": creds.api_key.get_secret_value(),
+                        "x-rapidapi-host": creds.api_host,
+                    },
+                    timeout=httpx.Timeout(creds.timeout_seconds, connect=10.0),
+                )
+            except httpx.TimeoutException:
+                raise APITimeoutError(
+                    f"No answer from {creds.endpoint_url} within {creds.timeout_seconds:g} s. "
+                    "Raise timeout_seconds in the credentials block for slow, high-quality "
+                    "generations."
+                ) from None
+            except httpx.TransportError as exc:
+                raise APIConnectionError(
+                    f"Could not reach {creds.endpoint_url}: {type(exc).__name__}: {exc}"
+                ) from None
+            admission.answered(response.status_code, response.headers)
         logger.debug(
             "POST %s -> %d in %.2f s",
             creds.endpoint_url,
@@ -114,11 +120,16 @@ class GptImageClient:
             time.monotonic() - started,
         )
         if not response.is_success:
-            error = error_for_response(response.status_code, response.headers, response.content)
-            if (wait := getattr(error, "retry_after", None)) is not None:
-                self._gate.hold(wait)
-            raise error
-        reference = find_image(parse_json(response.content))
+            raise error_for_response(response.status_code, response.headers, response.content)
+        try:
+            return self._image(response.content, request)
+        except GptImageError as exc:
+            exc.billed = True  # the API answered 2xx: the generation is paid for
+            raise
+
+    def _image(self, body: bytes, request: ImageRequest) -> GeneratedImage:
+        creds = self._credentials
+        reference = find_image(parse_json(body))
         data = reference.data if reference.data is not None else self._download(reference.url)
         if len(data) > creds.max_image_bytes:
             raise _too_large(len(data), creds.max_image_bytes)

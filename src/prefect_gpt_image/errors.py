@@ -14,6 +14,11 @@ class GptImageError(Exception):
     retryable: bool = False
     stops_batch: bool = False
     """True where every other request of the batch would fail the same way."""
+    billed: bool = False
+    """True where the API answered, and charged, before the failure (a broken answer,
+    an image that could not be downloaded)."""
+    paid_calls: int = 0
+    """Charged answers the failed task run made, over all its attempts."""
 
 
 class InvalidRequestError(GptImageError, ValueError):
@@ -130,6 +135,12 @@ class StorageError(GptImageError):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class BudgetExceededError(GptImageError):
+    """The batch would spend, or has spent, the flow's `max_cost_usd`."""
+
+    stops_batch = True
 
 
 class BatchFailedError(GptImageError):

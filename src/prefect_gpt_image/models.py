@@ -78,6 +78,38 @@ def as_request(request: ImageRequest | str) -> ImageRequest:
     return request if isinstance(request, ImageRequest) else ImageRequest(prompt=request)
 
 
+class ApiLimits(BaseModel):
+    """How busy a process may keep the API: the plan's limits, as far as the caller knows.
+
+    Enforced per process and per key by `prefect_gpt_image.throttle`; across workers,
+    name a Prefect global concurrency limit.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="Requests in flight at once, in this process."
+    )
+    requests_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        description="Requests started per second, in this process; without it the rate is "
+        "learned from 429s and rate-limit headers.",
+    )
+    global_concurrency_limit: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The name of a Prefect global concurrency limit every request holds a "
+        "slot of while it runs: a cap on requests in flight across workers.",
+    )
+    global_rate_limit: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The name of a Prefect global concurrency limit with slot decay every "
+        "request takes a slot of: a rate limit across workers.",
+    )
+
+
 class GeneratedImage(BaseModel):
     """An image as the API produced it, downloaded and checked.
 
@@ -96,6 +128,11 @@ class GeneratedImage(BaseModel):
         default=None, description="Where the API served it; None for inline answers."
     )
     generated_at: datetime
+    paid_calls: int = Field(
+        default=1,
+        description="Answers the API charged for to make this image: more than one when "
+        "a broken answer had to be generated again.",
+    )
 
     @property
     def extension(self) -> str:
@@ -116,6 +153,23 @@ class StoredImage(BaseModel):
     prompt: str
     name: str | None = None
     model: str
+
+    @classmethod
+    def of(cls, image: GeneratedImage, bucket: str, key: str) -> StoredImage:
+        """The record of `image` stored at `key`."""
+        return cls(
+            bucket=bucket,
+            key=key,
+            uri=f"s3://{bucket}/{key}",
+            sha256=image.sha256,
+            size=len(image.data),
+            media_type=image.media_type,
+            width=image.width,
+            height=image.height,
+            prompt=image.request.prompt,
+            name=image.request.name,
+            model=image.model,
+        )
 
 
 FailureStage = Literal["generate", "upload", "not attempted"]

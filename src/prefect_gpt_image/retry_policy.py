@@ -1,6 +1,7 @@
 """The retry policy, in one place: what is retried, how often, and how long to wait.
 
-Retries are Prefect's own, so each one shows in the UI as a retry. Prefect fixes the
+Retries are Prefect's own, so each one shows in the UI as a retry; the uploads the batch
+flow makes without a task run follow the same policy through `call_with_retries`. Prefect fixes the
 delays when a task is defined, so a server's Retry-After is honoured by the
 endpoint gate instead (see `throttle`), which holds back every request to that
 endpoint, not just the one that was told to wait.
@@ -8,9 +9,14 @@ endpoint, not just the one that was told to wait.
 
 from __future__ import annotations
 
-from typing import Any
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from prefect.tasks import exponential_backoff
+
+T = TypeVar("T")
 
 GENERATION_RETRIES = 4
 GENERATION_RETRY_DELAYS = exponential_backoff(backoff_factor=2)(GENERATION_RETRIES)
@@ -37,3 +43,16 @@ def is_retryable(exc: BaseException) -> bool:
 def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     """A task's `retry_condition_fn`: retry only what `is_retryable` allows."""
     return isinstance(state.data, BaseException) and is_retryable(state.data)
+
+
+def call_with_retries(call: Callable[[], T], delays: Sequence[float] = UPLOAD_RETRY_DELAYS) -> T:
+    """Make `call`, retrying what `is_retryable` allows after `delays` (with the same
+    jitter): Prefect's retries for work done outside a task run."""
+    for delay in delays:
+        try:
+            return call()
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            time.sleep(delay * (1 + RETRY_JITTER_FACTOR * random.uniform(-1, 1)))
+    return call()

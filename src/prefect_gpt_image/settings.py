@@ -10,6 +10,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prefect_gpt_image.image_sizes import IMAGE_SIZES
+
 DEFAULT_API_HOST = "gpt-image-1-5.p.rapidapi.com"
 DEFAULT_PATH = "/generate"
 DEFAULT_MODEL = "gpt-image-1.5"
@@ -17,7 +19,7 @@ DEFAULT_TIMEOUT_SECONDS = 300.0
 """High-quality generations can take well over a minute."""
 DEFAULT_PRICE_PER_IMAGE_USD = 0.03
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
-DEFAULT_SUPPORTED_SIZES = ("1024x1024", "1536x1024", "1024x1536")
+DEFAULT_SUPPORTED_SIZES = IMAGE_SIZES
 
 
 class RapidAPISettings(BaseSettings):

@@ -75,21 +75,31 @@ def object_link(bucket: S3Bucket, key: str, *, public_base_url: str | None, expi
     )
 
 
-def put_image(bucket: S3Bucket, key: str, image: GeneratedImage) -> bool:
-    """Store an image unless the same bytes are there already; True if it was written."""
-    client = s3_client(bucket)
-    try:
-        existing = client.head_object(Bucket=bucket.bucket_name, Key=key)
-        if existing["ContentLength"] == len(image.data):
-            return False
-    except ClientError as exc:
-        # 403: a write-only policy may forbid HEAD; the PUT will tell.
-        if _error_code(exc) not in ("404", "NoSuchKey", "NotFound", "403"):
-            raise storage_error(exc, bucket.bucket_name, "check") from None
-    except BotoCoreError as exc:
-        raise storage_error(exc, bucket.bucket_name, "check") from None
+def put_image(
+    bucket: S3Bucket, key: str, image: GeneratedImage, *, check_existing: bool = True
+) -> bool:
+    """Store an image unless the same bytes are there already; True if it was written.
+
+    `check_existing=False` skips that check (a HEAD), for an image just generated: its key
+    holds its SHA-256, so it cannot be there yet.
+    """
+    if check_existing and _stored_size(bucket, key) == len(image.data):
+        return False
     put_bytes(bucket, key, image.data, image.media_type, metadata=image_metadata(image))
     return True
+
+
+def _stored_size(bucket: S3Bucket, key: str) -> int | None:
+    try:
+        existing = s3_client(bucket).head_object(Bucket=bucket.bucket_name, Key=key)
+    except ClientError as exc:
+        # 403: a write-only policy may forbid HEAD; the PUT will tell.
+        if _error_code(exc) in ("404", "NoSuchKey", "NotFound", "403"):
+            return None
+        raise storage_error(exc, bucket.bucket_name, "check") from None
+    except BotoCoreError as exc:
+        raise storage_error(exc, bucket.bucket_name, "check") from None
+    return int(existing["ContentLength"])
 
 
 def put_bytes(
@@ -109,6 +119,18 @@ def put_bytes(
         )
     except (ClientError, BotoCoreError) as exc:
         raise storage_error(exc, bucket.bucket_name, "write") from None
+
+
+def object_sizes(bucket: S3Bucket, prefix: str) -> dict[str, int]:
+    """Every object under `prefix`, with its size: one listing instead of a HEAD per image."""
+    sizes: dict[str, int] = {}
+    try:
+        pages = s3_client(bucket).get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=bucket.bucket_name, Prefix=prefix):
+            sizes.update((item["Key"], item["Size"]) for item in page.get("Contents", ()))
+    except (ClientError, BotoCoreError) as exc:
+        raise storage_error(exc, bucket.bucket_name, "list") from None
+    return sizes
 
 
 def read_uri(bucket: S3Bucket, uri: str) -> bytes:

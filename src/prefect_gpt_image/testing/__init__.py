@@ -3,6 +3,7 @@
 The real RapidAPI endpoint cannot be reached (or paid for) from tests, so `GptImageEmulator`
 stands in for it: an HTTP server with the same requests, answers and failure modes.
 `LocalS3Server` runs `rclone serve s3` over a folder, an S3 endpoint that checks signatures.
+`prefect_server` starts a real Prefect server, for deployments, workers and the UI.
 
 Names are imported on first use: the package stays cheap to import (no Prefect, no Pillow)
 and `python -m prefect_gpt_image.testing.emulator` runs without a double import.
@@ -20,9 +21,17 @@ if TYPE_CHECKING:
         GptImageEmulator,
         RecordedCall,
     )
+    from prefect_gpt_image.testing.local_prefect import prefect_server
     from prefect_gpt_image.testing.s3_server import LocalS3Server
 
-__all__ = ["RESPONSE_SHAPES", "Fault", "GptImageEmulator", "LocalS3Server", "RecordedCall"]
+__all__ = [
+    "RESPONSE_SHAPES",
+    "Fault",
+    "GptImageEmulator",
+    "LocalS3Server",
+    "RecordedCall",
+    "prefect_server",
+]
 
 _MODULES = {
     "RESPONSE_SHAPES": "emulator",
@@ -30,6 +39,7 @@ _MODULES = {
     "GptImageEmulator": "emulator",
     "RecordedCall": "emulator",
     "LocalS3Server": "s3_server",
+    "prefect_server": "local_prefect",
 }
 
 

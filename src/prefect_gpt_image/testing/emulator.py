@@ -2,7 +2,9 @@
 
 Tests, demos and benchmarks cannot reach (or pay for) the real API, so this server answers
 the same requests with the same status codes and bodies, draws a fresh image per generation,
-records every call and can inject the failures a real deployment meets.
+records every call and can inject the failures a real deployment meets. It can also enforce
+a requests-per-second limit, pad images to a realistic size and, run as its own process
+(`python -m prefect_gpt_image.testing.emulator`), report its counters over HTTP.
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ import argparse
 import base64
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import io
 import itertools
 import json
 import math
+import os
 import random
 import secrets
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -71,6 +77,14 @@ _SAFETY = (
     "Your prompt may contain text that is not allowed by our safety system."
 )
 _NOT_AN_IMAGE = b"<html><body>Service temporarily unavailable</body></html>"
+_TOO_MANY = "Too many requests"
+
+_PADDING_CHUNK = b"prVt"
+"""Ancillary, private, reserved bit clear, safe to copy (the case rules of PNG chunk types):
+every decoder skips it, so it can carry filler that makes an image as big as a real one."""
+
+_STATS_PATH = "/__emulator__/stats"
+_RESET_PATH = "/__emulator__/reset"
 
 
 @dataclass(frozen=True)
@@ -324,11 +338,83 @@ def _rate_limited(fault: Fault) -> _Reply:
         headers.append(("Retry-After", str(math.ceil(fault.retry_after))))
     if fault.reset is not None:
         headers.append(("x-ratelimit-requests-reset", str(math.ceil(fault.reset))))
-    return _json(429, {"message": "Too many requests"}, tuple(headers))
+    return _json(429, {"message": _TOO_MANY}, tuple(headers))
+
+
+def _pad_png(png: bytes, size: int) -> bytes:
+    """`png` grown to at least `size` bytes by a random private chunk before IEND.
+
+    Random filler neither compresses nor dedupes, and costs a copy instead of deflating a
+    picture that big.
+    """
+    missing = size - len(png)
+    if missing <= 0:
+        return png
+    if png[-8:-4] != b"IEND":
+        raise ValueError("not a complete PNG: it does not end with IEND")
+    chunk = _PADDING_CHUNK + os.urandom(max(missing - 12, 0))  # 12: length, type and CRC
+    return b"".join(
+        (
+            png[:-12],
+            struct.pack(">I", len(chunk) - 4),
+            chunk,
+            struct.pack(">I", zlib.crc32(chunk)),
+            png[-12:],
+        )
+    )
+
+
+@dataclass
+class _Bucket:
+    """A token bucket for `rate` requests per second, holding one second of burst."""
+
+    rate: float
+    tokens: float
+    stamp: float
+
+    @classmethod
+    def full(cls, rate: float) -> _Bucket:
+        return cls(rate, max(1.0, rate), time.monotonic())
+
+    @property
+    def capacity(self) -> float:
+        return max(1.0, self.rate)
+
+    def take(self) -> bool:
+        """Refill for the time elapsed, then spend a token if there is a whole one."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Burst size, whole tokens left and seconds until the bucket is full again."""
+        return (
+            ("x-ratelimit-limit", str(math.floor(self.capacity))),
+            ("x-ratelimit-remaining", str(math.floor(self.tokens))),
+            ("x-ratelimit-reset", str(math.ceil((self.capacity - self.tokens) / self.rate))),
+        )
+
+    def retry_after(self) -> int:
+        """Whole seconds until the next token, at least one, as a gateway's Retry-After."""
+        return max(1, math.ceil((1.0 - self.tokens) / self.rate))
 
 
 class GptImageEmulator:
-    """Serves the GPT Image generation API on loopback, with call records and fault injection."""
+    """Serves the GPT Image generation API on loopback, with call records and fault injection.
+
+    `rate_limit` (requests per second, or None) is enforced like RapidAPI's gateway: a 429 with
+    Retry-After once the burst of one second is spent. `image_bytes` pads each PNG to at least
+    that size. `keep_images=False` keeps only hashes of served images and drops each image once
+    downloaded, so a long benchmark runs in bounded memory.
+
+    Besides the API, the server answers `GET /__emulator__/stats` (the counters as JSON) and
+    `POST /__emulator__/reset` (calls `reset()`) without a key: they are test controls on
+    loopback, for a benchmark that runs the emulator as its own process.
+    """
 
     def __init__(
         self,
@@ -342,11 +428,20 @@ class GptImageEmulator:
         latency: float = 0.0,
         reject_marker: str | None = "[reject]",
         subscribed: bool = True,
+        rate_limit: float | None = None,
+        rate_limit_headers: bool = True,
+        image_bytes: int | None = None,
+        keep_images: bool = True,
     ) -> None:
         if shape not in (*RESPONSE_SHAPES, "cycle"):
             raise ValueError(f"unknown shape {shape!r}; use one of {RESPONSE_SHAPES} or 'cycle'")
         if image_format not in _FORMATS:
             raise ValueError(f"unknown image_format {image_format!r}; use png, jpeg or webp")
+        if image_bytes is not None:
+            if isinstance(image_bytes, bool) or not isinstance(image_bytes, int) or image_bytes < 1:
+                raise ValueError(f"image_bytes must be a positive integer, got {image_bytes!r}")
+            if image_format != "png":
+                raise ValueError("image_bytes pads PNG images only; use image_format='png'")
         self.api_key = api_key
         self.api_host = api_host
         self.path = path
@@ -357,9 +452,14 @@ class GptImageEmulator:
         self.latency = latency
         self.reject_marker = reject_marker
         self.subscribed = subscribed
+        self.rate_limit_headers = rate_limit_headers
+        self.image_bytes = image_bytes
+        self.keep_images = keep_images
         self.fault_rate = 0.0
         self.random_faults: tuple[Fault, ...] = ()
         self._lock = threading.Lock()
+        self._bucket: _Bucket | None = None
+        self.rate_limit = rate_limit
         # never reset, and seeded at random so images also differ across emulator instances
         self._generations = itertools.count(secrets.randbits(32) << 32)
         self._arrivals = itertools.count()
@@ -375,6 +475,7 @@ class GptImageEmulator:
         self._calls: list[tuple[int, RecordedCall]] = []
         self._faults: list[_QueuedFault] = []
         self._blobs: dict[str, _Reply] = {}
+        self._once: set[str] = set()  # blobs to drop once downloaded, when not keep_images
         self._served: dict[str, bytes] = {}
         self._downloads = 0
         self._download_delays: dict[str, float] = {}
@@ -383,6 +484,26 @@ class GptImageEmulator:
         self._rng = random.Random(0)
         self.fault_rate = 0.0
         self.random_faults = ()
+        if self._bucket is not None:
+            self._bucket = _Bucket.full(self._bucket.rate)
+
+    # -- configuration -----------------------------------------------------------------------
+
+    @property
+    def rate_limit(self) -> float | None:
+        """Requests per second the endpoint admits, or None for no limit.
+
+        A token bucket of `max(1, rate_limit)` tokens, refilled continuously; setting it (or
+        `reset()`) fills the bucket. Only calls past the key and host checks spend a token.
+        """
+        return self._bucket.rate if self._bucket is not None else None
+
+    @rate_limit.setter
+    def rate_limit(self, value: float | None) -> None:
+        if value is not None and not (0 < value < math.inf):
+            raise ValueError(f"rate_limit must be a positive number of requests/s, got {value}")
+        with self._lock:
+            self._bucket = _Bucket.full(value) if value is not None else None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -459,7 +580,10 @@ class GptImageEmulator:
 
     @property
     def served(self) -> dict[str, bytes]:
-        """Every valid image generated, by sha256 hex digest of its bytes."""
+        """Every valid image generated, by sha256 hex digest of its bytes.
+
+        With `keep_images=False` each hash maps to `b""`: the bytes are not kept.
+        """
         with self._lock:
             return dict(self._served)
 
@@ -475,8 +599,25 @@ class GptImageEmulator:
         with self._lock:
             return self._downloads
 
+    @property
+    def rate_limited(self) -> int:
+        """Calls refused with 429 by `rate_limit` since the last reset (not injected faults)."""
+        return sum(call.fault == "rate_limit" for call in self.calls)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The counters `GET /__emulator__/stats` reports."""
+        return {
+            "calls": len(self.calls),
+            "billed": self.billed,
+            "rate_limited": self.rate_limited,
+            "peak_concurrency": self.peak_concurrency,
+            "image_downloads": self.image_downloads,
+        }
+
     def reset(self) -> None:
-        """Forget calls, images and faults between tests; image uniqueness is kept."""
+        """Forget calls, images and faults between tests and refill the rate limit's bucket;
+        configuration such as `rate_limit` and `latency`, and image uniqueness, are kept."""
         with self._lock:
             self._clear()
 
@@ -530,11 +671,18 @@ class GptImageEmulator:
         with self._lock:
             arrival, epoch = next(self._arrivals), self._epoch
         request = _parse(raw)
-        fault = None
+        kind = None
         reply = self._gatekeep(headers)
         if reply is None:
-            fault = self._take_fault(request.prompt)
-            reply = self._generate(request) if fault is None else self._fault_reply(fault, request)
+            admitted, limit_headers = self._take_token()
+            fault = self._take_fault(request.prompt) if admitted else None
+            if not admitted:
+                kind, reply = "rate_limit", _message(429, _TOO_MANY)
+            elif fault is not None:
+                kind, reply = fault.kind, self._fault_reply(fault, request)
+            else:
+                reply = self._generate(request)
+            reply = dataclasses.replace(reply, headers=reply.headers + limit_headers)
         shown = {k: "<redacted>" if k == "x-rapidapi-key" else v for k, v in headers.items()}
         call = RecordedCall(
             request.prompt,
@@ -542,7 +690,7 @@ class GptImageEmulator:
             request.height,
             request.body,
             reply.status,
-            fault.kind if fault else None,
+            kind,
             shown,
         )
         with self._lock:
@@ -562,6 +710,18 @@ class GptImageEmulator:
             return _message(404, "API doesn't exists")
         return None
 
+    def _take_token(self) -> tuple[bool, tuple[tuple[str, str], ...]]:
+        """Whether the rate limit admits this call, and the headers to add to its answer."""
+        with self._lock:
+            bucket = self._bucket
+            if bucket is None:
+                return True, ()
+            admitted = bucket.take()
+            headers = bucket.headers() if self.rate_limit_headers else ()
+            if not admitted:
+                headers += (("Retry-After", str(bucket.retry_after())),)
+        return admitted, headers
+
     def _generate(self, request: _Request, first_download_delay: float = 0.0) -> _Reply:
         if request.problem is not None:
             return _error(400, "invalid_request", request.problem)
@@ -570,15 +730,21 @@ class GptImageEmulator:
             return _error(400, "content_policy_violation", _SAFETY)
         if self.latency > 0:
             time.sleep(self.latency)
-        data = _render(prompt, self._serial(), *request.size, self.image_format)
+        data = self._image(prompt, *request.size, self.image_format)
         with self._lock:
-            self._served[hashlib.sha256(data).hexdigest()] = data
+            self._served[hashlib.sha256(data).hexdigest()] = data if self.keep_images else b""
         blob = _Reply(200, data, self._media_type)
         path = self._new_path(self._extension)
         if first_download_delay > 0:
             with self._lock:
                 self._download_delays[path] = first_download_delay
-        return self._link(path, blob, inline=data, advance=True)
+        return self._link(path, blob, inline=data, advance=True, once=not self.keep_images)
+
+    def _image(self, prompt: str, width: int, height: int, image_format: str) -> bytes:
+        data = _render(prompt, self._serial(), width, height, image_format)
+        if self.image_bytes is not None and image_format == "png":
+            data = _pad_png(data, self.image_bytes)
+        return data
 
     def _fault_reply(self, fault: Fault, request: _Request) -> _Reply:
         if fault.kind == "stall":
@@ -612,7 +778,7 @@ class GptImageEmulator:
         if fault.kind == "not_an_image":
             data = _NOT_AN_IMAGE
         elif fault.kind == "truncated_image":
-            png = _render(request.prompt or "", self._serial(), *request.size, "png")
+            png = self._image(request.prompt or "", *request.size, "png")
             data = png[: len(png) // 2]
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
@@ -622,22 +788,54 @@ class GptImageEmulator:
         return f"/images/{secrets.token_urlsafe(16)}.{extension}"
 
     def _link(
-        self, path: str, blob: _Reply, *, inline: bytes | None, advance: bool = False
+        self,
+        path: str,
+        blob: _Reply,
+        *,
+        inline: bytes | None,
+        advance: bool = False,
+        once: bool = False,
     ) -> _Reply:
-        """Answer 200 pointing at `blob`, or carrying `inline` when the shape is data_b64."""
+        """Answer 200 pointing at `blob`, or carrying `inline` when the shape is data_b64.
+
+        A blob stored `once` is dropped after its first complete, undelayed download.
+        """
         with self._lock:
             shape = self._shape(advance=advance)
             if shape != "data_b64" or inline is None:
                 self._blobs[path] = blob
+                if once:
+                    self._once.add(path)
         return _json(200, _payload(shape, f"{self._origin}{path}", inline))
 
-    def _handle_image(self, path: str) -> _Reply:
+    def _handle_image(self, path: str) -> tuple[_Reply, bool]:
+        """The answer to a GET of `path`, and whether to forget the image once it is sent.
+
+        A delayed (slow_download) attempt never drops the image: the client that gave up on
+        it must still be able to download it again, as when images are kept.
+        """
         with self._lock:
             self._downloads += 1
             blob = self._blobs.get(path)
             delay = self._download_delays.pop(path, 0.0)
+            last = blob is not None and delay == 0 and path in self._once
         time.sleep(delay)
-        return blob or _s3_error(404, path)
+        return blob or _s3_error(404, path), last
+
+    def _forget(self, path: str) -> None:
+        """Drop an image its client has downloaded in full (keep_images=False)."""
+        with self._lock:
+            self._blobs.pop(path, None)
+            self._once.discard(path)
+
+    def _control(self, method: str, path: str) -> _Reply | None:
+        """The answer to a test-control request, or None if `path` is not one."""
+        if (method, path) == ("GET", _STATS_PATH):
+            return _json(200, self.stats)
+        if (method, path) == ("POST", _RESET_PATH):
+            self.reset()
+            return _json(200, {})
+        return None
 
     def _shape(self, *, advance: bool) -> str:
         if self.shape != "cycle":
@@ -687,16 +885,26 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         path = urlsplit(self.path).path
         emulator = self.server.emulator
-        if path != emulator.path:
+        control = emulator._control("POST", path)
+        if control is not None:
+            self._send(control)
+        elif path != emulator.path:
             self._send(_not_found(path))
-            return
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        self._send(emulator._handle_generate(raw, headers))
+        else:
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            self._send(emulator._handle_generate(raw, headers))
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
-        if path.startswith("/images/"):
-            self._send(self.server.emulator._handle_image(path))
+        emulator = self.server.emulator
+        control = emulator._control("GET", path)
+        if control is not None:
+            self._send(control)
+        elif path.startswith("/images/"):
+            reply, last = emulator._handle_image(path)
+            self._send(reply)  # raises OSError if the client hung up: the image is kept
+            if last:
+                emulator._forget(path)
         else:
             self._send(_not_found(path))
 
@@ -760,7 +968,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per generation")
     parser.add_argument("--shape", choices=[*RESPONSE_SHAPES, "cycle"], default="url")
     parser.add_argument("--format", choices=sorted(_FORMATS), default="png", dest="image_format")
+    parser.add_argument(
+        "--rate-limit", type=float, default=None, help="requests per second, answered 429 above"
+    )
+    parser.add_argument(
+        "--no-rate-limit-headers",
+        action="store_false",
+        dest="rate_limit_headers",
+        help="enforce --rate-limit with bare 429s, without x-ratelimit-* headers",
+    )
+    parser.add_argument(
+        "--image-bytes", type=int, default=None, help="pad each PNG to at least this many bytes"
+    )
+    parser.add_argument(
+        "--keep-images",
+        action="store_true",
+        help="keep every image in memory (by default only hashes, for long runs)",
+    )
     args = parser.parse_args(argv)
+    try:
+        emulator = GptImageEmulator(
+            api_key=args.api_key,
+            api_host=args.api_host,
+            host=args.host,
+            port=args.port,
+            shape=args.shape,
+            image_format=args.image_format,
+            latency=args.latency,
+            rate_limit=args.rate_limit,
+            rate_limit_headers=args.rate_limit_headers,
+            image_bytes=args.image_bytes,
+            keep_images=args.keep_images,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     stopped = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -768,15 +1009,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    with GptImageEmulator(
-        api_key=args.api_key,
-        api_host=args.api_host,
-        host=args.host,
-        port=args.port,
-        shape=args.shape,
-        image_format=args.image_format,
-        latency=args.latency,
-    ) as emulator:
+    with emulator:
         print(emulator.base_url, flush=True)
         stopped.wait()
     return 0

@@ -1,0 +1,132 @@
+"""The bookkeeping of one batch: which prompts share a generation, what became of each, and
+what it cost."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prefect_gpt_image.caching import generation_cache_key
+from prefect_gpt_image.models import (
+    BatchReport,
+    FailureStage,
+    GeneratedImage,
+    ImageRequest,
+    PromptFailure,
+    StoredImage,
+)
+
+if TYPE_CHECKING:
+    from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+
+
+class Batch:
+    """Identical requests (same cache key) share one generation; each distinct name among
+    them gets its own object. Indexes are positions in the prompt set; keys are cache keys.
+    """
+
+    def __init__(self, requests: list[ImageRequest], credentials: RapidAPICredentials) -> None:
+        self.requests = requests
+        self.price = credentials.price_per_image_usd
+        self.key_of = [generation_cache_key(request, credentials) for request in requests]
+        self.groups: dict[str, list[int]] = {}
+        for index, key in enumerate(self.key_of):
+            self.groups.setdefault(key, []).append(index)
+        self.outcomes: dict[int, StoredImage | PromptFailure] = {}
+        self.paid_keys: set[str] = set()
+        self.cached_keys: set[str] = set()
+        self.charged: dict[str, int] = {}
+        """Answers the API charged for, by key: a generation, and any broken answers."""
+        self.stopped_by: BaseException | None = None
+
+    @property
+    def done(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.requests)
+
+    @property
+    def spent_usd(self) -> float:
+        return round(sum(self.charged.values()) * self.price, 6)
+
+    def generated(self, key: str, image: GeneratedImage, *, cached: bool) -> None:
+        if cached:
+            self.cached_keys.add(key)
+        else:
+            self.paid_keys.add(key)
+            self.charged[key] = image.paid_calls
+
+    def uploads(self, key: str) -> list[int]:
+        """The prompts of a group that need an object each: one per distinct name."""
+        by_name: dict[str | None, int] = {}
+        for index in self.groups[key]:
+            by_name.setdefault(self.requests[index].name, index)
+        return list(by_name.values())
+
+    def stored(self, index: int, stored: StoredImage) -> None:
+        for other in self._same_object(index):
+            self.outcomes[other] = stored
+
+    def generation_failed(self, key: str, error: BaseException) -> None:
+        if paid := getattr(error, "paid_calls", 0):
+            self.charged[key] = paid
+        for index in self.groups[key]:
+            self.outcomes[index] = self._failure(index, error, "generate")
+
+    def stop(self, error: BaseException, not_attempted: list[str]) -> None:
+        self.stopped_by = error
+        for key in not_attempted:
+            for index in self.groups[key]:
+                self.outcomes[index] = self._failure(
+                    index,
+                    error,
+                    "not attempted",
+                    reason=f"Not attempted: the batch stopped after {type(error).__name__}.",
+                )
+
+    def upload_failed(self, index: int, error: BaseException) -> None:
+        for other in self._same_object(index):
+            self.outcomes[other] = self._failure(other, error, "upload")
+
+    def report(self) -> BatchReport:
+        ordered = [self.outcomes[i] for i in range(len(self.requests))]
+        return BatchReport(
+            images=[o for o in ordered if isinstance(o, StoredImage)],
+            failures=[o for o in ordered if isinstance(o, PromptFailure)],
+            generated=len(self.paid_keys),
+            from_cache=len(self.cached_keys),
+            cost_usd=self.spent_usd,
+        )
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One record per prompt, in the order given: for the manifest and the table."""
+        rows = []
+        for index, outcome in sorted(self.outcomes.items()):
+            key = self.key_of[index]
+            first = self.groups[key][0] == index
+            row: dict[str, Any] = {"index": index, **outcome.model_dump()}
+            if isinstance(outcome, PromptFailure):
+                row["status"] = "not attempted" if outcome.stage == "not attempted" else "failed"
+            else:
+                row.update(status="stored", cached=key in self.cached_keys)
+            row["cost_usd"] = round(self.charged.get(key, 0) * self.price, 6) if first else 0.0
+            rows.append(row)
+        return rows
+
+    def _same_object(self, index: int) -> list[int]:
+        """The prompts stored as one object with `index`: same request, same name."""
+        name = self.requests[index].name
+        return [i for i in self.groups[self.key_of[index]] if self.requests[i].name == name]
+
+    def _failure(
+        self, index: int, error: BaseException, stage: FailureStage, reason: str | None = None
+    ) -> PromptFailure:
+        request = self.requests[index]
+        return PromptFailure(
+            prompt=request.prompt,
+            name=request.name,
+            error=reason or str(error),
+            error_type=type(error).__name__,
+            stage=stage,
+        )

@@ -1,0 +1,48 @@
+"""The API kept as busy as the plan allows and no busier: told the rate, or learning it."""
+
+from __future__ import annotations
+
+import pytest
+from prefect_aws import S3Bucket
+
+from prefect_gpt_image import RapidAPICredentials, generate_images
+from prefect_gpt_image.testing import GptImageEmulator
+
+
+@pytest.fixture
+def limited_api(api: GptImageEmulator) -> GptImageEmulator:
+    """An API that allows 5 requests a second (bursts of 5), at 0.2 s a generation."""
+    api.rate_limit, api.latency = 5, 0.2
+    return api
+
+
+def test_a_flow_told_the_rate_is_never_refused(
+    limited_api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
+) -> None:
+    prompts = [f"a punctual puffin #{n}" for n in range(20)]
+
+    report = generate_images(
+        prompts, bucket=bucket, credentials=credentials, max_concurrency=8, requests_per_second=5
+    )
+
+    assert len(report.images) == 20
+    assert limited_api.rate_limited == 0
+    assert limited_api.billed == 20
+
+
+@pytest.mark.parametrize("headers", [True, False], ids=["with-headers", "429s-alone"])
+def test_a_flow_not_told_learns_the_rate(
+    headers: bool,
+    limited_api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+) -> None:
+    """Eight at once meet a burst of five: three 429s, then the flow paces itself."""
+    limited_api.rate_limit_headers = headers
+    prompts = [f"a learning lapwing #{n}" for n in range(30)]
+
+    report = generate_images(prompts, bucket=bucket, credentials=credentials, max_concurrency=8)
+
+    assert len(report.images) == 30 and limited_api.billed == 30
+    # Unpaced, the later rounds would meet 429s too: 8 in flight, 5 allowed a second.
+    assert 1 <= limited_api.rate_limited <= 6
