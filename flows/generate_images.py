@@ -256,17 +256,17 @@ def _reuse_cached(
         cached.add(key)
         if in_bucket is None:
             in_bucket = _object_sizes(bucket, folder_prefix + "/" if folder_prefix else "")
-        stored = [
-            StoredImage.of(
+        stored = {
+            index: StoredImage.of(
                 named := image.model_copy(update={"request": batch.requests[index]}),
                 bucket.bucket_name,
                 image_key(bucket.bucket_folder, folder, named),
             )
             for index in batch.uploads(key)
-        ]
-        if all(in_bucket.get(s.key) == s.size for s in stored):
+        }
+        if all(in_bucket.get(s.key) == s.size for s in stored.values()):
             batch.generated(key, image, cached=True)
-            for index, record in zip(batch.uploads(key), stored, strict=True):
+            for index, record in stored.items():
                 batch.stored(index, record)
     return cached
 
@@ -309,7 +309,7 @@ def _generate_and_store(
     in_process = context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner)
     max_concurrency = limits.max_concurrency or 1
     window = 2 * max_concurrency if in_process else max_concurrency
-    waiting = deque(key for key in batch.groups if not _settled(batch, key))
+    waiting = deque(key for key in batch.groups if not batch.settled(key))
     in_flight: set[str] = set()
 
     def submit_generations() -> None:
@@ -376,10 +376,6 @@ def _generate_and_store(
                 batch.upload_failed(tag, error)
             progress.update(batch.done)
             progress_listeners.report(batch.done, len(batch.requests))
-
-
-def _settled(batch: Batch, key: str) -> bool:
-    return all(index in batch.outcomes for index in batch.groups[key])
 
 
 def _failure_message(batch: Batch, report: BatchReport, allow_failures: int) -> str:

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pydantic import SecretStr
 from prefect_gpt_image import RapidAPICredentials
 from prefect_gpt_image.images import inspect_image
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server, prefect_server
+from prefect_gpt_image.testing.local_prefect import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,17 +46,6 @@ CHROMIUM_FLAGS = [
 ]
 
 pytestmark = pytest.mark.e2e
-
-
-def stop(process: subprocess.Popen[Any]) -> None:
-    """Stop a process this test started, by its pid."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +150,7 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
         assert match, started
         flow_run = wait_for_final_state(api_url, match.group(1))
     finally:
-        stop(worker)
+        stop_process(worker)
         worker_log.close()
 
     assert flow_run["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]

@@ -50,6 +50,10 @@ class Batch:
     def spent_usd(self) -> float:
         return round(sum(self.charged.values()) * self.price, 6)
 
+    def settled(self, key: str) -> bool:
+        """Whether every prompt of a group has an outcome (recorded from the cache, say)."""
+        return all(index in self.outcomes for index in self.groups[key])
+
     def generated(self, key: str, image: GeneratedImage, *, cached: bool) -> None:
         if cached:
             self.cached_keys.add(key)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["prefect_server"]
+__all__ = ["prefect_server", "stop_process"]
 
 START_TIMEOUT = 180.0
 """A new database takes about 20 s to migrate on a small machine."""
@@ -54,13 +54,18 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
             _wait_until_healthy(api_url, process, home / "server.log")
             yield env
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process, timeout=30)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Stop a process this code started, by its pid: SIGTERM, then SIGKILL after `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _wait_until_healthy(api_url: str, process: subprocess.Popen[bytes], log: Path) -> None:
