@@ -7,6 +7,7 @@ from prefect_aws import S3Bucket
 
 from prefect_gpt_image import RapidAPICredentials, generate_images
 from prefect_gpt_image.testing import GptImageEmulator
+from prefect_gpt_image.throttle import EndpointThrottle
 
 
 @pytest.fixture
@@ -46,3 +47,23 @@ def test_a_flow_not_told_learns_the_rate(
     assert len(report.images) == 30 and limited_api.billed == 30
     # Unpaced, the later rounds would meet 429s too: 8 in flight, 5 allowed a second.
     assert 1 <= limited_api.rate_limited <= 6
+
+
+def test_a_hold_is_not_mistaken_for_a_slow_api() -> None:
+    """After a Retry-After hold, the second before the next request is nearly empty: a 429
+    then cuts the learned rate from where it was, not down to that empty second."""
+    throttle = EndpointThrottle()
+    admissions = []
+    for _ in range(8):  # eight at once: seven accepted, the last refused
+        with throttle.admit() as admission:
+            admissions.append(admission)
+    admissions[-1].answered(429, {})
+    learned = throttle.rate()
+    assert learned is not None and 6 < learned < 7  # 0.9 x the seven accepted
+
+    throttle.hold(1.2)
+    with throttle.admit() as after_hold:
+        after_hold.answered(429, {})
+
+    rate = throttle.rate()
+    assert rate is not None and 0.85 * learned < rate < learned

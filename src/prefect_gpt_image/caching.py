@@ -21,7 +21,7 @@ from prefect.results import ResultStore, get_result_store
 from prefect.settings import get_current_settings
 
 from prefect_gpt_image.block_refs import resolve_credentials
-from prefect_gpt_image.locking import ProcessFileLockManager
+from prefect_gpt_image.locking import file_lock_manager
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
 
 if TYPE_CHECKING:
@@ -52,11 +52,12 @@ def generation_cache_policy() -> CachePolicy:
     """Cache by `generation_cache_key`, SERIALIZABLE: of two runs asking for the same
     image at once, the second waits for the first's result instead of paying again.
 
-    The locks are files under Prefect's home, so they serialize runs on one machine.
+    The locks are OS file locks under Prefect's home, so they serialize runs on one
+    machine (see `prefect_gpt_image.locking`).
     """
     locks = get_current_settings().home / "locks" / "prefect-gpt-image"
     return CachePolicy.from_cache_key_fn(_task_cache_key).configure(
-        isolation_level="SERIALIZABLE", lock_manager=ProcessFileLockManager(locks)
+        isolation_level="SERIALIZABLE", lock_manager=file_lock_manager(locks)
     )
 
 

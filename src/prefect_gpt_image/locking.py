@@ -2,28 +2,82 @@
 
 Prefect's default isolation lets two identical tasks run side by side, and both
 pay. The generation task runs SERIALIZABLE instead: the second waits for the
-first's result. Prefect's file lock manager never expires a lock taken without a
-hold timeout, so a run killed mid-generation would block that request for good;
-this one also records the holding process, and breaks a lock whose process on
-this machine is gone. It also reads a lock file that another process has created
-but not yet written (Prefect's manager creates, then writes) as held, instead of
-failing on it.
+first's result. Its locks are the operating system's own (`flock` on a file per
+key), not files whose presence is the lock, as with Prefect's file lock manager:
+the OS releases a lock when its process dies, however it dies, so a killed run
+leaves nothing to break; taking one is two system calls, where a lock file is
+written and read back several times per image.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-from typing import Any
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-import pydantic_core
+import anyio
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.locking.protocol import LockManager
 
-HOSTNAME = socket.gethostname()
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+POLL_SECONDS = 0.05
+"""How often a waiting run checks whether the lock is free."""
 
 
-class ProcessFileLockManager(FileSystemLockManager):
-    """A `FileSystemLockManager` that breaks locks left by dead processes."""
+def file_lock_manager(directory: Path) -> LockManager:
+    """Locks under `directory` that every process on this machine respects: OS locks
+    where there are any (POSIX), Prefect's lock files elsewhere."""
+    return OSFileLockManager(directory) if fcntl is not None else FileSystemLockManager(directory)
+
+
+class OSFileLockManager(LockManager):
+    """A Prefect `LockManager` holding an exclusive `flock` on `directory/<key>.lock`.
+
+    Locks exclude each other across processes and across threads of one process
+    (each acquisition opens the file anew). A lock lasts as long as its holder holds
+    it or its process lives: `hold_timeout` is not supported.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._held: dict[str, tuple[str, int]] = {}  # key -> (holder, open descriptor)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, f"{key}.lock")
+
+    def _try_acquire(self, key: str, holder: str) -> bool:
+        path = self._path(key)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            # The holder before us unlinks the file before it lets go: if ours is no
+            # longer the file at `path`, the lock we hold is on a file nobody else sees.
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                self._held[key] = (holder, fd)
+                return True
+            os.close(fd)
+
+    def _check_acquire(self, key: str, holder: str, hold_timeout: float | None) -> bool:
+        if hold_timeout is not None:
+            raise ValueError("OSFileLockManager locks last as long as their process.")
+        return self.is_lock_holder(key, holder) or self._try_acquire(key, holder)
 
     def acquire_lock(
         self,
@@ -32,42 +86,68 @@ class ProcessFileLockManager(FileSystemLockManager):
         acquire_timeout: float | None = None,
         hold_timeout: float | None = None,
     ) -> bool:
-        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
-        if acquired:
-            path = self._lock_path_for_key(key)
-            info = pydantic_core.from_json(path.read_bytes())
-            info.update(pid=os.getpid(), host=HOSTNAME)
-            written = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            written.write_bytes(pydantic_core.to_json(info))
-            os.replace(written, path)
-        return acquired
+        return _poll(lambda: self._check_acquire(key, holder, hold_timeout), acquire_timeout)
 
-    def _get_lock_info(self, key: str, use_cache: bool = True) -> Any:
-        try:
-            return super()._get_lock_info(key, use_cache)
-        except ValueError:  # created by another process, not yet written: held by it
-            return {"holder": "", "expiration": None, "path": self._lock_path_for_key(key)}
+    async def aacquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        check = lambda: self._check_acquire(key, holder, hold_timeout)  # noqa: E731
+        return await _apoll(check, acquire_timeout)
 
-    def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        path = self._lock_path_for_key(key)
+    def release_lock(self, key: str, holder: str) -> None:
+        if not self.is_lock_holder(key, holder):
+            raise ValueError(f"No lock held by {holder} for transaction with key {key}")
+        _, fd = self._held.pop(key)
         try:
-            info = pydantic_core.from_json(path.read_bytes())
-        except (FileNotFoundError, ValueError):
-            info = {}  # absent, or being written: the parent class decides
-        if info.get("host") == HOSTNAME and not _alive(info.get("pid")):
-            path.unlink(missing_ok=True)
-            self._locks.pop(key, None)
+            os.unlink(self._path(key))  # before unlocking: see `_try_acquire`
+        finally:
+            os.close(fd)
+
+    def is_locked(self, key: str) -> bool:
+        if key in self._held:
+            return True
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
             return False
-        return super().is_locked(key, use_cache=use_cache)
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also lets go of the shared lock, if taken
         return False
-    except PermissionError:
-        return True
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        held = self._held.get(key)
+        return held is not None and held[0] == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return _poll(lambda: not self.is_locked(key), timeout)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return await _apoll(lambda: not self.is_locked(key), timeout)
+
+
+def _poll(condition: Callable[[], bool], timeout: float | None) -> bool:
+    """Whether `condition` came true within `timeout` seconds (None: wait for it)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not condition():
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+async def _apoll(condition: Callable[[], bool], timeout: float | None) -> bool:
+    """`_poll`, sleeping without blocking the event loop."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not condition():
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        await anyio.sleep(POLL_SECONDS)
     return True

@@ -10,9 +10,10 @@ A request is admitted when four things allow it, in this order:
 4. the Prefect global limits the caller names allow it (a rate limit, then a
    concurrency limit): what bounds workers on other machines.
 
-The learned rate follows the API like TCP follows a network: a 429, or a success that
-says no request is left in the window (`x-ratelimit-remaining: 0`), cuts it to just
-under what the API accepted in the last second; every quiet second raises it by a
+The learned rate follows the API like TCP follows a network: a 429 cuts it to just
+under what the API accepted in the last second; a success that says no request is left
+in the window (`x-ratelimit-remaining: 0`) stops it there, at what was accepted, without
+a cut (at the limit is where the rate should be); every quiet second raises it by a
 little; half a minute without signals forgets it. Without a learned rate, and without
 one the caller gave, concurrency alone bounds the load.
 """
@@ -33,7 +34,7 @@ from prefect_gpt_image.responses import retry_after_seconds
 from prefect_gpt_image.retry_policy import MAX_SERVER_WAIT_SECONDS
 
 RATE_DECREASE = 0.9
-"""A congestion signal sets the rate to this share of what the API accepted last second."""
+"""A 429 sets the rate to this share of what the API accepted in the second before it."""
 RATE_INCREASE_PER_SECOND = 0.015
 """Each second without a congestion signal raises the learned rate by this share."""
 MIN_RATE = 0.1
@@ -62,6 +63,7 @@ class EndpointThrottle:
         self._lock = threading.Condition()
         self._in_flight = 0
         self._not_before = 0.0
+        self._holds: deque[tuple[float, float]] = deque()  # (from, until) of recent holds
         self._next_start = 0.0
         self._learned_rate: float | None = None
         self._learned_at = 0.0
@@ -92,9 +94,11 @@ class EndpointThrottle:
 
     def hold(self, seconds: float) -> None:
         """Let no request start for `seconds` (capped), counted from now."""
-        until = time.monotonic() + min(max(seconds, 0.0), MAX_SERVER_WAIT_SECONDS)
+        now = time.monotonic()
+        until = now + min(max(seconds, 0.0), MAX_SERVER_WAIT_SECONDS)
         with self._lock:
             self._not_before = max(self._not_before, until)
+            self._holds.append((now, until))
 
     def rate(self, now: float | None = None) -> float | None:
         """The learned rate, requests per second; None until the API has pushed back."""
@@ -104,22 +108,29 @@ class EndpointThrottle:
         return self._learned_rate * (1 + RATE_INCREASE_PER_SECOND * (now - self._learned_at))
 
     def slow_down(self, start: _Start, *, refused: bool) -> None:
-        """The request that started at `start` met the API's limit: slow down to just under
-        what the API accepted in the second before it.
+        """The request that started at `start` met the API's limit: slow down to what the
+        API accepted in the second before it, and just under that if it was `refused`.
 
         A request that started before the last cut speaks of the rate before it: it may
-        only bring the rate down to what the API accepted, not cut it again.
+        only bring the rate down to what the API accepted, not cut it again. A second that
+        a hold cut short shows how long the hold was, not what the API takes: the rate
+        then falls from where it was.
         """
         with self._lock:
             now = time.monotonic()
             start.refused = start.refused or refused
             while self._starts and self._starts[0].at < now - RATE_MEMORY_SECONDS:
                 self._starts.popleft()
-            window = [s for s in self._starts if start.at - WINDOW_SECONDS < s.at <= start.at]
+            while self._holds and self._holds[0][1] < now - RATE_MEMORY_SECONDS:
+                self._holds.popleft()
+            since = start.at - WINDOW_SECONDS
+            window = [s for s in self._starts if since < s.at <= start.at]
             accepted = max(sum(not s.refused for s in window), 1) / WINDOW_SECONDS
             current = self.rate(now)
+            if current is not None and any(a < start.at and b > since for a, b in self._holds):
+                accepted = current
             target = accepted if current is None else min(current, accepted)
-            if start.at > self._cut_at:
+            if refused and start.at > self._cut_at:
                 target *= RATE_DECREASE
                 self._cut_at = now
             self._learned_rate = max(target, MIN_RATE)
@@ -155,8 +166,7 @@ class Admission:
         if status == 429:
             self._throttle.slow_down(self._start, refused=True)
         elif not self._told_rate and headers.get("x-ratelimit-remaining", "").strip() == "0":
-            # Accepted, but the window is spent: the next request would be refused, unless
-            # it waits for its turn at the rate the caller gave.
+            # Accepted, but the window is spent: go no faster, unless the caller gave a rate.
             self._throttle.slow_down(self._start, refused=False)
 
 
