@@ -67,3 +67,22 @@ def test_a_hold_is_not_mistaken_for_a_slow_api() -> None:
 
     rate = throttle.rate()
     assert rate is not None and 0.85 * learned < rate < learned
+
+
+def test_a_burst_is_cut_once() -> None:
+    """Sixteen requests at once, the last refused: the rate falls to just under the fifteen
+    accepted. The first request's refusal, answered later, speaks of the same burst (and
+    of a second that held only itself): it changes nothing."""
+    throttle = EndpointThrottle()
+    admissions = []
+    for _ in range(16):
+        with throttle.admit() as admission:
+            admissions.append(admission)
+    admissions[-1].answered(429, {})
+    learned = throttle.rate()
+    assert learned is not None and 13 < learned < 14
+
+    admissions[0].answered(429, {})
+
+    rate = throttle.rate()
+    assert rate is not None and learned <= rate < 1.01 * learned

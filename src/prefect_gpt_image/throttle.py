@@ -111,14 +111,16 @@ class EndpointThrottle:
         """The request that started at `start` met the API's limit: slow down to what the
         API accepted in the second before it, and just under that if it was `refused`.
 
-        A request that started before the last cut speaks of the rate before it: it may
-        only bring the rate down to what the API accepted, not cut it again. A second that
-        a hold cut short shows how long the hold was, not what the API takes: the rate
-        then falls from where it was.
+        A request that started before the last cut speaks of the rate before it, which
+        that cut has answered: it changes nothing (in a burst, the second before the first
+        request holds few starts, and would pass for a slow API). Nor does a second that a
+        hold cut short, which shows how long the hold was: the rate falls from where it was.
         """
         with self._lock:
             now = time.monotonic()
             start.refused = start.refused or refused
+            if start.at <= self._cut_at:
+                return
             while self._starts and self._starts[0].at < now - RATE_MEMORY_SECONDS:
                 self._starts.popleft()
             while self._holds and self._holds[0][1] < now - RATE_MEMORY_SECONDS:
@@ -130,7 +132,7 @@ class EndpointThrottle:
             if current is not None and any(a < start.at and b > since for a, b in self._holds):
                 accepted = current
             target = accepted if current is None else min(current, accepted)
-            if refused and start.at > self._cut_at:
+            if refused:
                 target *= RATE_DECREASE
                 self._cut_at = now
             self._learned_rate = max(target, MIN_RATE)
