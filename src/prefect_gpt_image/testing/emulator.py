@@ -406,9 +406,11 @@ class _Bucket:
 class GptImageEmulator:
     """Serves the GPT Image generation API on loopback, with call records and fault injection.
 
-    `rate_limit` (requests per second, or None) is enforced like RapidAPI's gateway: a 429 with
-    Retry-After once the burst of one second is spent. `image_bytes` pads each PNG to at least
-    that size. `keep_images=False` keeps only hashes of served images and drops each image once
+    `latency` is the seconds a generation takes: its answer comes that long after the call,
+    the time the emulator spends drawing the image included. `rate_limit` (requests per
+    second, or None) is enforced like RapidAPI's gateway: a 429 with Retry-After once the
+    burst of one second is spent. `image_bytes` pads each PNG to at least that size.
+    `keep_images=False` keeps only hashes of served images and drops each image once
     downloaded, so a long benchmark runs in bounded memory.
 
     Besides the API, the server answers `GET /__emulator__/stats` (the counters as JSON) and
@@ -728,8 +730,7 @@ class GptImageEmulator:
         prompt = request.prompt or ""
         if self.reject_marker is not None and self.reject_marker in prompt:
             return _error(400, "content_policy_violation", _SAFETY)
-        if self.latency > 0:
-            time.sleep(self.latency)
+        started = time.monotonic()
         data = self._image(prompt, *request.size, self.image_format)
         with self._lock:
             self._served[hashlib.sha256(data).hexdigest()] = data if self.keep_images else b""
@@ -738,6 +739,9 @@ class GptImageEmulator:
         if first_download_delay > 0:
             with self._lock:
                 self._download_delays[path] = first_download_delay
+        # The generation takes `latency` in all, drawing included, as the API's does.
+        if (left := started + self.latency - time.monotonic()) > 0:
+            time.sleep(left)
         return self._link(path, blob, inline=data, advance=True, once=not self.keep_images)
 
     def _image(self, prompt: str, width: int, height: int, image_format: str) -> bytes:
@@ -863,6 +867,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in two writes: with Nagle's algorithm on, the second waits for
+    # the client's delayed ACK, and every answer comes 40 ms late.
+    disable_nagle_algorithm = True
 
     def version_string(self) -> str:
         return "RapidAPI-1.2.8"
@@ -965,7 +972,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--api-key", default="test-key")
     parser.add_argument("--api-host", default="gpt-image-1-5.p.rapidapi.com")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds per generation")
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds per generation, drawing included"
+    )
     parser.add_argument("--shape", choices=[*RESPONSE_SHAPES, "cycle"], default="url")
     parser.add_argument("--format", choices=sorted(_FORMATS), default="png", dest="image_format")
     parser.add_argument(
