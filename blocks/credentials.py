@@ -4,27 +4,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prefect.blocks.abstract import CredentialsBlock
 from pydantic import Field, HttpUrl, SecretStr, field_validator
 
-from prefect_gpt_image.errors import ConfigurationError, InvalidRequestError
+from prefect_gpt_image.blocks._route import GptImageRoute
+from prefect_gpt_image.errors import ConfigurationError
+from prefect_gpt_image.model_table import ModelSpec
 from prefect_gpt_image.settings import (
     DEFAULT_API_HOST,
-    DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MODEL,
     DEFAULT_PATH,
     DEFAULT_PRICE_PER_IMAGE_USD,
     DEFAULT_SUPPORTED_SIZES,
-    DEFAULT_TIMEOUT_SECONDS,
     RapidAPISettings,
 )
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.client import GptImageClient
-    from prefect_gpt_image.models import ImageRequest
+    from prefect_gpt_image.client import RapidAPIClient
 
 
-class RapidAPICredentials(CredentialsBlock):
+class RapidAPICredentials(GptImageRoute):
     """
     Block used to call GPT Image through NexaAPI's endpoint on RapidAPI.
 
@@ -51,6 +49,10 @@ class RapidAPICredentials(CredentialsBlock):
         title="API Key",
         description="The RapidAPI application key, sent as the x-rapidapi-key header.",
     )
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="The model behind the endpoint; recorded with every image and cached result.",
+    )
     api_host: str = Field(
         default=DEFAULT_API_HOST,
         title="API Host",
@@ -65,35 +67,17 @@ class RapidAPICredentials(CredentialsBlock):
         ),
     )
     path: str = Field(default=DEFAULT_PATH, description="The path of the generation endpoint.")
-    model: str = Field(
-        default=DEFAULT_MODEL,
-        description="The model behind the endpoint; recorded with every image and cached result.",
-    )
-    default_extras: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Model-specific fields sent with every request; a request's own extras win.",
-    )
-    timeout_seconds: float = Field(
-        default=DEFAULT_TIMEOUT_SECONDS,
-        gt=0,
-        description="How long to wait for one generation, in seconds.",
-    )
     price_per_image_usd: float = Field(
         default=DEFAULT_PRICE_PER_IMAGE_USD,
         ge=0,
         title="Price per Image (USD)",
-        description="What one generated image costs, for cost reports.",
-    )
-    max_image_bytes: int = Field(
-        default=DEFAULT_MAX_IMAGE_BYTES,
-        gt=0,
-        description="The largest image accepted from the API, in bytes.",
+        description="What one generated image costs on this route, whatever its size.",
     )
     supported_sizes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_SUPPORTED_SIZES),
         description=(
-            "The WIDTHxHEIGHT sizes the model can produce; other sizes are refused before "
-            "any paid call. Empty to allow any size."
+            "The WIDTHxHEIGHT sizes the endpoint makes; other sizes are refused before "
+            "any paid call. Empty to follow the model's own sizes."
         ),
     )
 
@@ -125,17 +109,27 @@ class RapidAPICredentials(CredentialsBlock):
             )
         return cls(**settings.model_dump())
 
-    def check_request(self, request: ImageRequest) -> None:
-        """Refuse, before any paid call, a request this model cannot serve."""
-        if self.supported_sizes and request.size not in self.supported_sizes:
-            raise InvalidRequestError(
-                f"{self.model} cannot produce {request.size} images "
-                f"(prompt {request.label!r}); supported sizes: "
-                f"{', '.join(self.supported_sizes)}."
-            )
+    def model_spec(self) -> ModelSpec:
+        """The model's entry, with this route's sizes and its flat price per image. The
+        block describes its route's sizes and price itself, so a model the table does not
+        know takes the defaults for the rest (qualities, formats, `n`)."""
+        try:
+            spec = super().model_spec()
+        except ConfigurationError:
+            spec = ModelSpec()
+        update: dict[str, Any] = {"flat_price_usd": self.price_per_image_usd}
+        if self.supported_sizes:
+            update["sizes"] = list(self.supported_sizes)
+        return spec.model_copy(update=update)
 
-    def get_client(self) -> GptImageClient:
+    def cache_identity(self) -> dict[str, Any]:
+        identity: dict[str, Any] = {"host": self.api_host, "path": self.path, "model": self.model}
+        if self.base_url is not None:
+            identity["base_url"] = self.base_url
+        return identity
+
+    def get_client(self) -> RapidAPIClient:
         """A client for the generation endpoint; its connection pool is shared per process."""
-        from prefect_gpt_image.client import GptImageClient
+        from prefect_gpt_image.client import RapidAPIClient
 
-        return GptImageClient(self)
+        return RapidAPIClient(self)

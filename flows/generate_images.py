@@ -25,9 +25,9 @@ from pydantic import Field
 from prefect_gpt_image import progress as progress_listeners
 from prefect_gpt_image.artifacts import ProgressArtifact, publish_results
 from prefect_gpt_image.batch import Batch
-from prefect_gpt_image.block_refs import resolve_bucket, resolve_credentials
-from prefect_gpt_image.blocks.credentials import RapidAPICredentials
-from prefect_gpt_image.caching import cache_store, cached_image
+from prefect_gpt_image.block_refs import Routes, resolve_bucket, resolve_routes
+from prefect_gpt_image.blocks._route import GptImageRoute
+from prefect_gpt_image.caching import cache_store, find_cached
 from prefect_gpt_image.errors import (
     BatchFailedError,
     BudgetExceededError,
@@ -36,6 +36,7 @@ from prefect_gpt_image.errors import (
     StorageError,
 )
 from prefect_gpt_image.image_sizes import ImageSize, parse_size
+from prefect_gpt_image.model_table import Background, Moderation, OutputFormat, Quality
 from prefect_gpt_image.models import (
     ApiLimits,
     BatchReport,
@@ -65,11 +66,17 @@ def generate_images(
     prompts: list[str | ImageRequest] | str | None = None,
     *,
     bucket: S3Bucket | str,
-    credentials: RapidAPICredentials | str | None = None,
+    credentials: Routes = None,
     template: str | None = None,
     variables: dict[str, list[str]] | None = None,
     prefix: str = "",
-    size: ImageSize = "1024x1024",
+    size: ImageSize | Annotated[str, Field(pattern=r"^[1-9]\d*x[1-9]\d*$")] = "1024x1024",
+    quality: Quality | None = None,
+    n: Annotated[int, Field(ge=1, le=10)] = 1,
+    output_format: OutputFormat | None = None,
+    output_compression: Annotated[int | None, Field(ge=0, le=100)] = None,
+    background: Background | None = None,
+    moderation: Moderation | None = None,
     max_concurrency: Annotated[int, Field(ge=1, le=256)] = 8,
     requests_per_second: Annotated[float | None, Field(gt=0, le=1000)] = None,
     max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
@@ -89,14 +96,23 @@ def generate_images(
             (one prompt a line), `.csv` (a `prompt` column) or `.jsonl` file.
         bucket: An `S3Bucket` block, a saved block's name, or `s3://bucket/folder`
             (with the environment's AWS credentials).
-        credentials: A `RapidAPICredentials` block, a saved block's name, or None to
-            read `RAPIDAPI_KEY` from the environment.
+        credentials: The route to the model: a `RapidAPICredentials` or
+            `OpenAICredentials` block or a saved block's name, or an ordered list of
+            them (a route that retired the model, rejects the key or ran out of quota
+            is dropped, and the next takes over), or None to read `RAPIDAPI_KEY`.
         template: Instead of `prompts`: a prompt with `{variables}`, such as
             "{product} on a {background} background".
         variables: The values of each template variable; every combination is
             generated, and named after its values.
         prefix: The folder, within the bucket folder, for this batch's images.
-        size: The size of prompts that do not give one: square, landscape or portrait.
+        size: The size of prompts that do not give one: square, landscape, portrait,
+            or any WIDTHxHEIGHT the model makes (gpt-image-2: multiples of 16).
+        quality: low, medium, high or auto, for prompts that do not give one.
+        n: Images per prompt, for prompts that do not say; each is stored and billed.
+        output_format: png, jpeg or webp, for prompts that do not say.
+        output_compression: jpeg and webp compression in %, for prompts that do not say.
+        background: transparent, opaque or auto, for prompts that do not say.
+        moderation: low or auto, for prompts that do not say.
         max_concurrency: Generations in flight at once.
         requests_per_second: The plan's rate limit. Without it the rate is learned from
             the API's 429s and rate-limit headers.
@@ -122,13 +138,25 @@ def generate_images(
         manifest written before the run fails for more than `allow_failures` failures.
     """
     logger = get_run_logger()
-    creds = resolve_credentials(credentials)
+    routes = resolve_routes(credentials)
     s3 = resolve_bucket(bucket)
     check_bucket_name(s3.bucket_name)
     folder = normalize_prefix(prefix)
-    requests = _requests(prompts, template, variables, *parse_size(size), s3)
-    for request in requests:
-        creds.check_request(request)
+    width, height = parse_size(size)
+    defaults = {
+        "width": width,
+        "height": height,
+        "quality": quality,
+        "n": n,
+        "output_format": output_format,
+        "output_compression": output_compression,
+        "background": background,
+        "moderation": moderation,
+    }
+    requests = _requests(prompts, template, variables, defaults, s3)
+    for request in requests:  # valid on every route it may take, before anything is paid
+        for route in routes:
+            route.check_request(request)
 
     generate = generate_image.with_options(
         refresh_cache=refresh_cache,
@@ -143,19 +171,19 @@ def generate_images(
         global_rate_limit=global_rate_limit,
     )
     _check_global_limits(limits)
-    batch = Batch(requests, creds)
+    batch = Batch(requests, routes)
     uncached = set(batch.groups)
     if not refresh_cache:
         uncached -= _reuse_cached(batch, generate, s3, folder)
-    estimate = len(uncached) * creds.price_per_image_usd
+    estimate = round(sum(batch.worst_case_usd[key] for key in uncached), 6)
     if max_cost_usd is not None and estimate > max_cost_usd + 1e-9:
         raise BudgetExceededError(
-            f"This batch needs {len(uncached)} new images, ${estimate:.2f} at "
-            f"${creds.price_per_image_usd:g} each, over max_cost_usd=${max_cost_usd:.2f}. "
+            f"This batch needs {len(uncached)} new generations, up to ${estimate:.2f} at "
+            f"worst (auto quality priced as high), over max_cost_usd=${max_cost_usd:.2f}. "
             "Nothing was generated: raise max_cost_usd or trim the prompts."
         )
     logger.info(
-        "Generating %d images (%d distinct requests, %d new, about $%.2f) into %s",
+        "Generating %d requests (%d distinct, %d new, at most $%.2f) into %s",
         len(requests),
         len(batch.groups),
         len(uncached),
@@ -167,7 +195,7 @@ def generate_images(
     try:
         progress.update(batch.done)
         _generate_and_store(
-            batch, generate, creds, limits, s3, folder, uncached, max_cost_usd, progress
+            batch, generate, routes, limits, s3, folder, uncached, max_cost_usd, progress
         )
     finally:
         progress.close()
@@ -193,17 +221,16 @@ def _requests(
     prompts: list[str | ImageRequest] | str | None,
     template: str | None,
     variables: dict[str, list[str]] | None,
-    width: int,
-    height: int,
+    defaults: dict[str, Any],
     bucket: S3Bucket,
 ) -> list[ImageRequest]:
     """The batch's requests, from a prompt set or a template; all checked, none paid for."""
     if (prompts is None) == (template is None):
         raise InvalidRequestError("Give either prompts or a template (with variables).")
     if template is not None:
-        return expand_template(template, variables or {}, width=width, height=height)
+        return expand_template(template, variables or {}, defaults=defaults)
     assert prompts is not None
-    return load_prompts(prompts, width=width, height=height, read_uri=partial(read_uri, bucket))
+    return load_prompts(prompts, defaults=defaults, read_uri=partial(read_uri, bucket))
 
 
 def _check_global_limits(limits: ApiLimits) -> None:
@@ -251,22 +278,26 @@ def _reuse_cached(
     in_bucket: dict[str, int] | None = None
     cached = set()
     for key in batch.groups:
-        if (image := cached_image(store, key)) is None:
+        if (image := find_cached(store, batch.lookup_keys(key))) is None:
             continue
         cached.add(key)
         if in_bucket is None:
             in_bucket = _object_sizes(bucket, folder_prefix + "/" if folder_prefix else "")
-        stored = {
-            index: StoredImage.of(
-                named := image.model_copy(update={"request": batch.requests[index]}),
-                bucket.bucket_name,
-                image_key(bucket.bucket_folder, folder, named),
+        stored = [
+            (
+                index,
+                StoredImage.of(
+                    named := variant.model_copy(update={"request": batch.requests[index]}),
+                    bucket.bucket_name,
+                    image_key(bucket.bucket_folder, folder, named),
+                ),
             )
+            for variant in image.variants()
             for index in batch.uploads(key)
-        }
-        if all(in_bucket.get(s.key) == s.size for s in stored.values()):
+        ]
+        if all(in_bucket.get(record.key) == record.size for _, record in stored):
             batch.generated(key, image, cached=True)
-            for index, record in stored.items():
+            for index, record in stored:
                 batch.stored(index, record)
     return cached
 
@@ -284,7 +315,7 @@ def _object_sizes(bucket: S3Bucket, prefix: str) -> dict[str, int]:
 def _generate_and_store(
     batch: Batch,
     generate: Task[..., GeneratedImage],
-    credentials: RapidAPICredentials,
+    routes: list[GptImageRoute],
     limits: ApiLimits,
     bucket: S3Bucket,
     folder: str,
@@ -316,7 +347,10 @@ def _generate_and_store(
         while waiting and len(in_flight) < window:
             key = waiting[0]
             if max_cost_usd is not None and key in uncached:
-                committed = batch.spent_usd + batch.price * (1 + len(in_flight & uncached))
+                worst = batch.worst_case_usd
+                committed = (
+                    batch.spent_usd + worst[key] + sum(worst[k] for k in in_flight & uncached)
+                )
                 if committed > max_cost_usd + 1e-9:
                     batch.stop(
                         BudgetExceededError(
@@ -329,7 +363,7 @@ def _generate_and_store(
                     return
             waiting.popleft()
             request = batch.requests[batch.groups[key][0]]
-            arguments: tuple[Any, ...] = (request, credentials, limits)
+            arguments: tuple[Any, ...] = (request, routes, limits)
             if in_process:
                 # Nothing in these holds a future, so Prefect need not walk them; other
                 # task runners (Dask) ship quoted arguments without unquoting them.
@@ -352,16 +386,17 @@ def _generate_and_store(
                 if isinstance(outcome, GeneratedImage):
                     cached = future.state.name == "Cached"
                     batch.generated(tag, outcome, cached=cached)
-                    for index in batch.uploads(tag):
-                        store = partial(
-                            store_image,
-                            outcome,
-                            bucket,
-                            folder,
-                            batch.requests[index],
-                            check_existing=cached,
-                        )
-                        watch("upload", index, uploads.submit(call_with_retries, store))
+                    for variant in outcome.variants():
+                        for index in batch.uploads(tag):
+                            store = partial(
+                                store_image,
+                                variant,
+                                bucket,
+                                folder,
+                                batch.requests[index],
+                                check_existing=cached,
+                            )
+                            watch("upload", index, uploads.submit(call_with_retries, store))
                 else:
                     error = _exception(outcome)
                     batch.generation_failed(tag, error)

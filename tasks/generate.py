@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prefect import task
+from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 from prefect.utilities.annotations import BaseAnnotation
 
-from prefect_gpt_image.block_refs import resolve_credentials
-from prefect_gpt_image.blocks.credentials import RapidAPICredentials
-from prefect_gpt_image.caching import generation_cache_policy
+from prefect_gpt_image.block_refs import Routes, resolve_routes
+from prefect_gpt_image.caching import (
+    cache_store,
+    find_cached,
+    generation_cache_key,
+    generation_cache_policy,
+    lookup_keys,
+    remember,
+)
 from prefect_gpt_image.errors import GptImageError
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest, as_request
 from prefect_gpt_image.object_keys import slugify
@@ -19,9 +28,11 @@ from prefect_gpt_image.retry_policy import (
     RETRY_JITTER_FACTOR,
     retry_condition,
 )
+from prefect_gpt_image.routes import route_book
 
-_paid_calls_so_far: dict[str, int] = {}
-"""Charged answers of a task run's failed attempts, so its result can count them."""
+_paid_so_far: dict[str, tuple[int, float]] = {}
+"""Charged answers, and their cost, of a task run's failed attempts, so that its result
+can count them."""
 
 
 def _run_name() -> str:
@@ -46,47 +57,94 @@ def _run_name() -> str:
 )
 def generate_image(
     request: ImageRequest | str,
-    credentials: RapidAPICredentials | str | None = None,
+    credentials: Routes = None,
     limits: ApiLimits | None = None,
 ) -> GeneratedImage:
-    """Generate one image, download it and check it.
+    """Generate the images of one request, download them and check them.
 
     Args:
         request: What to generate: an `ImageRequest`, or just a prompt.
-        credentials: A `RapidAPICredentials` block, a saved block's name, or None to
-            read `RAPIDAPI_KEY` and its siblings from the environment.
+        credentials: The route to the model: a `RapidAPICredentials` or
+            `OpenAICredentials` block, a saved block's name, an ordered list of those
+            (the next is used when one is dropped), or None to read `RAPIDAPI_KEY` and
+            its siblings from the environment.
         limits: How busy this process may keep the API: requests in flight, requests
             per second, Prefect global limits. Runs in one process share them.
 
     Returns:
-        The image with its bytes, media type, SHA-256 and dimensions. The result is
-        persisted and cached: the same request (prompt, size, extras, host, model)
-        is served from the cache in later runs instead of being paid for again.
-        Change the expiry with `generate_image.with_options(cache_expiration=...)`.
+        The image with its bytes, media type, SHA-256, dimensions, route, model and cost
+        (with `n` above one, the others in `more_images`). The result is persisted and
+        cached: the same request (prompt, size, fields, endpoint, model) is served from
+        the cache in later runs instead of being paid for again. Change the expiry with
+        `generate_image.with_options(cache_expiration=...)`.
 
     Rate limits, 5xx answers, timeouts and lost connections are retried (see
-    `prefect_gpt_image.retry_policy`); a rejected key, prompt or size fails at once.
+    `prefect_gpt_image.retry_policy`); a rejected prompt or size fails at once. A route
+    that retired the model, rejects the key or is out of quota is dropped for the rest
+    of the flow run, and the next route takes the request (`prefect_gpt_image.routes`).
+
+    Example:
+        Generate on gpt-image-2 through OpenAI, with RapidAPI as the fallback:
+        ```python
+        from prefect import flow
+        from prefect_gpt_image import ImageRequest, generate_image
+
+        @flow
+        def hero_image():
+            return generate_image(
+                ImageRequest(prompt="a mug on an oak table", width=1536, height=864),
+                credentials=["openai-gpt-image", "gpt-image-credentials"],
+            )
+        ```
     """
     image_request = as_request(request)
-    creds = resolve_credentials(credentials)
-    creds.check_request(image_request)
-    run_id = task_run.id
-    paid_before = _paid_calls_so_far.pop(run_id, 0) if run_id else 0
-    try:
-        image = creds.get_client().generate(image_request, limits)
-    except GptImageError as exc:
-        # A charged answer that failed is paid again by the retry: count both.
-        exc.paid_calls = paid_before + exc.billed
-        if run_id and exc.paid_calls:
-            _paid_calls_so_far[run_id] = exc.paid_calls
-        raise
-    image.paid_calls += paid_before
-    get_run_logger().info(
-        "Generated %r: %s %dx%d, %d bytes",
-        image_request.label,
-        image.media_type,
-        image.width,
-        image.height,
-        len(image.data),
-    )
-    return image
+    routes = resolve_routes(credentials)
+    for route in routes:  # valid on every route it may take, before anything is paid
+        route.check_request(image_request)
+    context = TaskRunContext.get()
+    if len(routes) > 1 and context is not None:
+        store = cache_store(context.task)
+        if (cached := find_cached(store, lookup_keys(image_request, routes)[1:])) is not None:
+            update = {"request": image_request, "paid_calls": 0, "cost_usd": 0.0}
+            return cached.model_copy(update=update)
+    run_id = str(task_run.id) if task_run.id else None
+    paid_calls, paid_usd = _paid_so_far.pop(run_id, (0, 0.0)) if run_id else (0, 0.0)
+    book = route_book()
+    live = book.live(routes)
+    for number, route in enumerate(live):
+        try:
+            image = route.get_client().generate(
+                image_request, limits, still_live=partial(book.is_live, route)
+            )
+        except GptImageError as exc:
+            # A charged answer that failed is paid again by the retry: count both.
+            paid_calls, paid_usd = paid_calls + exc.billed, paid_usd + exc.billed_usd
+            exc.paid_calls, exc.paid_usd = paid_calls, round(paid_usd, 6)
+            if book.failed(route, exc, fallback=number + 1 < len(live)):
+                get_run_logger().warning(
+                    "Dropped the route %s for this run: %s", route.route_name, exc
+                )
+                continue
+            if run_id and paid_calls:
+                _paid_so_far[run_id] = (paid_calls, paid_usd)
+            raise
+        book.succeeded(route)
+        image.paid_calls += paid_calls
+        image.cost_usd = round(image.cost_usd + paid_usd, 6)
+        if len(routes) > 1 and context is not None:
+            key = generation_cache_key(image_request, route)
+            remember(cache_store(context.task), key, image, context.task.cache_expiration)
+        get_run_logger().info(
+            "Generated %r through %s: %d %s image(s) %dx%d, $%.4f",
+            image_request.label,
+            route.route_name,
+            image.image_count,
+            image.media_type,
+            image.width,
+            image.height,
+            image.cost_usd,
+        )
+        return image
+    error = book.exhausted(routes)
+    error.paid_calls, error.paid_usd = paid_calls, round(paid_usd, 6)
+    raise error

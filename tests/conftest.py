@@ -29,7 +29,8 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from prefect_aws import S3Bucket  # noqa: E402
 
-from prefect_gpt_image import RapidAPICredentials, throttle  # noqa: E402
+from prefect_gpt_image import OpenAICredentials, RapidAPICredentials, throttle  # noqa: E402
+from prefect_gpt_image.model_table import MODELS  # noqa: E402
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server  # noqa: E402
 
 API_KEY = "test-key-5f3a9c0e7b214d8e"
@@ -76,8 +77,10 @@ def api(emulator: GptImageEmulator) -> Iterator[GptImageEmulator]:
     emulator.reset()
     emulator.shape, emulator.latency, emulator.subscribed = "url", 0.0, True
     emulator.rate_limit, emulator.rate_limit_headers = None, True
+    models = dict(emulator.models)
     yield emulator
     emulator.reset()
+    emulator.models = models
 
 
 @pytest.fixture
@@ -91,6 +94,21 @@ def credentials(api: GptImageEmulator) -> RapidAPICredentials:
         api_key=API_KEY,
         base_url=api.base_url,
         model=f"gpt-image-test-{uuid.uuid4().hex[:8]}",
+        timeout_seconds=10,
+    )
+
+
+@pytest.fixture
+def openai_credentials(api: GptImageEmulator) -> OpenAICredentials:
+    """An OpenAI-protocol route to the emulator, for a model of this test's own that the
+    emulator serves and the block describes as gpt-image-2 (a new model is a block edit)."""
+    model = f"gpt-image-2-test-{uuid.uuid4().hex[:8]}"
+    api.models[model] = None
+    return OpenAICredentials(
+        api_key=API_KEY,
+        base_url=api.openai_base_url,
+        model=model,
+        models={model: MODELS["gpt-image-2"]},
         timeout_seconds=10,
     )
 

@@ -75,7 +75,7 @@ def test_saved_blocks_are_used_by_name(
 
 
 def test_unknown_block_name_says_what_to_do(bucket: S3Bucket) -> None:
-    with pytest.raises(ConfigurationError, match="No saved RapidAPICredentials block named 'nope'"):
+    with pytest.raises(ConfigurationError, match="No saved RapidAPICredentials or OpenAICredentials block named 'nope'"):
         generate_images(["x"], bucket=bucket, credentials="nope")
 
 

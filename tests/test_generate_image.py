@@ -286,7 +286,7 @@ def test_size_extras_and_model_are_part_of_the_cache_key(
     generate_in_flow(prompt, credentials)
     generate_in_flow(ImageRequest(prompt=prompt, width=1536), credentials)
     generate_in_flow(ImageRequest(prompt=prompt, extras={"quality": "high"}), credentials)
-    generate_in_flow(prompt, credentials.model_copy(update={"model": credentials.model + "-b"}))
+    generate_in_flow(prompt, credentials.model_copy(update={"model": "gpt-image-2"}))
 
     assert len(api.calls_for(prompt)) == 4
 

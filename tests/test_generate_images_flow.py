@@ -244,7 +244,7 @@ def test_prompt_files_local_and_on_s3(
     [
         (["fine", "   "], {}, "prompt #2: prompt: the prompt is empty"),
         (["fine", "bell\x07"], {}, "control character"),
-        ([ImageRequest(prompt="fine", width=1000)], {}, "cannot produce 1000x1024"),
+        ([ImageRequest(prompt="fine", width=1000)], {}, "cannot make 1000x1024"),
         (["fine"], {"prefix": "../escape"}, "is not a safe S3 folder"),
         ("prompts.docx", {}, "is not a prompt file"),
         ([], {}, "The prompt set is empty"),

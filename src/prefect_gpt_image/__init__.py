@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "RapidAPICredentials": "prefect_gpt_image.blocks.credentials",
+    "OpenAICredentials": "prefect_gpt_image.blocks.openai_credentials",
+    "ModelSpec": "prefect_gpt_image.model_table",
     "ApiLimits": "prefect_gpt_image.models",
     "ImageRequest": "prefect_gpt_image.models",
     "GeneratedImage": "prefect_gpt_image.models",
@@ -30,6 +32,8 @@ __all__ = [
     "BatchReport",
     "GeneratedImage",
     "ImageRequest",
+    "ModelSpec",
+    "OpenAICredentials",
     "PromptFailure",
     "RapidAPICredentials",
     "StoredImage",
@@ -42,6 +46,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+    from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+    from prefect_gpt_image.model_table import ModelSpec
     from prefect_gpt_image.flows.generate_images import generate_images
     from prefect_gpt_image.models import (
         ApiLimits,

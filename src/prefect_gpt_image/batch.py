@@ -3,9 +3,11 @@ what it cost."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from prefect_gpt_image.caching import generation_cache_key
+from prefect_gpt_image.billing import worst_case_over_routes
+from prefect_gpt_image.caching import lookup_keys, request_cache_key
 from prefect_gpt_image.models import (
     BatchReport,
     FailureStage,
@@ -16,26 +18,34 @@ from prefect_gpt_image.models import (
 )
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+    from prefect_gpt_image.blocks._route import GptImageRoute
 
 
 class Batch:
     """Identical requests (same cache key) share one generation; each distinct name among
-    them gets its own object. Indexes are positions in the prompt set; keys are cache keys.
+    them gets its own object, and each image of an `n` above one too. Indexes are
+    positions in the prompt set; keys are cache keys.
     """
 
-    def __init__(self, requests: list[ImageRequest], credentials: RapidAPICredentials) -> None:
+    def __init__(self, requests: list[ImageRequest], routes: Sequence[GptImageRoute]) -> None:
         self.requests = requests
-        self.price = credentials.price_per_image_usd
-        self.key_of = [generation_cache_key(request, credentials) for request in requests]
+        self.routes = routes
+        self.key_of = [request_cache_key(request, routes) for request in requests]
         self.groups: dict[str, list[int]] = {}
         for index, key in enumerate(self.key_of):
             self.groups.setdefault(key, []).append(index)
-        self.outcomes: dict[int, StoredImage | PromptFailure] = {}
+        self.worst_case_usd = {
+            key: worst_case_over_routes(requests[indexes[0]], routes)
+            for key, indexes in self.groups.items()
+        }
+        """The most each generation can cost, on whichever route serves it."""
+        self.outcomes: dict[int, list[StoredImage] | PromptFailure] = {}
+        self._variants: dict[int, dict[int, StoredImage]] = {}
+        self._expected: dict[int, int] = {}
         self.paid_keys: set[str] = set()
         self.cached_keys: set[str] = set()
-        self.charged: dict[str, int] = {}
-        """Answers the API charged for, by key: a generation, and any broken answers."""
+        self.charged: dict[str, float] = {}
+        """USD the API charged, by key: a generation, and any broken answers."""
         self.stopped_by: BaseException | None = None
 
     @property
@@ -48,7 +58,11 @@ class Batch:
 
     @property
     def spent_usd(self) -> float:
-        return round(sum(self.charged.values()) * self.price, 6)
+        return round(sum(self.charged.values()), 6)
+
+    def lookup_keys(self, key: str) -> list[str]:
+        """Where a group's image may be cached: its key, or any of its routes' keys."""
+        return lookup_keys(self.requests[self.groups[key][0]], self.routes)
 
     def settled(self, key: str) -> bool:
         """Whether every prompt of a group has an outcome (recorded from the cache, say)."""
@@ -59,7 +73,9 @@ class Batch:
             self.cached_keys.add(key)
         else:
             self.paid_keys.add(key)
-            self.charged[key] = image.paid_calls
+            self.charged[key] = image.cost_usd
+        for index in self.groups[key]:
+            self._expected[index] = image.image_count
 
     def uploads(self, key: str) -> list[int]:
         """The prompts of a group that need an object each: one per distinct name."""
@@ -69,11 +85,20 @@ class Batch:
         return list(by_name.values())
 
     def stored(self, index: int, stored: StoredImage) -> None:
+        """Record one stored image; a prompt is done once all its images are."""
+        key = self.key_of[index]
         for other in self._same_object(index):
-            self.outcomes[other] = stored
+            if isinstance(self.outcomes.get(other), PromptFailure):
+                continue
+            paid = other == self.groups[key][0] and key not in self.cached_keys
+            record = stored if paid else stored.model_copy(update={"cost_usd": 0.0})
+            variants = self._variants.setdefault(other, {})
+            variants[stored.variant] = record
+            if len(variants) >= self._expected.get(other, 1):
+                self.outcomes[other] = [variants[v] for v in sorted(variants)]
 
     def generation_failed(self, key: str, error: BaseException) -> None:
-        if paid := getattr(error, "paid_calls", 0):
+        if paid := getattr(error, "paid_usd", 0.0):
             self.charged[key] = paid
         for index in self.groups[key]:
             self.outcomes[index] = self._failure(index, error, "generate")
@@ -96,7 +121,7 @@ class Batch:
     def report(self) -> BatchReport:
         ordered = [self.outcomes[i] for i in range(len(self.requests))]
         return BatchReport(
-            images=[o for o in ordered if isinstance(o, StoredImage)],
+            images=[image for o in ordered if isinstance(o, list) for image in o],
             failures=[o for o in ordered if isinstance(o, PromptFailure)],
             generated=len(self.paid_keys),
             from_cache=len(self.cached_keys),
@@ -108,14 +133,19 @@ class Batch:
         rows = []
         for index, outcome in sorted(self.outcomes.items()):
             key = self.key_of[index]
-            first = self.groups[key][0] == index
-            row: dict[str, Any] = {"index": index, **outcome.model_dump()}
             if isinstance(outcome, PromptFailure):
-                row["status"] = "not attempted" if outcome.stage == "not attempted" else "failed"
-            else:
-                row.update(status="stored", cached=key in self.cached_keys)
-            row["cost_usd"] = round(self.charged.get(key, 0) * self.price, 6) if first else 0.0
-            rows.append(row)
+                status = "not attempted" if outcome.stage == "not attempted" else "failed"
+                first = self.groups[key][0] == index
+                cost = self.charged.get(key, 0.0) if first else 0.0
+                rows.append(
+                    {"index": index, **outcome.model_dump(), "status": status, "cost_usd": cost}
+                )
+                continue
+            cached = key in self.cached_keys
+            for stored in outcome:
+                rows.append(
+                    {"index": index, **stored.model_dump(), "status": "stored", "cached": cached}
+                )
         return rows
 
     def _same_object(self, index: int) -> list[int]:

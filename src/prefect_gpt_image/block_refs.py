@@ -7,26 +7,51 @@ from urllib.parse import urlsplit
 
 from prefect.blocks.core import Block
 
+from prefect_gpt_image.blocks._route import GptImageRoute
+from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
 from prefect_gpt_image.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from prefect_aws import S3Bucket
 
-    from prefect_gpt_image.blocks.credentials import RapidAPICredentials
-
 
 B = TypeVar("B", bound=Block)
 
+RouteRef = RapidAPICredentials | OpenAICredentials | str
+Routes = RouteRef | list[RouteRef] | None
+"""What a user passes for `credentials`: a block, a saved block's name, an ordered list of
+those (the first is tried first), or None for the environment (RAPIDAPI_KEY)."""
 
-def resolve_credentials(value: RapidAPICredentials | str | None) -> RapidAPICredentials:
-    """A block as is, a saved block by name, or None for the environment (RAPIDAPI_KEY)."""
-    from prefect_gpt_image.blocks.credentials import RapidAPICredentials
 
-    if isinstance(value, RapidAPICredentials):
-        return value
+def resolve_routes(value: Routes | GptImageRoute) -> list[GptImageRoute]:
+    """The routes `value` names, in order, loaded; at least one."""
     if value is None:
-        return RapidAPICredentials.from_env()
-    return _load(RapidAPICredentials, value)
+        return [RapidAPICredentials.from_env()]
+    refs: list[RouteRef | GptImageRoute] = (
+        [value] if isinstance(value, str | GptImageRoute) else list(value)
+    )
+    if not refs:
+        raise ConfigurationError("credentials is an empty list: give at least one route.")
+    return [_route(ref) for ref in refs]
+
+
+def _route(ref: RouteRef | GptImageRoute) -> GptImageRoute:
+    if isinstance(ref, GptImageRoute):
+        return ref
+    if not isinstance(ref, str):
+        raise ConfigurationError(
+            f"credentials holds a {type(ref).__name__}: give credentials blocks or their names."
+        )
+    for block_type in (RapidAPICredentials, OpenAICredentials):
+        try:
+            return block_type.load(ref)  # type: ignore[return-value]
+        except ValueError:
+            continue
+    raise ConfigurationError(
+        f"No saved RapidAPICredentials or OpenAICredentials block named {ref!r}. Create it "
+        "in the Prefect UI or with .save(), or pass the block itself."
+    )
 
 
 def resolve_bucket(value: S3Bucket | str) -> S3Bucket:

@@ -1,9 +1,14 @@
 """The generation cache, in one place: its key, and the policy the task runs under.
 
 Two requests share a key, and so one paid generation, when they ask the same
-model at the same endpoint for the same picture: prompt, size and extras. Where
-the image is stored (bucket, prefix, name) and which key pays for it are not
-part of it, so neither a new prefix nor a rotated key makes anyone pay twice.
+model at the same endpoint for the same picture: prompt, size and every field sent
+with them. The endpoint is named by its URL, so an emulator's images never serve a
+real endpoint's requests. Where the image is stored (bucket, prefix, name) and which
+API key pays for it are not part of it, so neither a new prefix nor a rotated key makes
+anyone pay twice.
+
+A request with several routes is cached under a key of them all, and also under the
+key of the route that made it: a later request through any one of those routes finds it.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, cast
 
 from prefect import Task
@@ -20,12 +26,13 @@ from prefect.context import TaskRunContext
 from prefect.results import ResultStore, get_result_store
 from prefect.settings import get_current_settings
 
-from prefect_gpt_image.block_refs import resolve_credentials
+from prefect_gpt_image.block_refs import resolve_routes
 from prefect_gpt_image.locking import file_lock_manager
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
+from prefect_gpt_image.request_bodies import api_fields
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+    from prefect_gpt_image.blocks._route import GptImageRoute
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +40,26 @@ CACHE_KEY_VERSION = 1
 """Bump when the key's recipe changes, so that old entries are not misread."""
 
 
-def generation_cache_key(request: ImageRequest, credentials: RapidAPICredentials) -> str:
+def generation_cache_key(request: ImageRequest, route: GptImageRoute) -> str:
+    """The key of `request` made through `route`."""
     identity = {
         "v": CACHE_KEY_VERSION,
-        "host": credentials.api_host,
-        "path": credentials.path,
-        "model": credentials.model,
+        **route.cache_identity(),
         "prompt": request.prompt,
         "width": request.width,
         "height": request.height,
-        "extras": {**credentials.default_extras, **request.extras},
+        "extras": api_fields(request, route.default_extras),
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return "gpt-image-" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def request_cache_key(request: ImageRequest, routes: Sequence[GptImageRoute]) -> str:
+    """The key of `request` through `routes` in order: the route's own key for one."""
+    keys = [generation_cache_key(request, route) for route in routes]
+    if len(keys) == 1:
+        return keys[0]
+    return "gpt-image-routes-" + hashlib.sha256(" ".join(keys).encode()).hexdigest()
 
 
 def generation_cache_policy() -> CachePolicy:
@@ -62,8 +76,8 @@ def generation_cache_policy() -> CachePolicy:
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return generation_cache_key(
-        as_request(parameters["request"]), resolve_credentials(parameters.get("credentials"))
+    return request_cache_key(
+        as_request(parameters["request"]), resolve_routes(parameters.get("credentials"))
     )
 
 
@@ -90,3 +104,28 @@ def cached_image(store: ResultStore, key: str) -> GeneratedImage | None:
     if expiration is not None and expiration <= datetime.now(timezone.utc):
         return None
     return record.result if isinstance(record.result, GeneratedImage) else None
+
+
+def lookup_keys(request: ImageRequest, routes: Sequence[GptImageRoute]) -> list[str]:
+    """Where `request` may already be cached: under its key, then under each route's own."""
+    own = [generation_cache_key(request, route) for route in routes]
+    return own if len(own) == 1 else [request_cache_key(request, routes), *own]
+
+
+def find_cached(store: ResultStore, keys: Sequence[str]) -> GeneratedImage | None:
+    """The first image cached under any of `keys`."""
+    for key in keys:
+        if (image := cached_image(store, key)) is not None:
+            return image
+    return None
+
+
+def remember(
+    store: ResultStore, key: str, image: GeneratedImage, expiration: timedelta | None
+) -> None:
+    """Cache `image` under `key` as well: the key of the route that made it."""
+    until = datetime.now(timezone.utc) + expiration if expiration is not None else None
+    try:
+        store.write(image, key=key, expiration=until)  # type: ignore[arg-type]
+    except Exception as exc:  # the task's own record is written by Prefect; this is a bonus
+        logger.warning("Could not cache the image under its route's key %s: %s", key, exc)

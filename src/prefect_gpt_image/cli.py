@@ -122,7 +122,7 @@ def _generate(args: argparse.Namespace) -> int:
                 refresh_cache=args.refresh_cache,
             )
     except BatchFailedError as exc:
-        print_report(exc.report)  # type: ignore[arg-type]
+        print_report(exc.report)
         print(f"\nFailed: {exc}", file=sys.stderr)
         return 1
     except GptImageError as exc:

@@ -6,11 +6,14 @@ import hashlib
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from prefect_gpt_image.billing import call_cost
 from prefect_gpt_image.errors import (
     APIConnectionError,
     APIError,
@@ -18,16 +21,30 @@ from prefect_gpt_image.errors import (
     GptImageError,
     InvalidImageError,
     InvalidResponseError,
+    RouteDroppedError,
 )
 from prefect_gpt_image.images import inspect_image
-from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest
-from prefect_gpt_image.responses import error_for_response, find_image, parse_json
+from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageFile, ImageRequest, Usage
+from prefect_gpt_image.request_bodies import openai_body, rapidapi_body
+from prefect_gpt_image.responses import (
+    ImageReference,
+    error_for_openai_response,
+    error_for_response,
+    find_images,
+    first_url,
+    parse_json,
+    usage_of,
+)
 from prefect_gpt_image.retry_policy import DOWNLOAD_ATTEMPTS
 from prefect_gpt_image.throttle import throttle_for
 from prefect_gpt_image.url_safety import check_image_url, is_local_endpoint
 
 if TYPE_CHECKING:
+    import openai
+
+    from prefect_gpt_image.blocks._route import GptImageRoute
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+    from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
 
 logger = logging.getLogger(__name__)
 
@@ -52,98 +69,113 @@ def shared_http_client() -> httpx.Client:
         return _http
 
 
-def request_body(request: ImageRequest, credentials: RapidAPICredentials) -> dict[str, Any]:
-    """The JSON body for one request: block defaults, then the request's own fields."""
-    return {
-        **credentials.default_extras,
-        **request.extras,
-        "prompt": request.prompt,
-        "width": request.width,
-        "height": request.height,
-    }
+class GenerationClient(ABC):
+    """Generates the images of one request per call, and returns them downloaded and
+    checked, with what the call cost.
 
-
-class GptImageClient:
-    """Generates one image per call and returns it downloaded and checked.
-
-    Provider URLs expire, so the image is fetched at once. The key is sent only to
-    the generation endpoint, never to the host serving the image.
+    Provider URLs expire, so images are fetched at once. The key is sent only to the
+    generation endpoint, never to the host serving the image.
     """
 
-    def __init__(
-        self, credentials: RapidAPICredentials, *, allow_internal_images: bool | None = None
-    ) -> None:
+    def __init__(self, route: GptImageRoute, *, allow_internal_images: bool | None = None) -> None:
         """`allow_internal_images`: fetch images from internal addresses; by default only
         when the API itself is configured at one (an emulator, an in-house proxy)."""
-        self._credentials = credentials
+        self._route = route
+        self._spec = route.model_spec()
         self._http = shared_http_client()
-        self._throttle = throttle_for(
-            credentials.endpoint_url, credentials.api_key.get_secret_value()
-        )
+        self._throttle = throttle_for(route.endpoint_url, route.api_key.get_secret_value())
         if allow_internal_images is None:
-            allow_internal_images = is_local_endpoint(credentials.endpoint_url)
+            allow_internal_images = is_local_endpoint(route.endpoint_url)
         self._allow_internal_images = allow_internal_images
-        read_timeout = min(DOWNLOAD_READ_TIMEOUT_SECONDS, credentials.timeout_seconds)
+        read_timeout = min(DOWNLOAD_READ_TIMEOUT_SECONDS, route.timeout_seconds)
         self._download_timeout = httpx.Timeout(read_timeout, connect=min(10.0, read_timeout))
 
-    def generate(self, request: ImageRequest, limits: ApiLimits | None = None) -> GeneratedImage:
-        """One paid generation. `limits` say how busy this process may keep the API
-        (see `prefect_gpt_image.throttle`); the download is not counted against them."""
-        creds = self._credentials
+    def generate(
+        self,
+        request: ImageRequest,
+        limits: ApiLimits | None = None,
+        *,
+        still_live: Callable[[], bool] | None = None,
+    ) -> GeneratedImage:
+        """One paid call. `limits` say how busy this process may keep the API (see
+        `prefect_gpt_image.throttle`); downloads are not counted against them.
+        `still_live` is asked once the call's turn has come: a route dropped while the
+        request waited is not called."""
+        route = self._route
         with self._throttle.admit(limits) as admission:
+            if still_live is not None and not still_live():
+                raise RouteDroppedError(f"The route {route.route_name} was dropped.")
             started = time.monotonic()
             try:
-                response = self._http.post(
-                    creds.endpoint_url,
-                    json=request_body(request, creds),
-                    headers={
-                        "x-rapidapi-key": creds.api_key.get_secret_value(),
-                        "x-rapidapi-host": creds.api_host,
-                    },
-                    timeout=httpx.Timeout(creds.timeout_seconds, connect=10.0),
-                )
+                response = self._post(request)
             except httpx.TimeoutException:
                 raise APITimeoutError(
-                    f"No answer from {creds.endpoint_url} within {creds.timeout_seconds:g} s. "
+                    f"No answer from {route.endpoint_url} within {route.timeout_seconds:g} s. "
                     "Raise timeout_seconds in the credentials block for slow, high-quality "
                     "generations."
                 ) from None
             except httpx.TransportError as exc:
                 raise APIConnectionError(
-                    f"Could not reach {creds.endpoint_url}: {type(exc).__name__}: {exc}"
+                    f"Could not reach {route.endpoint_url}: {type(exc).__name__}: {exc}"
                 ) from None
             admission.answered(response.status_code, response.headers)
         logger.debug(
             "POST %s -> %d in %.2f s",
-            creds.endpoint_url,
+            route.endpoint_url,
             response.status_code,
             time.monotonic() - started,
         )
         if not response.is_success:
-            raise error_for_response(response.status_code, response.headers, response.content)
+            raise self._error(response.status_code, response.headers, response.content)
+        # The API answered 2xx: the call is paid for, whatever comes next.
+        usage: Usage | None = None
         try:
-            return self._image(response.content, request)
+            payload = parse_json(response.content)
+            usage = usage_of(payload)
+            return self._images(payload, request, usage)
         except GptImageError as exc:
-            exc.billed = True  # the API answered 2xx: the generation is paid for
+            exc.billed = True
+            exc.billed_usd = call_cost(self._spec, request, request.n, usage)
             raise
 
-    def _image(self, body: bytes, request: ImageRequest) -> GeneratedImage:
-        creds = self._credentials
-        reference = find_image(parse_json(body))
-        data = reference.data if reference.data is not None else self._download(reference.url)
-        if len(data) > creds.max_image_bytes:
-            raise _too_large(len(data), creds.max_image_bytes)
-        info = inspect_image(data)
+    @abstractmethod
+    def _post(self, request: ImageRequest) -> httpx.Response:
+        """Send the generation request; transport failures raise httpx's errors."""
+
+    @abstractmethod
+    def _error(self, status: int, headers: httpx.Headers, body: bytes) -> APIError:
+        """The error a non-2xx answer means."""
+
+    def _images(
+        self, payload: object, request: ImageRequest, usage: Usage | None
+    ) -> GeneratedImage:
+        route = self._route
+        files = [self._file(reference) for reference in find_images(payload)]
+        first, *more = files
         return GeneratedImage(
+            **first.model_dump(),
+            request=request,
+            model=route.model,
+            route=route.route_name,
+            source_url=first_url(payload),
+            generated_at=datetime.now(timezone.utc),
+            cost_usd=call_cost(self._spec, request, len(files), usage),
+            usage=usage,
+            more_images=more,
+        )
+
+    def _file(self, reference: ImageReference) -> ImageFile:
+        cap = self._route.max_image_bytes
+        data = reference.data if reference.data is not None else self._download(reference.url)
+        if len(data) > cap:
+            raise _too_large(len(data), cap)
+        info = inspect_image(data)
+        return ImageFile(
             data=data,
             media_type=info.media_type,
             sha256=hashlib.sha256(data).hexdigest(),
             width=info.width,
             height=info.height,
-            request=request,
-            model=creds.model,
-            source_url=reference.url,
-            generated_at=datetime.now(timezone.utc),
         )
 
     def _download(self, url: str | None) -> bytes:
@@ -164,7 +196,7 @@ class GptImageClient:
         )
 
     def _download_once(self, url: str) -> bytes:
-        cap = self._credentials.max_image_bytes
+        cap = self._route.max_image_bytes
         deadline = time.monotonic() + DOWNLOAD_DEADLINE_SECONDS
         for _ in range(MAX_REDIRECTS + 1):
             # Redirects are followed by hand, so that every hop is checked.
@@ -214,3 +246,98 @@ def _too_large(size: int, cap: int) -> InvalidImageError:
         f"The generated image is larger ({size:,} bytes) than max_image_bytes ({cap:,}) "
         "allows; raise it in the credentials block to accept it."
     )
+
+
+class RapidAPIClient(GenerationClient):
+    """NexaAPI's endpoint on RapidAPI: a JSON POST with the key in `x-rapidapi-key`."""
+
+    _route: RapidAPICredentials
+
+    def _post(self, request: ImageRequest) -> httpx.Response:
+        route = self._route
+        return self._http.post(
+            route.endpoint_url,
+            json=rapidapi_body(request, route.default_extras),
+            headers={
+                "x-rapidapi-key": route.api_key.get_secret_value(),
+                "x-rapidapi-host": route.api_host,
+            },
+            timeout=httpx.Timeout(route.timeout_seconds, connect=10.0),
+        )
+
+    def _error(self, status: int, headers: httpx.Headers, body: bytes) -> APIError:
+        return error_for_response(status, headers, body)
+
+
+class OpenAIClient(GenerationClient):
+    """The OpenAI protocol, through the official `openai` package with its own retries
+    off: `prefect_gpt_image.retry_policy` is the only retry policy."""
+
+    _route: OpenAICredentials
+
+    def _post(self, request: ImageRequest) -> httpx.Response:
+        import openai
+
+        route = self._route
+        body = openai_body(request, route.model, route.default_extras)
+        model, prompt = body.pop("model"), body.pop("prompt")
+        try:
+            raw = _openai_client(route).images.with_raw_response.generate(
+                model=model,
+                prompt=prompt,
+                extra_body=body,
+                extra_headers=_auth_headers(route),
+                timeout=route.timeout_seconds,
+            )
+            answer = raw.http_response
+        except openai.APIStatusError as exc:
+            answer = exc.response
+        except openai.APITimeoutError as exc:
+            raise httpx.ReadTimeout(str(exc)) from None
+        except openai.APIConnectionError as exc:
+            raise httpx.ConnectError(str(exc.__cause__ or exc)) from None
+        # The package has an HTTP stack of its own: its answer, as the other routes' are.
+        return httpx.Response(
+            answer.status_code, headers=list(answer.headers.multi_items()), content=answer.content
+        )
+
+    def _error(self, status: int, headers: httpx.Headers, body: bytes) -> APIError:
+        return error_for_openai_response(status, headers, body, self._route.model)
+
+
+_openai_clients: dict[tuple[str, ...], openai.OpenAI] = {}
+
+
+def _openai_client(route: OpenAICredentials) -> openai.OpenAI:
+    """One `openai.OpenAI` per endpoint, key and billing account: one pool each."""
+    import openai
+
+    key = route.api_key.get_secret_value()
+    identity = (
+        route.base_url,
+        hashlib.sha256(key.encode()).hexdigest(),
+        route.auth_header,
+        route.organization or "",
+        route.project or "",
+    )
+    with _http_lock:
+        client = _openai_clients.get(identity)
+        if client is None:
+            client = openai.OpenAI(
+                api_key=key,
+                base_url=route.base_url,
+                organization=route.organization,
+                project=route.project,
+                max_retries=0,
+            )
+            _openai_clients[identity] = client
+        return client
+
+
+def _auth_headers(route: OpenAICredentials) -> dict[str, Any]:
+    """Azure OpenAI's `api-key` header instead of the bearer token, where asked."""
+    import openai
+
+    if route.auth_header != "api-key":
+        return {}
+    return {"api-key": route.api_key.get_secret_value(), "Authorization": openai.Omit()}

@@ -7,18 +7,30 @@ API key.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prefect_gpt_image.models import BatchReport
+
 
 class GptImageError(Exception):
     """Base class for every error this package raises."""
 
     retryable: bool = False
+    drops_route: bool = False
+    """True where every other request to the same route would fail the same way: the batch
+    goes on through the next route, if there is one."""
     stops_batch: bool = False
     """True where every other request of the batch would fail the same way."""
     billed: bool = False
     """True where the API answered, and charged, before the failure (a broken answer,
     an image that could not be downloaded)."""
+    billed_usd: float = 0.0
+    """What that charged answer cost."""
     paid_calls: int = 0
     """Charged answers the failed task run made, over all its attempts."""
+    paid_usd: float = 0.0
+    """What those charged answers cost."""
 
 
 class InvalidRequestError(GptImageError, ValueError):
@@ -41,21 +53,32 @@ class APIError(GptImageError):
 
 
 class AuthenticationError(APIError):
-    """401: RapidAPI rejected the key."""
+    """401: the provider rejected the key."""
 
+    drops_route = True
     stops_batch = True
 
 
-class NotSubscribedError(APIError):
+class AccessDeniedError(APIError):
+    """403: the key is valid but may not use this API or model."""
+
+    drops_route = True
+    stops_batch = True
+
+
+class NotSubscribedError(AccessDeniedError):
     """403: the key is valid but its RapidAPI app is not subscribed to this API."""
-
-    stops_batch = True
 
 
 class EndpointNotFoundError(APIError):
     """404: the host or path does not name an API; typically a retired model."""
 
+    drops_route = True
     stops_batch = True
+
+
+class ModelNotFoundError(EndpointNotFoundError):
+    """404 `model_not_found` or 410: the route does not serve the model, or retired it."""
 
 
 class PromptRejectedError(APIError):
@@ -67,8 +90,23 @@ class BadRequestError(APIError):
 
 
 class QuotaExceededError(APIError):
-    """429 for a spent daily or monthly quota: retrying cannot help and may incur overage."""
+    """429 for a spent quota (`insufficient_quota`), or 402: a billing problem that
+    retrying cannot help, and may incur overage."""
 
+    drops_route = True
+    stops_batch = True
+
+
+class RouteDroppedError(GptImageError):
+    """The route was dropped while the request waited for its turn: it was not called."""
+
+    drops_route = True
+
+
+class NoRouteLeftError(GptImageError):
+    """Every route of the request was dropped; the message names each, and why."""
+
+    drops_route = True
     stops_batch = True
 
 
@@ -149,6 +187,6 @@ class BatchFailedError(GptImageError):
     Raised after every good image and the manifest are stored; `report` holds them.
     """
 
-    def __init__(self, message: str, report: object) -> None:
+    def __init__(self, message: str, report: BatchReport) -> None:
         super().__init__(message)
         self.report = report

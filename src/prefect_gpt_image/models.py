@@ -6,14 +6,26 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prefect_gpt_image.model_table import Background, Moderation, OutputFormat, Quality
 
 MAX_PROMPT_CHARS = 32_000
 """GPT Image's limit on prompt length."""
+MAX_IMAGES_PER_CALL = 10
+"""The most images one call may ask for (`n`), on every GPT Image model."""
 
 # Tabs and line breaks are ordinary prompt text; other control characters are not.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_RESERVED_EXTRAS = frozenset({"prompt", "width", "height"})
+_RESERVED_EXTRAS = frozenset({"prompt", "width", "height", "size", "model"})
+_TYPED_FIELDS = (
+    "quality",
+    "n",
+    "output_format",
+    "output_compression",
+    "background",
+    "moderation",
+)
 
 
 class ImageRequest(BaseModel):
@@ -31,10 +43,49 @@ class ImageRequest(BaseModel):
         max_length=200,
         description="A readable name for the stored object; defaults to the prompt.",
     )
+    quality: Quality | None = Field(
+        default=None, description="low, medium, high or auto; None for the model's default."
+    )
+    n: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_IMAGES_PER_CALL,
+        description="Variants of the prompt to make in one call; each is stored and billed.",
+    )
+    output_format: OutputFormat | None = Field(
+        default=None, description="png, jpeg or webp; None for the model's default (png)."
+    )
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="Compression of jpeg and webp output, in %."
+    )
+    background: Background | None = Field(
+        default=None, description="transparent, opaque or auto (transparent needs png or webp)."
+    )
+    moderation: Moderation | None = Field(
+        default=None, description="Content moderation strictness: low or auto."
+    )
     extras: dict[str, Any] = Field(
         default_factory=dict,
-        description="Model-specific fields passed through to the API, e.g. quality.",
+        description="Fields passed through to the API as they are, for what is not typed.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_fields_out_of_extras(cls, data: Any) -> Any:
+        """`extras={"quality": "high"}` is `quality="high"`: checked against the model, and
+        every image an `n` asks for is stored."""
+        if not isinstance(data, dict) or not isinstance(data.get("extras"), dict):
+            return data
+        extras = dict(data["extras"])
+        data = dict(data)
+        for field in _TYPED_FIELDS:
+            if field in extras:
+                value = extras.pop(field)
+                if data.get(field) not in (None, value):
+                    raise ValueError(f"{field} is given twice, as a field and in extras")
+                data[field] = value
+        data["extras"] = extras
+        return data
 
     @field_validator("prompt")
     @classmethod
@@ -110,11 +161,31 @@ class ApiLimits(BaseModel):
     )
 
 
+class Usage(BaseModel):
+    """The tokens a call used, as the provider reported them."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    text_input_tokens: int = 0
+    image_input_tokens: int = 0
+
+
+class ImageFile(BaseModel):
+    """One encoded image, checked."""
+
+    data: bytes = Field(repr=False, description="The encoded image.")
+    media_type: str = Field(description="image/png, image/jpeg or image/webp.")
+    sha256: str = Field(description="Hex SHA-256 of `data`.")
+    width: int
+    height: int
+
+
 class GeneratedImage(BaseModel):
     """An image as the API produced it, downloaded and checked.
 
     It is the generation task's persisted result, which is what lets a later run
-    (or the upload after an S3 outage) use it without paying again.
+    (or the upload after an S3 outage) use it without paying again. A call asking for
+    `n` images returns them all: this one, and `more_images`.
     """
 
     data: bytes = Field(repr=False, description="The encoded image.")
@@ -124,6 +195,7 @@ class GeneratedImage(BaseModel):
     height: int
     request: ImageRequest
     model: str = Field(description="The model that made it.")
+    route: str = Field(default="", description="The route that made it: a block's name or host.")
     source_url: str | None = Field(
         default=None, description="Where the API served it; None for inline answers."
     )
@@ -133,10 +205,34 @@ class GeneratedImage(BaseModel):
         description="Answers the API charged for to make this image: more than one when "
         "a broken answer had to be generated again.",
     )
+    cost_usd: float = Field(
+        default=0.0, description="What the call (and any charged broken answers) cost."
+    )
+    usage: Usage | None = Field(default=None, description="Tokens used, where reported.")
+    variant: int = Field(default=0, description="Its place among the call's images.")
+    more_images: list[ImageFile] = Field(
+        default_factory=list, repr=False, description="The call's other images, in order."
+    )
 
     @property
     def extension(self) -> str:
         return {"image/jpeg": "jpg", "image/webp": "webp"}.get(self.media_type, "png")
+
+    @property
+    def image_count(self) -> int:
+        return 1 + len(self.more_images)
+
+    def variants(self) -> list[GeneratedImage]:
+        """Every image of the call, each as a `GeneratedImage` of its own with its share of
+        the cost, for storing."""
+        if not self.more_images:
+            return [self]
+        share = round(self.cost_usd / self.image_count, 6)
+        first = self.model_copy(update={"more_images": [], "cost_usd": share})
+        return [first] + [
+            first.model_copy(update={**other.model_dump(), "variant": number})
+            for number, other in enumerate(self.more_images, 1)
+        ]
 
 
 class StoredImage(BaseModel):
@@ -153,6 +249,9 @@ class StoredImage(BaseModel):
     prompt: str
     name: str | None = None
     model: str
+    route: str = Field(default="", description="The route that made it.")
+    cost_usd: float = Field(default=0.0, description="Its share of what its call cost.")
+    variant: int = Field(default=0, description="Its place among its call's images.")
 
     @classmethod
     def of(cls, image: GeneratedImage, bucket: str, key: str) -> StoredImage:
@@ -169,6 +268,9 @@ class StoredImage(BaseModel):
             prompt=image.request.prompt,
             name=image.request.name,
             model=image.model,
+            route=image.route,
+            cost_usd=image.cost_usd,
+            variant=image.variant,
         )
 
 

@@ -36,14 +36,16 @@ def load_prompts(
     *,
     width: int = 1024,
     height: int = 1024,
+    defaults: Mapping[str, Any] | None = None,
     read_uri: ReadURI | None = None,
 ) -> list[ImageRequest]:
-    """The requests in a prompt set, with `width` and `height` as defaults.
+    """The requests in a prompt set, with `width`, `height` and the `ImageRequest` fields in
+    `defaults` (those not None) for items that do not give them.
 
     `source` is a list of prompts, requests or dicts, or the path or `s3://` URI of
     a prompt file; `read_uri` reads `s3://` URIs.
     """
-    defaults = {"width": width, "height": height}
+    defaults = _defaults(width, height, defaults)
     if isinstance(source, str | Path):
         return _load_file(str(source), defaults, read_uri)
     if not source:
@@ -57,6 +59,7 @@ def expand_template(
     *,
     width: int = 1024,
     height: int = 1024,
+    defaults: Mapping[str, Any] | None = None,
 ) -> list[ImageRequest]:
     """One request per combination of the variables' values, named after its values.
 
@@ -86,13 +89,18 @@ def expand_template(
             f"The template expands to {count:,} prompts; at most {MAX_TEMPLATE_PROMPTS:,} "
             "are allowed in one batch."
         )
-    defaults = {"width": width, "height": height}
+    fields_by_default = _defaults(width, height, defaults)
     requests = []
     for values in itertools.product(*(variables[name] for name in used)):
         combination = dict(zip(used, values, strict=True))
         item = {"prompt": template.format_map(combination), "name": " ".join(values)}
-        requests.append(_request(item, defaults, where=f"template with {combination}"))
+        requests.append(_request(item, fields_by_default, where=f"template with {combination}"))
     return requests
+
+
+def _defaults(width: int, height: int, defaults: Mapping[str, Any] | None) -> dict[str, Any]:
+    given = {name: value for name, value in (defaults or {}).items() if value is not None}
+    return {"width": width, "height": height, **given}
 
 
 def _load_file(

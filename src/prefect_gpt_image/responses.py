@@ -9,26 +9,27 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from prefect_gpt_image.errors import (
+    AccessDeniedError,
     APIError,
     AuthenticationError,
     BadRequestError,
     EndpointNotFoundError,
     InvalidResponseError,
+    ModelNotFoundError,
     NotSubscribedError,
     PromptRejectedError,
     QuotaExceededError,
     RateLimitedError,
     ServerError,
 )
+from prefect_gpt_image.models import Usage
+from prefect_gpt_image.rate_limit_headers import retry_after_seconds
 
 _HTML = re.compile(r"\s*<(!doctype|html|head|body)", re.IGNORECASE)
 _HTML_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -54,6 +55,43 @@ def find_image(payload: Any) -> ImageReference:
             f"The API answered 200 but with no image in it: {_preview(payload)}"
         )
     return found
+
+
+def find_images(payload: Any) -> list[ImageReference]:
+    """Every image in a successful answer: each entry of its image list, or the one image
+    it points to. A paid image is never left behind."""
+    if isinstance(payload, Mapping):
+        for field in _IMAGE_LIST_FIELDS:
+            items = payload.get(field)
+            if isinstance(items, list) and len(items) > 1:
+                found = [ref for item in items if (ref := _search(item, depth=1)) is not None]
+                if found:
+                    return found
+    return [find_image(payload)]
+
+
+def first_url(payload: Any) -> str | None:
+    """Where the answer's first image was served, if it was served by URL."""
+    found = _search(payload, depth=0)
+    return found.url if found is not None else None
+
+
+def usage_of(payload: Any) -> Usage | None:
+    """The tokens the answer says the call used (OpenAI's `usage`), if it says."""
+    usage = payload.get("usage") if isinstance(payload, Mapping) else None
+    if not isinstance(usage, Mapping):
+        return None
+    details = usage.get("input_tokens_details")
+    details = details if isinstance(details, Mapping) else {}
+    try:
+        return Usage(
+            input_tokens=int(usage.get("input_tokens") or 0),
+            output_tokens=int(usage.get("output_tokens") or 0),
+            text_input_tokens=int(details.get("text_tokens") or 0),
+            image_input_tokens=int(details.get("image_tokens") or 0),
+        )
+    except (TypeError, ValueError):
+        return None
 
 
 def _search(node: Any, depth: int) -> ImageReference | None:
@@ -130,6 +168,17 @@ def error_for_response(status: int, headers: Mapping[str, str], body: bytes) -> 
             "path in the credentials block: the model may have been retired." + said,
             status_code=status,
         )
+    if status == 410:
+        return ModelNotFoundError(
+            "The endpoint says the model is gone (410): move the block to its successor "
+            "(api_host, path, model) or give a fallback route." + said,
+            status_code=status,
+        )
+    if status == 402:
+        return QuotaExceededError(
+            "The RapidAPI account's credit is spent (402): top it up or upgrade the plan." + said,
+            status_code=status,
+        )
     if status == 429:
         if "quota" in lowered:
             return QuotaExceededError(
@@ -158,27 +207,6 @@ def error_for_response(status: int, headers: Mapping[str, str], body: bytes) -> 
     )
 
 
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """How long the server asked us to wait: Retry-After, else the gateway's reset time."""
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-            except (TypeError, ValueError):
-                pass
-    for name in ("x-ratelimit-requests-reset", "x-ratelimit-reset"):
-        try:
-            seconds = float(headers.get(name, ""))
-        except ValueError:
-            continue
-        if math.isfinite(seconds) and seconds >= 0:
-            return seconds
-    return None
-
-
 def _error_detail(body: bytes) -> str:
     """The human part of an error body: JSON message fields, or text without markup."""
     try:
@@ -202,3 +230,70 @@ def _error_detail(body: bytes) -> str:
 def _preview(payload: Any) -> str:
     text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else repr(payload)
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+def error_for_openai_response(
+    status: int, headers: Mapping[str, str], body: bytes, model: str
+) -> APIError:
+    """The error an OpenAI-protocol answer means, read from its `error.code` first."""
+    code = _error_code(body)
+    detail = _error_detail(body)
+    said = f" The API said: {detail}" if detail else ""
+    if status == 401:
+        return AuthenticationError(
+            f"The API rejected the key ({status}{_code(code)}). Check api_key in the "
+            "OpenAICredentials block, and auth_header ('api-key' for Azure OpenAI)." + said,
+            status_code=status,
+        )
+    if status == 403:
+        return AccessDeniedError(
+            f"The key may not use this API or model ({status}{_code(code)})." + said,
+            status_code=status,
+        )
+    if status in (404, 410) or code == "model_not_found":
+        return ModelNotFoundError(
+            f"This route does not serve {model} ({status}{_code(code)}): the model is "
+            "retired, misspelt, or not deployed here. Set `model` in the credentials block "
+            "to its successor, or give a fallback route." + said,
+            status_code=status,
+        )
+    if status == 402 or code == "insufficient_quota":
+        return QuotaExceededError(
+            f"The account's quota or credit is spent ({status}{_code(code)}). Retrying "
+            "cannot help: check the plan and billing details." + said,
+            status_code=status,
+        )
+    if status == 429:
+        return RateLimitedError(
+            f"Rate limited ({status}{_code(code)})." + said,
+            retry_after=retry_after_seconds(headers),
+        )
+    if status >= 500:
+        return ServerError(
+            f"The API failed ({status})." + said,
+            status_code=status,
+            retry_after=retry_after_seconds(headers),
+        )
+    if code in ("moderation_blocked", "content_policy_violation"):
+        return PromptRejectedError(
+            f"The model refused the prompt ({status}{_code(code)}). Rephrase it." + said,
+            status_code=status,
+        )
+    return BadRequestError(
+        f"The API refused the request ({status}{_code(code)})." + said,
+        status_code=status,
+    )
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    error = payload.get("error") if isinstance(payload, Mapping) else None
+    code = error.get("code") if isinstance(error, Mapping) else None
+    return code if isinstance(code, str) else None
+
+
+def _code(code: str | None) -> str:
+    return f", {code}" if code else ""

@@ -1,0 +1,55 @@
+"""The billing rule, in one place: what a call cost, and the most a request can cost.
+
+A call's cost is the provider's usage priced at the model's token prices, when the answer
+reports usage; otherwise the model's price for that quality and size, times the images;
+otherwise the route's flat price (a route with one describes its model that way).
+Budgets price a request at its worst case: `auto` quality as high, every image asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from prefect_gpt_image.models import ImageRequest, Usage
+
+if TYPE_CHECKING:
+    from prefect_gpt_image.blocks._route import GptImageRoute
+    from prefect_gpt_image.model_table import ModelSpec
+
+PROMPT_CHARS_PER_TOKEN_AT_LEAST = 2
+"""A prompt has at most one text token per this many characters: the worst case's bound."""
+
+
+def call_cost(spec: ModelSpec, request: ImageRequest, images: int, usage: Usage | None) -> float:
+    """What one answered call cost, in USD."""
+    if usage is not None and spec.token_prices is not None and spec.flat_price_usd is None:
+        prices = spec.token_prices
+        text, image = usage.text_input_tokens, usage.image_input_tokens
+        if text + image == 0:
+            text = usage.input_tokens
+        cost = (
+            text * prices.text_input
+            + image * prices.image_input
+            + usage.output_tokens * prices.image_output
+        ) / 1e6
+        return round(cost, 6)
+    price = spec.price_per_image(request.quality, request.width, request.height) or 0.0
+    return round(price * images, 6)
+
+
+def worst_case_cost(spec: ModelSpec, request: ImageRequest) -> float:
+    """The most `request` can cost: every image at `auto` priced as high, and its prompt."""
+    images = (spec.price_per_image(request.quality, request.width, request.height) or 0.0) * (
+        request.n
+    )
+    if spec.flat_price_usd is not None or spec.token_prices is None:
+        return round(images, 6)
+    tokens = math.ceil(len(request.prompt) / PROMPT_CHARS_PER_TOKEN_AT_LEAST)
+    return round(images + tokens * spec.token_prices.text_input / 1e6, 6)
+
+
+def worst_case_over_routes(request: ImageRequest, routes: Sequence[GptImageRoute]) -> float:
+    """The most `request` can cost on whichever of `routes` serves it."""
+    return max(worst_case_cost(route.model_spec(), request) for route in routes)
