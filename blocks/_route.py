@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from prefect.blocks.abstract import CredentialsBlock
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
+from pydantic_core import PydanticCustomError
 
 from prefect_gpt_image.model_table import ModelSpec, model_spec
 from prefect_gpt_image.settings import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_TIMEOUT_SECONDS
@@ -22,11 +23,30 @@ if TYPE_CHECKING:
     from prefect_gpt_image.models import ImageRequest
 
 
+KEY_WHITESPACE_NOTE = "surrounding whitespace (a trailing newline from a secret file) is removed"
+"""For each block's `api_key` description: the key is stripped, whatever the route."""
+
+
+class _RefusedKey:
+    """Why a key was refused, standing in for it in pydantic's error, which shows the
+    input: the key itself never reaches the error."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return "'**********'"
+
+
 class GptImageRoute(CredentialsBlock, ABC):
     """A provider's endpoint, its key and the model behind it (an interface: use
     `RapidAPICredentials` or `OpenAICredentials`)."""
 
-    api_key: SecretStr = Field(default=..., title="API Key", description="The API key.")
+    api_key: SecretStr = Field(
+        default=...,
+        title="API Key",
+        description=f"The API key; {KEY_WHITESPACE_NOTE}.",
+    )
     model: str = Field(
         default="gpt-image-1.5",
         description="The model to use; recorded with every image and part of the cache key.",
@@ -52,6 +72,42 @@ class GptImageRoute(CredentialsBlock, ABC):
             "table's entries (sizes, qualities, formats, prices)."
         ),
     )
+
+    # Pydantic runs "before" validators last-defined first: `_screen_api_key` runs first
+    # and hands `_refuse_api_key` either the clean key or a `_RefusedKey`, so that an
+    # error's `input` is never the key itself.
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _refuse_api_key(cls, value: object) -> object:
+        if isinstance(value, _RefusedKey):
+            raise PydanticCustomError("api_key_refused", value.reason)
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _screen_api_key(cls, value: object) -> object:
+        """The key without surrounding whitespace (a trailing newline from a secret file, a
+        space from a paste); one that no HTTP header can carry is refused here, before any
+        call could quote it in an error."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return _RefusedKey("The API key must be text.")
+        key = value.strip()
+        if not key:
+            return _RefusedKey("The API key is empty: paste the key the provider gave you.")
+        for position, char in enumerate(key, 1):
+            if not " " <= char <= "~":
+                kind = (
+                    f"a control character (U+{ord(char):04X})"
+                    if char.isascii()
+                    else "a non-ASCII character"
+                )
+                return _RefusedKey(
+                    f"The API key holds {kind} at position {position}, which an HTTP header "
+                    "cannot carry: copy the key again from the provider's page."
+                )
+        return key
 
     @property
     @abstractmethod

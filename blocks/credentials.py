@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, HttpUrl, SecretStr, field_validator
 
-from prefect_gpt_image.blocks._route import GptImageRoute
+from prefect_gpt_image.blocks._route import KEY_WHITESPACE_NOTE, GptImageRoute
 from prefect_gpt_image.errors import ConfigurationError
 from prefect_gpt_image.model_table import ModelSpec
 from prefect_gpt_image.settings import (
@@ -47,7 +47,10 @@ class RapidAPICredentials(GptImageRoute):
     api_key: SecretStr = Field(
         default=...,
         title="API Key",
-        description="The RapidAPI application key, sent as the x-rapidapi-key header.",
+        description=(
+            "The RapidAPI application key, sent as the x-rapidapi-key header; "
+            f"{KEY_WHITESPACE_NOTE}."
+        ),
     )
     model: str = Field(
         default=DEFAULT_MODEL,

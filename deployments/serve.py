@@ -19,7 +19,7 @@ if __name__ == "__main__":
         parameters={
             "prompts": "s3://my-creatives/prompts/this-week.txt",
             "bucket": "creatives-bucket",
-            "credentials": "gpt-image-credentials",
+            "credentials": ["gpt-image-credentials", "openai-gpt-image"],
             "prefix": "weekly",
         },
         tags=["gpt-image"],

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from prefect import Task, flow
 from prefect.client.orchestration import get_client
@@ -27,7 +28,7 @@ from prefect_gpt_image.artifacts import ProgressArtifact, publish_results
 from prefect_gpt_image.batch import Batch
 from prefect_gpt_image.block_refs import Routes, resolve_bucket, resolve_routes
 from prefect_gpt_image.blocks._route import GptImageRoute
-from prefect_gpt_image.caching import cache_store, find_cached
+from prefect_gpt_image.caching import cache_store, find_cached, generation_cache_policy
 from prefect_gpt_image.errors import (
     BatchFailedError,
     BudgetExceededError,
@@ -84,6 +85,7 @@ def generate_images(
     refresh_cache: bool = False,
     cache_expiration_days: Annotated[float | None, Field(gt=0)] = None,
     cache_storage: S3Bucket | str | None = None,
+    redis_lock_url: str | None = None,
     global_concurrency_limit: str | None = None,
     global_rate_limit: str | None = None,
     public_base_url: str | None = None,
@@ -124,6 +126,9 @@ def generate_images(
             None keeps them for good.
         cache_storage: Where the generation cache lives: an `S3Bucket` block or its
             name, shared by workers on other machines. Default: Prefect's result storage.
+        redis_lock_url: A Redis (redis://host:6379/0) that holds the generation cache's
+            locks, so that workers on several machines sharing `cache_storage` pay once for
+            a new image; default: GPT_IMAGE_REDIS_LOCK_URL, else files on this machine.
         global_concurrency_limit: The name of a Prefect global concurrency limit that
             caps requests in flight across all workers.
         global_rate_limit: The name of a Prefect global concurrency limit with slot
@@ -164,6 +169,9 @@ def generate_images(
     )
     if cache_storage is not None:
         generate = generate.with_options(result_storage=_saved(resolve_bucket(cache_storage)))
+    if redis_lock_url is not None:
+        _check_redis(redis_lock_url)
+        generate = generate.with_options(cache_policy=generation_cache_policy(redis_lock_url))
     limits = ApiLimits(
         max_concurrency=max_concurrency,
         requests_per_second=requests_per_second,
@@ -253,6 +261,24 @@ def _check_global_limits(limits: ApiLimits) -> None:
                     f"The global concurrency limit {name!r} has no slot decay, so it cannot "
                     "limit a rate: give it one, or pass it as global_concurrency_limit."
                 )
+
+
+def _check_redis(url: str) -> None:
+    """An unreachable lock store would fail every request: say so before any."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=5).ping()
+    except (redis.RedisError, ValueError) as exc:
+        raise ConfigurationError(
+            f"Cannot reach the Redis for the cache's locks at {_without_password(url)}: {exc}"
+        ) from None
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
 
 
 def _saved(block: S3Bucket) -> S3Bucket:

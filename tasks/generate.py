@@ -22,6 +22,7 @@ from prefect_gpt_image.caching import (
 from prefect_gpt_image.errors import GptImageError
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest, as_request
 from prefect_gpt_image.object_keys import slugify
+from prefect_gpt_image.redaction import scrub_error
 from prefect_gpt_image.retry_policy import (
     GENERATION_RETRIES,
     GENERATION_RETRY_DELAYS,
@@ -117,6 +118,8 @@ def generate_image(
                 image_request, limits, still_live=partial(book.is_live, route)
             )
         except GptImageError as exc:
+            # Whatever wrote the text (httpx quotes a header it refuses), no key leaves here.
+            scrub_error(exc, route.api_key.get_secret_value())
             # A charged answer that failed is paid again by the retry: count both.
             paid_calls, paid_usd = paid_calls + exc.billed, paid_usd + exc.billed_usd
             exc.paid_calls, exc.paid_usd = paid_calls, round(paid_usd, 6)

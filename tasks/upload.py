@@ -55,13 +55,19 @@ def upload_image(
             was generated for: a cached image serves every request with the same
             prompt, size and extras, whatever its `name`.
 
-    Sets Content-Type and user metadata (prompt, name, model, size, sha256). The key
-    is content-addressed, so uploading the same image again writes nothing new.
+    Sets Content-Type and user metadata (prompt, name, model, route, size, sha256). The
+    key is content-addressed, so uploading the same image again writes nothing new. With
+    `n` above one, every image of the call is stored; the others' records are in the
+    result's `more_images`.
     Throttling and outages are retried; a missing bucket or refused credentials
     fail at once with an error that says which.
     """
-    stored, written = store_image(image, bucket, prefix, request)
+    first, *others = image.variants()
+    stored, written = store_image(first, bucket, prefix, request)
     get_run_logger().info("%s %s", "Stored" if written else "Already stored", stored.uri)
+    if others:  # every image of an n above one is paid for: none is left behind
+        more = [store_image(other, bucket, prefix, request)[0] for other in others]
+        stored = stored.model_copy(update={"more_images": more})
     return stored
 
 

@@ -18,24 +18,42 @@ from prefect_aws import S3Bucket
 from pydantic import SecretStr
 
 import prefect_gpt_image
-from prefect_gpt_image import RapidAPICredentials, generate_images
+from prefect_gpt_image import OpenAICredentials, RapidAPICredentials, generate_images
 from prefect_gpt_image.errors import ConfigurationError
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 
-def test_block_metadata_for_the_ui() -> None:
-    assert RapidAPICredentials.get_block_type_name() == "RapidAPI Credentials"
-    assert RapidAPICredentials.get_block_type_slug() == "rapidapi-credentials"
-    assert RapidAPICredentials.get_description()
-    assert str(RapidAPICredentials._documentation_url).startswith("https://")
-    assert 'RapidAPICredentials.load("BLOCK_NAME")' in (
-        RapidAPICredentials.get_code_example() or ""
-    )
-    for name, field in RapidAPICredentials.model_fields.items():
-        assert field.description and field.description.endswith("."), name
-    schema = RapidAPICredentials.model_json_schema()
+@pytest.mark.parametrize(
+    ("block", "name", "slug"),
+    [
+        (RapidAPICredentials, "RapidAPI Credentials", "rapidapi-credentials"),
+        (OpenAICredentials, "OpenAI Image Credentials", "openai-image-credentials"),
+    ],
+)
+def test_block_metadata_for_the_ui(block: type[Block], name: str, slug: str) -> None:
+    assert block.get_block_type_name() == name
+    assert block.get_block_type_slug() == slug
+    assert block.get_description()
+    assert str(block._documentation_url).startswith("https://")
+    assert f'{block.__name__}.load("BLOCK_NAME")' in (block.get_code_example() or "")
+    for field_name, field in block.model_fields.items():
+        assert field.description and field.description.endswith("."), field_name
+    schema = block.model_json_schema()
     assert schema["required"] == ["api_key"]
     assert schema["properties"]["api_key"]["format"] == "password"
+
+
+def test_openai_defaults_reach_openai() -> None:
+    creds = OpenAICredentials(api_key=SecretStr("k"))
+    assert creds.endpoint_url == "https://api.openai.com/v1/images/generations"
+    assert (creds.model, creds.auth_header) == ("gpt-image-2", "authorization")
+    azure = OpenAICredentials(
+        api_key=SecretStr("k"),
+        base_url="https://r.openai.azure.com/openai/v1/",
+        auth_header="api-key",
+    )
+    assert azure.endpoint_url == "https://r.openai.azure.com/openai/v1/images/generations"
+    assert azure.route_name == "r.openai.azure.com"
 
 
 def test_defaults_name_todays_endpoint() -> None:
@@ -75,7 +93,10 @@ def test_saved_blocks_are_used_by_name(
 
 
 def test_unknown_block_name_says_what_to_do(bucket: S3Bucket) -> None:
-    with pytest.raises(ConfigurationError, match="No saved RapidAPICredentials or OpenAICredentials block named 'nope'"):
+    with pytest.raises(
+        ConfigurationError,
+        match="No saved RapidAPICredentials or OpenAICredentials block named 'nope'",
+    ):
         generate_images(["x"], bucket=bucket, credentials="nope")
 
 
@@ -106,16 +127,17 @@ def test_prefect_block_register(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "RapidAPI Credentials" in result.stdout
+    assert "OpenAI Image Credentials" in result.stdout
     with get_client(sync_client=True) as client:
         block_type = client.read_block_type_by_slug("rapidapi-credentials")
     assert block_type.name == "RapidAPI Credentials"
 
 
-class TestRapidAPICredentialsMeetsPrefectsStandard(BlockStandardTestSuite):
-    @pytest.fixture
-    def block(self, monkeypatch: pytest.MonkeyPatch) -> type[Block]:
+class TestCredentialsBlocksMeetPrefectsStandard(BlockStandardTestSuite):
+    @pytest.fixture(params=[RapidAPICredentials, OpenAICredentials])
+    def block(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type[Block]:
         # The suite downloads the logo from `_logo_url`; the logo ships in the package, and
         # is checked here from the installed copy.
         logo = Path(prefect_gpt_image.__file__).parent / "assets" / "logo.png"
-        monkeypatch.setattr(RapidAPICredentials, "_logo_url", logo.as_uri())
-        return RapidAPICredentials
+        monkeypatch.setattr(request.param, "_logo_url", logo.as_uri())
+        return request.param  # type: ignore[no-any-return]

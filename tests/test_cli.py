@@ -8,6 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from prefect_gpt_image import OpenAICredentials
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
@@ -86,4 +87,63 @@ def test_demo_runs_end_to_end_with_nothing_configured(tmp_path: Path) -> None:
     folder = tmp_path / "demo" / "s3" / "gpt-image-demo" / "spring-campaign"
     assert len(list(folder.glob("*.png"))) == 11
     assert len(list(folder.glob("manifest-*.jsonl"))) == 1
-    assert "would cost $0.33" in result.stdout
+    # The first route's model is retired; the second, gpt-image-2, made every image, and the
+    # cost is its usage at gpt-image-2's token prices: 11 medium squares at 1,056 tokens.
+    assert "gpt-image-1.5 answered 'model not found'" in result.stdout
+    assert "this run would have cost $0.37" in result.stdout
+
+    again = run(["demo", "--dir", str(tmp_path / "demo")], env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "12 stored, 0 failed; 0 generated, 11 from cache; cost $0.00" in again.stdout
+
+
+def test_price_shows_each_route_before_anything_is_paid(
+    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a priced pangolin\na priced puffin\n", "utf-8")
+
+    result = run(
+        ["price", str(prompts), "--size", "1536x864", "--quality", "medium", "--n", "2"],
+        user_env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    (retiring,) = [line for line in lines if "api.openai.com gpt-image-1.5 " in line]
+    assert "2 requests refused" in retiring and "cannot make 1536x864" in retiring
+    (successor,) = [line for line in lines if "api.openai.com gpt-image-2 " in line]
+    # 4 images of 1536x864 at 1,056 tokens a square megapixel, $32 a million, and the prompts.
+    assert "$0.17  for 4 images" in successor
+    assert api.calls == []
+
+
+def test_credentials_repeat_for_fallback_routes(
+    tmp_path: Path,
+    user_env: dict[str, str],
+    api: GptImageEmulator,
+    openai_credentials: OpenAICredentials,
+    s3_server: LocalS3Server,
+) -> None:
+    names = [f"cli-retired-{uuid.uuid4().hex[:6]}", f"cli-successor-{uuid.uuid4().hex[:6]}"]
+    api.models.pop("gpt-image-1.5", None)
+    openai_credentials.model_copy(update={"model": "gpt-image-1.5"}).save(names[0])
+    openai_credentials.save(names[1])
+    bucket = f"cli-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fallback falcon\n", "utf-8")
+
+    result = run(
+        [
+            *("generate", str(prompts), "--bucket", f"s3://{bucket}"),
+            *("--credentials", names[0], "--credentials", names[1]),
+        ],
+        user_env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert [(c.model, c.status) for c in api.calls] == [
+        ("gpt-image-1.5", 404),
+        (openai_credentials.model, 200),
+    ]

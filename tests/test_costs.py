@@ -18,7 +18,9 @@ def test_a_batch_over_budget_is_refused_before_any_paid_call(
     assert api.billed == 2
 
     # Three images are not cached yet: $0.09, over the budget.
-    with pytest.raises(BudgetExceededError, match=r"needs 3 new generations, up to \$0\.09") as refused:
+    with pytest.raises(
+        BudgetExceededError, match=r"needs 3 new generations, up to \$0\.09"
+    ) as refused:
         generate_images(prompts, bucket=bucket, credentials=credentials, max_cost_usd=0.08)
     assert "Nothing was generated" in str(refused.value)
     assert api.billed == 2

@@ -25,7 +25,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
-from prefect_gpt_image import RapidAPICredentials
+from prefect_gpt_image import OpenAICredentials, RapidAPICredentials
 from prefect_gpt_image.images import inspect_image
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server, prefect_server
 from prefect_gpt_image.testing.local_prefect import stop_process
@@ -97,12 +97,18 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     api_url, env = server
     bucket_name = "e2e-creatives"
 
-    # A newcomer's steps: register the block types, save both blocks, deploy, start a worker.
-    assert "RapidAPI Credentials" in prefect(["block", "register", "-m", "prefect_gpt_image"], env)
+    # A newcomer's steps: register the block types, save the blocks, deploy, start a worker.
+    registered = prefect(["block", "register", "-m", "prefect_gpt_image"], env)
+    assert "RapidAPI Credentials" in registered and "OpenAI Image Credentials" in registered
     with temporary_settings({PREFECT_API_URL: api_url}):
-        RapidAPICredentials(api_key=SecretStr(api_key), base_url=api.base_url).save(
-            "gpt-image-credentials", overwrite=True
-        )
+        # RapidAPI's route has retired its model (its host is gone): the deployment's second
+        # route, OpenAI's protocol, makes the images.
+        RapidAPICredentials(
+            api_key=SecretStr(api_key), base_url=api.base_url, api_host="retired.p.rapidapi.com"
+        ).save("gpt-image-credentials", overwrite=True)
+        OpenAICredentials(
+            api_key=SecretStr(api_key), base_url=api.openai_base_url, model="gpt-image-2"
+        ).save("openai-gpt-image", overwrite=True)
         s3_server.bucket_block(bucket_name).save("creatives-bucket", overwrite=True)
     prefect(["work-pool", "create", "creatives", "--type", "process"], env)
     deployed = prefect(
@@ -114,8 +120,10 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     assert schedule["schedule"] == {"cron": "0 6 * * 1", "timezone": "Europe/Paris", "day_or": True}
     # The run form: a size to pick, block pickers, numbers with bounds.
     form = weekly["parameter_openapi_schema"]["properties"]
-    assert form["size"]["enum"] == ["1024x1024", "1536x1024", "1024x1536"]
+    assert form["size"]["anyOf"][0]["enum"] == ["1024x1024", "1536x1024", "1024x1536"]
+    assert form["quality"]["anyOf"][0]["enum"] == ["low", "medium", "high", "auto"]
     assert {"$ref": "#/definitions/RapidAPICredentials"} in form["credentials"]["anyOf"]
+    assert {"$ref": "#/definitions/OpenAICredentials"} in form["credentials"]["anyOf"]
     assert {"$ref": "#/definitions/S3Bucket"} in form["bucket"]["anyOf"]
     assert (form["max_concurrency"]["minimum"], form["max_concurrency"]["maximum"]) == (1, 256)
 
@@ -163,6 +171,7 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
         "teapot-linen-soft-light",
     ]
     assert {p.read_bytes() for p in images} == set(api.served.values())
+    assert [(c.status, c.model) for c in api.calls if c.status == 200] == [(200, "gpt-image-2")] * 2
     sizes = {(info.width, info.height) for info in map(inspect_image, map(Path.read_bytes, images))}
     assert sizes == {(1536, 1024)}
 
@@ -173,7 +182,7 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     ).json()
     by_type = {artifact["type"]: artifact for artifact in artifacts}
     table = json.loads(by_type["table"]["data"])
-    assert [row["status"] for row in table] == ["stored", "stored"]
+    assert [(row["status"], row["model"]) for row in table] == [("stored", "gpt-image-2")] * 2
     assert by_type["progress"]["data"] == 100.0
     gallery_id = by_type["markdown"]["id"]
 

@@ -18,7 +18,7 @@ import pytest
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import ImageRequest, RapidAPICredentials, generate_images
-from prefect_gpt_image.client import GptImageClient
+from prefect_gpt_image.client import RapidAPIClient
 from prefect_gpt_image.errors import BatchFailedError, StorageError, UnsafeImageURLError
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 from prefect_gpt_image.url_safety import check_image_url
@@ -258,7 +258,7 @@ def test_public_image_urls_pass() -> None:
 def test_client_refuses_an_internal_image_url_from_a_public_api(
     api: GptImageEmulator, credentials: RapidAPICredentials
 ) -> None:
-    client = GptImageClient(credentials, allow_internal_images=False)
+    client = RapidAPIClient(credentials, allow_internal_images=False)
     with pytest.raises(UnsafeImageURLError):
         client.generate(ImageRequest(prompt="a metadata-hungry mole"))
     assert api.image_downloads == 0
@@ -278,7 +278,7 @@ def test_invalid_bucket_name_is_refused_before_any_paid_call(
 def test_redirects_are_followed_and_every_hop_is_checked(
     api: GptImageEmulator, credentials: RapidAPICredentials
 ) -> None:
-    client = GptImageClient(credentials)
+    client = RapidAPIClient(credentials)
     first = client.generate(ImageRequest(prompt="a redirected wren"))
     assert first.source_url
     api.add_fault(Fault.redirected_url(first.source_url))

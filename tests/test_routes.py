@@ -27,6 +27,7 @@ from prefect_gpt_image import (
     RapidAPICredentials,
     generate_image,
     generate_images,
+    upload_image,
 )
 from prefect_gpt_image.errors import (
     BatchFailedError,
@@ -142,7 +143,10 @@ def test_the_cache_of_any_route_serves_a_request(
     generate_images(
         ["a cached cormorant"],
         bucket=bucket,
-        credentials=[credentials.model_copy(update={"api_host": "nowhere.example"}), openai_credentials],
+        credentials=[
+            credentials.model_copy(update={"api_host": "nowhere.example"}),
+            openai_credentials,
+        ],
     )
     api.reset()
 
@@ -250,7 +254,7 @@ def test_every_request_is_checked_against_every_route_before_paying(
     assert (report.images[0].width, report.images[0].height) == (1536, 864)
 
     api.reset()
-    with pytest.raises(InvalidRequestError, match="gpt-image-1.5 .* cannot make 1536x864"):
+    with pytest.raises(InvalidRequestError, match=r"gpt-image-1\.5 .* cannot make 1536x864"):
         generate_images([wide], bucket=bucket, credentials=[openai_credentials, retired])
     for size, rule in [("1000x1000", "multiples of 16"), ("3840x1200", "aspect ratio")]:
         with pytest.raises(InvalidRequestError, match=rule):
@@ -420,3 +424,24 @@ def test_rate_limits_on_the_openai_route_are_retried(
 
     assert [c.status for c in api.calls] == [429, 200]
     assert image.sha256 in api.served
+
+
+def test_the_upload_task_stores_every_image_of_a_call(
+    api: GptImageEmulator,
+    openai_credentials: OpenAICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    @flow
+    def mine() -> Any:
+        image = fast_generate(ImageRequest(prompt="twin terns", n=2), openai_credentials)
+        return upload_image(image, bucket, prefix="mine")
+
+    stored = mine()
+
+    (other,) = stored.more_images
+    assert {stored.sha256, other.sha256} == set(api.served)
+    assert sorted(objects_in(s3_server, bucket).values()) == sorted(api.served.values())
+    assert stored.cost_usd + other.cost_usd == pytest.approx(
+        usage_cost(api.calls[0].usage or {}, "gpt-image-2")
+    )

@@ -47,8 +47,8 @@ __all__ = [
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
     from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
-    from prefect_gpt_image.model_table import ModelSpec
     from prefect_gpt_image.flows.generate_images import generate_images
+    from prefect_gpt_image.model_table import ModelSpec
     from prefect_gpt_image.models import (
         ApiLimits,
         BatchReport,

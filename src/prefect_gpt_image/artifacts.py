@@ -95,6 +95,8 @@ def _table_row(row: dict[str, Any], link: Link) -> dict[str, Any]:
         "object": row.get("uri", ""),
         "link": link(row["key"]) if row.get("key") else "",
         "size": row.get("size", ""),
+        "route": row.get("route", ""),
+        "model": row.get("model", ""),
         "cost_usd": row.get("cost_usd", 0.0),
         "cached": row.get("cached", False),
         "error": row.get("error", ""),

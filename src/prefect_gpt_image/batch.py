@@ -144,7 +144,12 @@ class Batch:
             cached = key in self.cached_keys
             for stored in outcome:
                 rows.append(
-                    {"index": index, **stored.model_dump(), "status": "stored", "cached": cached}
+                    {
+                        "index": index,
+                        **stored.model_dump(exclude={"more_images"}),
+                        "status": "stored",
+                        "cached": cached,
+                    }
                 )
         return rows
 

@@ -12,6 +12,9 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, Field
+
+from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.models import ImageRequest, Usage
 
 if TYPE_CHECKING:
@@ -53,3 +56,38 @@ def worst_case_cost(spec: ModelSpec, request: ImageRequest) -> float:
 def worst_case_over_routes(request: ImageRequest, routes: Sequence[GptImageRoute]) -> float:
     """The most `request` can cost on whichever of `routes` serves it."""
     return max(worst_case_cost(route.model_spec(), request) for route in routes)
+
+
+class RoutePrice(BaseModel):
+    """What a prompt set would cost on one route, before anything is paid."""
+
+    route: str
+    model: str
+    requests: int = Field(description="Requests the route can serve.")
+    images: int = Field(description="Images those requests ask for.")
+    worst_case_usd: float = Field(description="Their cost at worst: auto quality as high.")
+    refused: list[str] = Field(
+        default_factory=list, description="Why the route cannot serve the others."
+    )
+
+
+def price_on_route(requests: Sequence[ImageRequest], route: GptImageRoute) -> RoutePrice:
+    """Price `requests` on `route`, and say which it cannot serve."""
+    spec = route.model_spec()
+    served: list[ImageRequest] = []
+    refused: list[str] = []
+    for request in requests:
+        try:
+            route.check_request(request)
+        except InvalidRequestError as exc:
+            refused.append(str(exc))
+        else:
+            served.append(request)
+    return RoutePrice(
+        route=route.route_name,
+        model=route.model,
+        requests=len(served),
+        images=sum(request.n for request in served),
+        worst_case_usd=round(sum(worst_case_cost(spec, request) for request in served), 6),
+        refused=refused,
+    )

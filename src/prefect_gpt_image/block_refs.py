@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 B = TypeVar("B", bound=Block)
 
 RouteRef = RapidAPICredentials | OpenAICredentials | str
-Routes = RouteRef | list[RouteRef] | None
+Routes = RouteRef | Sequence[RouteRef] | None
 """What a user passes for `credentials`: a block, a saved block's name, an ordered list of
 those (the first is tried first), or None for the environment (RAPIDAPI_KEY)."""
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 from prefect import Task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.locking.protocol import LockManager
 from prefect.results import ResultStore, get_result_store
 from prefect.settings import get_current_settings
 
@@ -30,6 +31,7 @@ from prefect_gpt_image.block_refs import resolve_routes
 from prefect_gpt_image.locking import file_lock_manager
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
 from prefect_gpt_image.request_bodies import api_fields
+from prefect_gpt_image.settings import LockSettings
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks._route import GptImageRoute
@@ -62,16 +64,24 @@ def request_cache_key(request: ImageRequest, routes: Sequence[GptImageRoute]) ->
     return "gpt-image-routes-" + hashlib.sha256(" ".join(keys).encode()).hexdigest()
 
 
-def generation_cache_policy() -> CachePolicy:
+def generation_cache_policy(redis_lock_url: str | None = None) -> CachePolicy:
     """Cache by `generation_cache_key`, SERIALIZABLE: of two runs asking for the same
     image at once, the second waits for the first's result instead of paying again.
 
-    The locks are OS file locks under Prefect's home, so they serialize runs on one
-    machine (see `prefect_gpt_image.locking`).
+    The locks are OS file locks under Prefect's home, which serialize runs on one machine
+    (see `prefect_gpt_image.locking`), or, given a Redis URL (here, or in the
+    `GPT_IMAGE_REDIS_LOCK_URL` environment variable), prefect-redis's locks in that Redis,
+    which serialize runs on every machine that reaches it.
     """
-    locks = get_current_settings().home / "locks" / "prefect-gpt-image"
+    url = redis_lock_url or LockSettings().redis_lock_url
+    if url:
+        from prefect_redis.locking import RedisLockManager
+
+        manager: LockManager = RedisLockManager(connection_url=url)
+    else:
+        manager = file_lock_manager(get_current_settings().home / "locks" / "prefect-gpt-image")
     return CachePolicy.from_cache_key_fn(_task_cache_key).configure(
-        isolation_level="SERIALIZABLE", lock_manager=file_lock_manager(locks)
+        isolation_level="SERIALIZABLE", lock_manager=manager
     )
 
 

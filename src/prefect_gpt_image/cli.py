@@ -1,4 +1,5 @@
-"""The `prefect-gpt-image` command line: `generate` a prompt file, or run the `demo`.
+"""The `prefect-gpt-image` command line: `generate` a prompt file, `price` it on each
+route first, or run the `demo`.
 
 Prefect and boto3 are imported only once a command runs, so `--help` is instant.
 """
@@ -6,6 +7,7 @@ Prefect and boto3 are imported only once a command runs, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,10 +17,15 @@ from typing import TYPE_CHECKING
 from prefect_gpt_image.image_sizes import IMAGE_SIZES, parse_size
 
 if TYPE_CHECKING:
+    from prefect_gpt_image.blocks._route import GptImageRoute
     from prefect_gpt_image.models import BatchReport
 
 PROGRESS_BAR_MIN_PROMPTS = 10
 """Shorter batches finish before a progress bar would tell anything."""
+MAX_CONCURRENCY = 256
+MAX_REQUESTS_PER_SECOND = 1000.0
+"""The flow's own bounds on `max_concurrency` and `requests_per_second`, checked here so that
+a typo is a usage error before Prefect starts."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,35 +55,51 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="a saved S3Bucket block's name, or s3://bucket/folder with AWS_* credentials",
     )
-    generate.add_argument(
-        "--credentials",
-        help="a saved RapidAPICredentials block's name (default: RAPIDAPI_KEY from the env)",
-    )
+    _add_credentials(generate)
     generate.add_argument("--prefix", default="", help="folder for this batch's images")
+    _add_request_fields(generate)
     generate.add_argument(
-        "--size",
-        default="1024x1024",
-        choices=IMAGE_SIZES,
-        help="size of prompts that do not give one (default: %(default)s)",
+        "--max-concurrency", type=_whole(1, MAX_CONCURRENCY), default=8, metavar="N"
     )
-    generate.add_argument("--max-concurrency", type=int, default=8, metavar="N")
     generate.add_argument(
         "--requests-per-second",
-        type=float,
+        type=_amount(above=0, at_most=MAX_REQUESTS_PER_SECOND),
         metavar="R",
         help="the plan's rate limit (default: learned from the API's 429s)",
     )
     generate.add_argument(
         "--max-cost-usd",
-        type=float,
+        type=_amount(at_least=0),
         metavar="USD",
         help="refuse a batch whose new images would cost more, and stop at this spend",
     )
-    generate.add_argument("--allow-failures", type=int, default=0, metavar="N")
+    generate.add_argument("--allow-failures", type=_whole(0), default=0, metavar="N")
     generate.add_argument(
         "--refresh-cache", action="store_true", help="generate again even where cached (pays)"
     )
     generate.set_defaults(command=_generate)
+
+    price = commands.add_parser(
+        "price",
+        help="price a prompt file on each route before anything is paid",
+        description=(
+            "Check every prompt of a local prompt file against each route's model and print "
+            "what the set would cost there at worst (auto quality priced as high). Routes "
+            "are the --credentials given (saved blocks' names) and the built-in models of "
+            "each --model, or, with neither, RapidAPI's default route and every built-in "
+            "model through OpenAI. Nothing is sent to any API, and the cache is not read."
+        ),
+    )
+    price.add_argument("prompts_file", metavar="PROMPTS_FILE")
+    _add_credentials(price)
+    price.add_argument(
+        "--model",
+        action="append",
+        metavar="MODEL",
+        help="a model of the built-in table, priced through OpenAI (repeatable)",
+    )
+    _add_request_fields(price)
+    price.set_defaults(command=_price)
 
     demo = commands.add_parser(
         "demo",
@@ -95,6 +118,100 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_credentials(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--credentials",
+        action="append",
+        metavar="BLOCK",
+        help=(
+            "a saved RapidAPICredentials or OpenAICredentials block's name; repeat it for "
+            "fallback routes, tried in order (default: RAPIDAPI_KEY from the environment)"
+        ),
+    )
+
+
+def _add_request_fields(command: argparse.ArgumentParser) -> None:
+    """The request fields the flow takes as defaults for prompts that do not give them."""
+    command.add_argument(
+        "--size",
+        default="1024x1024",
+        type=_size,
+        metavar="WxH",
+        help=f"size of prompts that do not give one: {', '.join(IMAGE_SIZES)}, or any "
+        "size the model makes (default: %(default)s)",
+    )
+    command.add_argument("--quality", choices=("low", "medium", "high", "auto"))
+    command.add_argument(
+        "--n", type=_whole(1), default=1, metavar="N", help="images per prompt (default: 1)"
+    )
+    command.add_argument("--output-format", choices=("png", "jpeg", "webp"))
+    command.add_argument("--output-compression", type=_whole(0, 100), metavar="PERCENT")
+    command.add_argument("--background", choices=("transparent", "opaque", "auto"))
+    command.add_argument("--moderation", choices=("low", "auto"))
+
+
+def _size(text: str) -> str:
+    try:
+        width, height = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1536x1024") from None
+    return f"{width}x{height}"
+
+
+def _whole(at_least: int, at_most: int | None = None) -> Callable[[str], int]:
+    """An argparse type for a count: argparse turns its refusal into a usage error (exit 2),
+    where the flow's own check would come late, as a traceback."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < at_least or (at_most is not None and value > at_most):
+            bound = f"{at_least} to {at_most}" if at_most is not None else f"{at_least} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {bound}")
+        return value
+
+    return parse
+
+
+def _amount(
+    *, at_least: float | None = None, above: float | None = None, at_most: float | None = None
+) -> Callable[[str], float]:
+    """An argparse type for a finite number within bounds, refused as `_whole` refuses."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {at_least:g} or more")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give more than {above:g}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {at_most:g} at most")
+        return value
+
+    return parse
+
+
+def _request_fields(args: argparse.Namespace) -> dict[str, object]:
+    width, height = parse_size(args.size)
+    return {
+        "width": width,
+        "height": height,
+        "quality": args.quality,
+        "n": args.n,
+        "output_format": args.output_format,
+        "output_compression": args.output_compression,
+        "background": args.background,
+        "moderation": args.moderation,
+    }
+
+
 def _generate(args: argparse.Namespace) -> int:
     from prefect_gpt_image.errors import BatchFailedError, GptImageError
     from prefect_gpt_image.flows.generate_images import generate_images
@@ -105,8 +222,7 @@ def _generate(args: argparse.Namespace) -> int:
         # A local file is checked before a flow run starts, so a typo is a one-line error.
         # The flow checks again, as it does for every caller.
         if not args.prompts_file.startswith("s3://"):
-            width, height = parse_size(args.size)
-            load_prompts(args.prompts_file, width=width, height=height)
+            load_prompts(args.prompts_file, defaults=_request_fields(args))
         normalize_prefix(args.prefix)
         with progress_bar():
             report = generate_images(
@@ -115,6 +231,12 @@ def _generate(args: argparse.Namespace) -> int:
                 credentials=args.credentials,
                 prefix=args.prefix,
                 size=args.size,
+                quality=args.quality,
+                n=args.n,
+                output_format=args.output_format,
+                output_compression=args.output_compression,
+                background=args.background,
+                moderation=args.moderation,
                 max_concurrency=args.max_concurrency,
                 requests_per_second=args.requests_per_second,
                 max_cost_usd=args.max_cost_usd,
@@ -130,6 +252,49 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     print_report(report)
     return 0
+
+
+def _price(args: argparse.Namespace) -> int:
+    from prefect_gpt_image.billing import price_on_route
+    from prefect_gpt_image.errors import GptImageError
+    from prefect_gpt_image.prompt_sets import load_prompts
+
+    try:
+        requests = load_prompts(args.prompts_file, defaults=_request_fields(args))
+        routes = _pricing_routes(args.credentials, args.model)
+        prices = [price_on_route(requests, route) for route in routes]
+    except GptImageError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(requests)} requests in {args.prompts_file}; the most they can cost:")
+    width = max(len(f"{p.route} {p.model}") for p in prices)
+    for price in prices:
+        where = f"{price.route} {price.model}".ljust(width)
+        cost = f"${price.worst_case_usd:,.2f}".rjust(10)
+        line = f"  {where}  {cost}  for {price.images} images"
+        if price.refused:
+            line += f"; {len(price.refused)} requests refused, e.g. {price.refused[0]}"
+        print(line)
+    return 0
+
+
+def _pricing_routes(names: list[str] | None, models: list[str] | None) -> list[GptImageRoute]:
+    from pydantic import SecretStr
+
+    from prefect_gpt_image.block_refs import resolve_routes
+    from prefect_gpt_image.blocks.credentials import RapidAPICredentials
+    from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+    from prefect_gpt_image.model_table import MODELS, model_spec
+
+    unused_key = SecretStr("not-used-for-pricing")
+    routes: list[GptImageRoute] = resolve_routes(list(names)) if names else []
+    if not names and not models:
+        routes.append(RapidAPICredentials(api_key=unused_key))
+        models = list(MODELS)
+    for model in models or []:
+        model_spec(model)  # an unknown model says how to describe it
+        routes.append(OpenAICredentials(api_key=unused_key, model=model))
+    return routes
 
 
 def _demo(args: argparse.Namespace) -> int:

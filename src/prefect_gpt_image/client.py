@@ -6,6 +6,7 @@ import hashlib
 import logging
 import threading
 import time
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -23,11 +24,12 @@ from prefect_gpt_image.errors import (
     InvalidResponseError,
     RouteDroppedError,
 )
-from prefect_gpt_image.images import inspect_image
+from prefect_gpt_image.images import inspect_image, media_type_label
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageFile, ImageRequest, Usage
 from prefect_gpt_image.request_bodies import openai_body, rapidapi_body
 from prefect_gpt_image.responses import (
     ImageReference,
+    InlineImage,
     error_for_openai_response,
     error_for_response,
     find_images,
@@ -37,7 +39,7 @@ from prefect_gpt_image.responses import (
 )
 from prefect_gpt_image.retry_policy import DOWNLOAD_ATTEMPTS
 from prefect_gpt_image.throttle import throttle_for
-from prefect_gpt_image.url_safety import check_image_url, is_local_endpoint
+from prefect_gpt_image.url_safety import ImageHostPolicy, PinnedURL, pin_image_url
 
 if TYPE_CHECKING:
     import openai
@@ -52,6 +54,7 @@ DOWNLOAD_READ_TIMEOUT_SECONDS = 30.0
 DOWNLOAD_DEADLINE_SECONDS = 120.0
 """A download that trickles is cut off here, whatever its read timeout."""
 MAX_REDIRECTS = 5
+_SHOWN_URL_CHARS = 200
 
 _http: httpx.Client | None = None
 _http_lock = threading.Lock()
@@ -78,15 +81,17 @@ class GenerationClient(ABC):
     """
 
     def __init__(self, route: GptImageRoute, *, allow_internal_images: bool | None = None) -> None:
-        """`allow_internal_images`: fetch images from internal addresses; by default only
-        when the API itself is configured at one (an emulator, an in-house proxy)."""
+        """`allow_internal_images`: by default (None) images come from public addresses,
+        and from the API's own host and port where the API itself is at an internal address
+        (an emulator, an in-house proxy); True also allows every other internal address,
+        False none. Cloud metadata addresses are never fetched from (`url_safety`)."""
         self._route = route
         self._spec = route.model_spec()
         self._http = shared_http_client()
         self._throttle = throttle_for(route.endpoint_url, route.api_key.get_secret_value())
-        if allow_internal_images is None:
-            allow_internal_images = is_local_endpoint(route.endpoint_url)
-        self._allow_internal_images = allow_internal_images
+        self._image_hosts = ImageHostPolicy.for_api(
+            route.endpoint_url, allow_internal=allow_internal_images
+        )
         read_timeout = min(DOWNLOAD_READ_TIMEOUT_SECONDS, route.timeout_seconds)
         self._download_timeout = httpx.Timeout(read_timeout, connect=min(10.0, read_timeout))
 
@@ -166,10 +171,19 @@ class GenerationClient(ABC):
 
     def _file(self, reference: ImageReference) -> ImageFile:
         cap = self._route.max_image_bytes
-        data = reference.data if reference.data is not None else self._download(reference.url)
+        media_type: str | None = None
+        if isinstance(reference.data, InlineImage):
+            # Weighed before it is decoded: an answer may carry far more than the cap.
+            if reference.data.size > cap:
+                raise _too_large(reference.data.size, cap)
+            data, media_type = reference.data.decoded(), reference.data.media_type
+        elif reference.data is not None:
+            data = reference.data
+        else:
+            data, media_type = self._download(reference.url)
         if len(data) > cap:
             raise _too_large(len(data), cap)
-        info = inspect_image(data)
+        info = inspect_image(data, media_type)
         return ImageFile(
             data=data,
             media_type=info.media_type,
@@ -178,8 +192,9 @@ class GenerationClient(ABC):
             height=info.height,
         )
 
-    def _download(self, url: str | None) -> bytes:
-        """Fetch a paid image, retrying transient failures: it cannot be fetched later."""
+    def _download(self, url: str | None) -> tuple[bytes, str | None]:
+        """Fetch a paid image, retrying transient failures: it cannot be fetched later.
+        Returns its bytes and the media type they were labelled with."""
         assert url is not None
         last_error: Exception | None = None
         for attempt in range(DOWNLOAD_ATTEMPTS):
@@ -191,25 +206,30 @@ class GenerationClient(ABC):
                 last_error = exc
                 logger.debug("Download of %s failed (%s); attempt %d", url, exc, attempt + 1)
         raise InvalidResponseError(
-            f"The generated image could not be downloaded from {url} after "
+            f"The generated image could not be downloaded from {_shown(url)} after "
             f"{DOWNLOAD_ATTEMPTS} attempts: {type(last_error).__name__}: {last_error}"
         )
 
-    def _download_once(self, url: str) -> bytes:
+    def _download_once(self, url: str) -> tuple[bytes, str | None]:
         cap = self._route.max_image_bytes
         deadline = time.monotonic() + DOWNLOAD_DEADLINE_SECONDS
         for _ in range(MAX_REDIRECTS + 1):
-            # Redirects are followed by hand, so that every hop is checked.
-            check_image_url(url, allow_internal=self._allow_internal_images)
-            request = self._http.build_request("GET", url, timeout=self._download_timeout)
-            r = self._http.send(request, stream=True)
+            # Redirects are followed by hand, so that every hop is checked, and each is
+            # fetched from the address its check resolved (`url_safety`).
             try:
-                if r.is_redirect and r.next_request is not None:
-                    url = str(r.next_request.url)
+                pinned = pin_image_url(url, self._image_hosts)
+            except OSError as exc:
+                raise _TransientDownloadError(
+                    f"the image host's name could not be looked up ({exc})"
+                ) from None
+            r = self._send_pinned(pinned)
+            try:
+                if r.is_redirect:
+                    url = pinned.join(r.headers["location"])
                     continue
                 _check_download_status(r.status_code)
-                if int(r.headers.get("content-length") or 0) > cap:
-                    raise _too_large(int(r.headers["content-length"]), cap)
+                if _content_length(r) > cap:
+                    raise _too_large(_content_length(r), cap)
                 chunks: list[bytes] = []
                 size = 0
                 for chunk in r.iter_bytes():
@@ -221,10 +241,86 @@ class GenerationClient(ABC):
                             f"still downloading after {DOWNLOAD_DEADLINE_SECONDS:g} s"
                         )
                     chunks.append(chunk)
-                return b"".join(chunks)
+                return b"".join(chunks), r.headers.get("content-type")
+            except httpx.DecodingError:
+                raise InvalidResponseError(
+                    "The image host sent a body that could not be decoded "
+                    f"(Content-Encoding {media_type_label(r.headers.get('content-encoding'))})."
+                ) from None
             finally:
                 r.close()
         raise InvalidResponseError(f"The image URL redirected more than {MAX_REDIRECTS} times.")
+
+    def _send_pinned(self, pinned: PinnedURL) -> httpx.Response:
+        """GET `pinned`, connecting to its checked address only; the answer is streamed.
+
+        Behind a proxy (HTTP_PROXY, HTTPS_PROXY), the proxy connects and resolves the name
+        itself: the URL was checked all the same, but only a direct connection can be held
+        to the checked address."""
+        if _through_proxy(pinned):
+            request = self._http.build_request(
+                "GET", pinned.url, headers=_DOWNLOAD_HEADERS, timeout=self._download_timeout
+            )
+            return self._http.send(request, stream=True)
+        headers = {**_DOWNLOAD_HEADERS, "Host": pinned.host_header}
+        extensions: dict[str, Any] = {}
+        if pinned.scheme == "https":
+            # The certificate is checked against the host name sent as the server name; a
+            # connection verified for one name is never reused for another name that
+            # resolved to the same address.
+            extensions["sni_hostname"] = pinned.host
+            headers["Connection"] = "close"
+        http = download_http_client()
+        try:
+            request = http.build_request(
+                "GET",
+                pinned.connect_url,
+                headers=headers,
+                extensions=extensions,
+                timeout=self._download_timeout,
+            )
+        except httpx.InvalidURL:
+            raise InvalidResponseError(
+                f"The API pointed at an image URL that cannot be fetched: {_shown(pinned.url)}"
+            ) from None
+        return http.send(request, stream=True)
+
+
+_DOWNLOAD_HEADERS = {"Accept-Encoding": "identity"}
+"""Images are compressed already: a host asked for them as they are has no reason to
+compress them again, which would let a few kilobytes inflate to many megabytes."""
+
+_download_http: httpx.Client | None = None
+
+
+def download_http_client() -> httpx.Client:
+    """The connection pool image downloads share: direct connections only, each to the
+    address its URL was checked at; redirects are followed by hand."""
+    global _download_http
+    with _http_lock:
+        if _download_http is None:
+            _download_http = httpx.Client(
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                headers={"user-agent": "prefect-gpt-image"},
+                verify=httpx.create_ssl_context(trust_env=True),  # SSL_CERT_FILE, SSL_CERT_DIR
+                trust_env=False,  # proxies: see GenerationClient._send_pinned
+                follow_redirects=False,
+            )
+        return _download_http
+
+
+def _through_proxy(pinned: PinnedURL) -> bool:
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(pinned.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(pinned.host)
+
+
+def _content_length(response: httpx.Response) -> int:
+    try:
+        return int(response.headers.get("content-length") or 0)
+    except ValueError:
+        return 0
 
 
 def _check_download_status(status: int) -> None:
@@ -234,6 +330,10 @@ def _check_download_status(status: int) -> None:
         raise InvalidResponseError(
             f"The generated image's URL answered {status}: it has expired or was never "
             "there. The image must be generated again."
+        )
+    if not 200 <= status < 300:
+        raise InvalidResponseError(
+            f"The generated image's URL answered {status} instead of the image."
         )
 
 
@@ -246,6 +346,10 @@ def _too_large(size: int, cap: int) -> InvalidImageError:
         f"The generated image is larger ({size:,} bytes) than max_image_bytes ({cap:,}) "
         "allows; raise it in the credentials block to accept it."
     )
+
+
+def _shown(url: str) -> str:
+    return url if len(url) <= _SHOWN_URL_CHARS else url[:_SHOWN_URL_CHARS] + "..."
 
 
 class RapidAPIClient(GenerationClient):

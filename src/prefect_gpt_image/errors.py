@@ -7,7 +7,7 @@ API key.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prefect_gpt_image.models import BatchReport
@@ -31,6 +31,19 @@ class GptImageError(Exception):
     """Charged answers the failed task run made, over all its attempts."""
     paid_usd: float = 0.0
     """What those charged answers cost."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle without calling `__init__` again: subclasses take keyword-only fields,
+        which `Exception`'s own pickling would drop, so a Dask worker or a process pool
+        could not hand the error back. The fields travel in `__dict__`."""
+        return _rebuild, (type(self), self.args), self.__dict__
+
+
+def _rebuild(cls: type[GptImageError], args: tuple[Any, ...]) -> GptImageError:
+    """An error of `cls` with `args`, its fields to be restored by unpickling."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
 
 
 class InvalidRequestError(GptImageError, ValueError):

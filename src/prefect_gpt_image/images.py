@@ -1,8 +1,15 @@
-"""Checking that downloaded bytes really are an image, and reading its size."""
+"""Checking that answered bytes really are an image, and reading its size.
+
+Every image is decoded in full before it is accepted, so a file whose headers are fine but
+whose pixels are not (truncated, corrupt, or a few hundred bytes claiming a picture of
+gigabytes) is refused here rather than by whoever opens it next. Error messages say how
+many bytes came and what media type they were labelled with, never what they held.
+"""
 
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -10,6 +17,18 @@ from PIL import Image, UnidentifiedImageError
 from prefect_gpt_image.errors import InvalidImageError
 
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+LARGEST_MODEL_SIZE = (3840, 2160)
+"""The largest image a model in the model table makes, width by height
+(`ModelSpec.max_pixels` by default)."""
+
+MAX_IMAGE_PIXELS = LARGEST_MODEL_SIZE[0] * LARGEST_MODEL_SIZE[1] * 3 // 2
+"""The most pixels an accepted image may have: the largest size a model makes with half
+again as much room, 12,441,600. An image that claims more is refused before any pixel is
+decoded: decoding takes up to 4 bytes a pixel, so this bounds what one image can cost
+(about 50 MB), where a 92-byte PNG can claim 12000x12000 pixels (a decompression bomb)."""
+
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -19,23 +38,66 @@ class ImageInfo:
     height: int
 
 
-def inspect_image(data: bytes) -> ImageInfo:
-    """The media type and dimensions of `data`, or InvalidImageError.
+def inspect_image(data: bytes, media_type: str | None = None) -> ImageInfo:
+    """The media type and dimensions of `data`, once it has been decoded in full; or
+    InvalidImageError, whatever went wrong reading it.
 
-    Only headers are parsed, plus `verify()`, which walks a PNG's chunks (so a
-    truncated PNG fails) without decoding pixels; a JPEG must end with its EOI marker.
+    `media_type` is what the bytes were labelled with (a Content-Type header, a data: URL),
+    if anything: it is shown in error messages, and the bytes decide the type.
     """
+    served = _served(data, media_type)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=tuple(MEDIA_TYPES)) as image:
             fmt, (width, height) = image.format or "", image.size
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            if fmt not in MEDIA_TYPES:  # a JPEG with more pictures in it (MPO)
+                raise InvalidImageError(
+                    f"The API served a {fmt} image ({served}); expected PNG, JPEG or WebP."
+                )
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _too_many_pixels(served, f"{width}x{height} pixels")
+            if getattr(image, "is_animated", False):
+                raise InvalidImageError(
+                    f"The API served an animated {fmt} ({served}); expected a still image."
+                )
+            image.verify()  # a PNG's chunks and checksums, which decoding does not check
+        with Image.open(io.BytesIO(data), formats=(fmt,)) as image:
+            image.load()
+    except InvalidImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(served, "more pixels than Pillow opens") from None
+    except UnidentifiedImageError:
         raise InvalidImageError(
-            f"The API served {len(data)} bytes that are not a readable image "
-            f"(starting {data[:16]!r}): {exc}"
-        ) from exc
-    if fmt not in MEDIA_TYPES:
-        raise InvalidImageError(f"The API served a {fmt} image; expected PNG, JPEG or WebP.")
+            f"The API served {served} that are not a readable image: not a PNG, JPEG or WebP file."
+        ) from None
+    except Exception as exc:
+        # A decoder may fail in any way on untrusted bytes. Only the kind of failure is
+        # kept: decoders' messages can quote the bytes.
+        reason = "it is truncated" if "truncated" in str(exc) else f"{type(exc).__name__}"
+        raise InvalidImageError(
+            f"The API served {served} that are not a readable image: {reason}."
+        ) from None
     if fmt == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-        raise InvalidImageError(f"The API served a truncated JPEG ({len(data)} bytes).")
+        raise InvalidImageError(f"The API served a truncated JPEG ({served}).")
     return ImageInfo(media_type=MEDIA_TYPES[fmt], width=width, height=height)
+
+
+def media_type_label(value: str | None) -> str | None:
+    """A media type as an error message may show it: `type/subtype` lowercased and without
+    parameters; anything else is not shown."""
+    if value is None:
+        return None
+    name = value.split(";", 1)[0].strip().lower()
+    return name if _MEDIA_TYPE.fullmatch(name) else "an unrecognised media type"
+
+
+def _served(data: bytes, media_type: str | None) -> str:
+    label = media_type_label(media_type)
+    return f"{len(data):,} bytes" + (f" labelled {label}" if label else "")
+
+
+def _too_many_pixels(served: str, size: str) -> InvalidImageError:
+    return InvalidImageError(
+        f"The API served an image of {size} ({served}), more than the {MAX_IMAGE_PIXELS:,} "
+        "accepted: it was refused without decoding it."
+    )

@@ -252,6 +252,10 @@ class StoredImage(BaseModel):
     route: str = Field(default="", description="The route that made it.")
     cost_usd: float = Field(default=0.0, description="Its share of what its call cost.")
     variant: int = Field(default=0, description="Its place among its call's images.")
+    more_images: list[StoredImage] = Field(
+        default_factory=list,
+        description="The other images of its call, where `upload_image` stored them all.",
+    )
 
     @classmethod
     def of(cls, image: GeneratedImage, bucket: str, key: str) -> StoredImage:

@@ -12,20 +12,23 @@ import io
 import itertools
 import json
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from prefect_gpt_image.errors import InvalidRequestError
-from prefect_gpt_image.models import ImageRequest
+from prefect_gpt_image.models import MAX_PROMPT_CHARS, ImageRequest
 
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
 MAX_TEMPLATE_PROMPTS = 10_000
 """A template's product past this is more likely a mistake than a campaign."""
 EXTRAS_COLUMN_PREFIX = "extras."
 """A CSV column named `extras.quality` becomes `extras["quality"]`."""
+MAX_JSON_DEPTH = 32
+"""A JSON Lines request is a flat object of fields: nesting past this is a broken line, and
+would overflow the JSON encoders and hashers that see the request later."""
 
 PromptItem = str | ImageRequest | Mapping[str, Any]
 ReadURI = Callable[[str], bytes]
@@ -150,13 +153,28 @@ def _read_text(location: str, read_uri: ReadURI | None) -> str:
 
 
 def _lines(text: str) -> list[str]:
-    """Lines split at line ends only: `str.splitlines` also splits at U+2028 and kin,
-    which may stand inside a prompt."""
-    return text.replace("\r\n", "\n").split("\n")
+    """Lines split at line ends only: LF, CRLF, and CR alone (old Mac files, which would
+    otherwise be one long prompt). `str.splitlines` also splits at U+2028 and kin, which
+    may stand inside a prompt."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def _csv_rows(text: str, name: str) -> list[tuple[int, PromptItem]]:
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        return _csv_records(reader, name)
+    except csv.Error as exc:
+        line = max(reader.reader.line_num, 1)  # the DictReader's own stops at the last row
+        if "field limit" in str(exc):
+            raise InvalidRequestError(
+                f"{name}, line {line}: a cell holds more than {csv.field_size_limit():,} "
+                f"characters (CSV's limit), and a prompt may have at most {MAX_PROMPT_CHARS:,}. "
+                "Check the file's quotes: an unclosed one runs on to the end of the file."
+            ) from None
+        raise InvalidRequestError(f"{name}, line {line}: not valid CSV ({exc}).") from None
+
+
+def _csv_records(reader: csv.DictReader[str], name: str) -> list[tuple[int, PromptItem]]:
     if not reader.fieldnames or "prompt" not in reader.fieldnames:
         raise InvalidRequestError(f"{name}, line 1: a CSV prompt file needs a 'prompt' column.")
     rows: list[tuple[int, PromptItem]] = []
@@ -190,12 +208,42 @@ def _jsonl_rows(text: str, name: str) -> list[tuple[int, PromptItem]]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(f"{name}, line {n}: not valid JSON ({exc.msg}).") from None
+        except RecursionError:  # deeper than Python's own parser goes
+            raise _too_deep(name, n) from None
+        if _depth(item) > MAX_JSON_DEPTH:
+            raise _too_deep(name, n)
         if isinstance(item, str):
             item = {"prompt": item}
         if not isinstance(item, dict):
             raise InvalidRequestError(f"{name}, line {n}: expected an object or a string.")
         rows.append((n, item))
     return rows
+
+
+def _too_deep(name: str, line: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{name}, line {line}: arrays or objects nested more than {MAX_JSON_DEPTH} deep. A "
+        "line is a prompt (a JSON string) or an object of a request's fields; check the "
+        "line's brackets."
+    )
+
+
+def _depth(value: object) -> int:
+    """How deep arrays and objects nest in a parsed JSON value (a string is 0), counted
+    without recursion, whatever the depth."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _request(item: PromptItem, defaults: dict[str, Any], where: str) -> ImageRequest:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,11 +42,44 @@ _NESTED_FIELDS = ("result", "response", "image")
 
 
 @dataclass(frozen=True)
+class InlineImage:
+    """An image an answer carried inline, as base64 text, not yet decoded.
+
+    An answer can carry far more than the caller accepts (`max_image_bytes`): `size` is
+    known from the text's length alone, and `decoded()` is called only once it is known to
+    be within the cap.
+    """
+
+    text: str = dataclasses.field(repr=False)
+    start: int = 0
+    """Where the base64 text starts in `text` (after a data: URL's comma)."""
+    media_type: str | None = None
+    """The media type a data: URL declared, if it declared one."""
+
+    @property
+    def size(self) -> int:
+        """The bytes the text decodes to: 3 per 4 characters, less the padding."""
+        length = len(self.text) - self.start
+        padding = 0
+        if length >= 4 and length % 4 == 0:
+            padding = (self.text[-1] == "=") + (self.text[-2] == "=")
+        return (length + 3) // 4 * 3 - padding
+
+    def decoded(self) -> bytes:
+        """The image's bytes, or InvalidResponseError if the text is not base64."""
+        try:
+            return base64.b64decode(self.text[self.start :], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidResponseError("The API's inline image is not valid base64.") from None
+
+
+@dataclass(frozen=True)
 class ImageReference:
-    """Where a successful answer put the image: a URL to fetch, or the bytes inline."""
+    """Where a successful answer put the image: a URL to fetch, or the image inline
+    (`InlineImage`, decoded by the caller once its size is known to be acceptable)."""
 
     url: str | None = None
-    data: bytes | None = None
+    data: bytes | InlineImage | None = None
 
 
 def find_image(payload: Any) -> ImageReference:
@@ -121,25 +156,41 @@ def _search(node: Any, depth: int) -> ImageReference | None:
 def _reference_from_string(value: str) -> ImageReference | None:
     if value.startswith(("http://", "https://")):
         return ImageReference(url=value)
-    if value.startswith("data:image/") and "," in value:
-        return ImageReference(data=_decode_base64(value.split(",", 1)[1]))
+    if value.startswith("data:image/") and (comma := value.find(",")) > 0:
+        declared = value[len("data:") : min(comma, len("data:") + 100)].split(";", 1)[0]
+        return ImageReference(data=InlineImage(value, start=comma + 1, media_type=declared))
     return None
 
 
-def _decode_base64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidResponseError("The API's inline image is not valid base64.") from exc
+def _decode_base64(text: str) -> InlineImage:
+    """The inline image `text` carries, decoded only when read (see `InlineImage`)."""
+    return InlineImage(text)
 
 
 def parse_json(body: bytes) -> Any:
+    """The answer's JSON; NaN, Infinity and numbers too large for a float read as null.
+
+    InvalidResponseError for a body that is not JSON, or is nested too deep to read; the
+    message says what the body was (its length and kind), never what it held."""
     try:
-        return json.loads(body)
-    except ValueError as exc:
+        return json.loads(body, parse_constant=_no_number, parse_float=_finite_float)
+    except RecursionError:
         raise InvalidResponseError(
-            f"The API answered 200 with a body that is not JSON: {_preview(body)}"
-        ) from exc
+            f"The API answered 200 with JSON nested too deep to read ({len(body):,} bytes)."
+        ) from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise InvalidResponseError(
+            f"The API answered 200 with a body that is not JSON ({_preview(body)})."
+        ) from None
+
+
+def _no_number(name: str) -> None:
+    return None
+
+
+def _finite_float(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 # --- Errors ---------------------------------------------------------------------------
@@ -228,8 +279,67 @@ def _error_detail(body: bytes) -> str:
 
 
 def _preview(payload: Any) -> str:
-    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else repr(payload)
+    """What an answer held, for an error message, without its content: a body that is not
+    JSON by its length and kind, JSON by its shape (field names and the types of values,
+    never the values), cut at 200 characters."""
+    if isinstance(payload, (bytes, bytearray)):
+        return _kind_of_body(bytes(payload))
+    text = _shape(payload, depth=0)
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _kind_of_body(body: bytes) -> str:
+    if not body.strip():
+        return f"{len(body):,} bytes, empty" if body else "an empty body"
+    head = body[:512].lstrip()
+    if _HTML.match(head.decode("utf-8", "replace")):
+        kind = "an HTML page"
+    else:
+        try:
+            head.decode("utf-8")
+            kind = "text"
+        except UnicodeDecodeError as exc:  # a character cut at 512 bytes is still text
+            kind = "text" if exc.start >= len(head) - 3 else "binary data"
+    return f"{len(body):,} bytes, {kind}"
+
+
+_SHAPE_DEPTH = 3
+_SHAPE_FIELDS = 12
+
+
+def _shape(node: Any, depth: int) -> str:
+    """`node`'s layout: objects with their field names, arrays by their first item and
+    length, and every value by its JSON type."""
+    if isinstance(node, Mapping):
+        if not node:
+            return "{}"
+        if depth >= _SHAPE_DEPTH:
+            return "{...}"
+        fields = [
+            f"{_field_name(key)}: {_shape(value, depth + 1)}"
+            for key, value in list(node.items())[:_SHAPE_FIELDS]
+        ]
+        more = ", ..." if len(node) > _SHAPE_FIELDS else ""
+        return "{" + ", ".join(fields) + more + "}"
+    if isinstance(node, list):
+        if not node:
+            return "[]"
+        if depth >= _SHAPE_DEPTH:
+            return "[...]"
+        first = _shape(node[0], depth + 1)
+        return f"[{first}]" if len(node) == 1 else f"[{first}, ... {len(node)} items]"
+    if isinstance(node, str):
+        return "string"
+    if isinstance(node, bool):
+        return "boolean"
+    if isinstance(node, (int, float)):
+        return "number"
+    return "null" if node is None else type(node).__name__
+
+
+def _field_name(key: object) -> str:
+    name = json.dumps(str(key))
+    return name if len(name) <= 42 else name[:40] + '..."'
 
 
 def error_for_openai_response(

@@ -38,3 +38,11 @@ class RapidAPISettings(BaseSettings):
     price_per_image_usd: float = Field(
         default=DEFAULT_PRICE_PER_IMAGE_USD, validation_alias="GPT_IMAGE_PRICE_USD"
     )
+
+
+class LockSettings(BaseSettings):
+    """Where the generation cache's locks live, when not in files on this machine."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    redis_lock_url: str | None = Field(default=None, validation_alias="GPT_IMAGE_REDIS_LOCK_URL")

@@ -149,6 +149,7 @@ def image_metadata(image: GeneratedImage) -> dict[str, str]:
     metadata = {
         "prompt": _ascii_truncated(request.prompt, METADATA_PROMPT_BYTES),
         "model": quote(image.model, safe=" "),
+        "route": quote(image.route, safe=" :"),
         "size": f"{image.width}x{image.height}",
         "sha256": image.sha256,
     }

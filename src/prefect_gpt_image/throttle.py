@@ -2,7 +2,7 @@
 
 A request is admitted when four things allow it, in this order:
 
-1. the endpoint is not on hold: a 429 or 503 with Retry-After (or the gateway's reset
+1. the endpoint is not on hold: a 429 or 5xx with Retry-After (or the window's reset
    time) speaks for the key, not for one request, so it holds back every request;
 2. a slot is free: at most `ApiLimits.max_concurrency` requests in flight;
 3. its turn has come: requests start at most `requests_per_second` apart, or at the
@@ -10,12 +10,18 @@ A request is admitted when four things allow it, in this order:
 4. the Prefect global limits the caller names allow it (a rate limit, then a
    concurrency limit): what bounds workers on other machines.
 
-The learned rate follows the API like TCP follows a network: a 429 cuts it to just
-under what the API accepted in the last second; a success that says no request is left
-in the window (`x-ratelimit-remaining: 0`) stops it there, at what was accepted, without
-a cut (at the limit is where the rate should be); every quiet second raises it by a
-little; half a minute without signals forgets it. Without a learned rate, and without
-one the caller gave, concurrency alone bounds the load.
+A rate the caller gave is the plan's: 429s do not change it (a hold still pauses it).
+
+The learned rate follows the API like TCP CUBIC follows a network. A 429 remembers the
+rate before it (what the API accepted in the second before, or the learned rate if lower)
+and cuts to just under it; the rate then climbs back quickly, flattens as it nears the
+remembered rate, and past it probes upwards, slowly at first. A lone 429 from a busy API,
+not from a limit, so costs a second or two; at a real limit the rate stays near it, and
+meets a 429 only now and then. A success that says no request is left in the window
+(`x-ratelimit-remaining: 0`, or a gateway's name for it) stops the rate there, at what was
+accepted, without a cut: at the limit is where the rate should be. Half a minute without
+signals forgets it. Without a learned rate, and without one the caller gave, concurrency
+alone bounds the load.
 """
 
 from __future__ import annotations
@@ -25,47 +31,74 @@ import hashlib
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prefect.concurrency.sync import concurrency, rate_limit
 
 from prefect_gpt_image.models import ApiLimits
-from prefect_gpt_image.responses import retry_after_seconds
+from prefect_gpt_image.rate_limit_headers import retry_after_seconds, window_spent
 from prefect_gpt_image.retry_policy import MAX_SERVER_WAIT_SECONDS
 
 RATE_DECREASE = 0.9
-"""A 429 sets the rate to this share of what the API accepted in the second before it."""
-RATE_INCREASE_PER_SECOND = 0.015
-"""Each second without a congestion signal raises the learned rate by this share."""
+"""A 429 cuts the rate to this share of the rate before it (CUBIC's beta)."""
+RECOVERY_SECONDS = 1.5
+"""How long the rate takes to climb back to the rate before a cut (CUBIC's K)."""
+PROBE_GROWTH = 0.01
+"""Past the rate before the cut, the rate grows by this share times the cube of the
+seconds since it got there: +0.4% after 1 s, +3% after 2 s, +11% after 3 s."""
 MIN_RATE = 0.1
 """The learned rate never goes below one request in ten seconds."""
-WINDOW_SECONDS = 1.0
-"""How far back "what the API accepted" looks, from the start of the signalling request."""
+WINDOW_SECONDS = 3.0
+"""How far back "what was sent" looks, from the start of the signalling request."""
+BURST_SECONDS = 1.0
+"""Starts closer together than this are counted as a second's: plans count per second."""
 RATE_MEMORY_SECONDS = 30.0
 """A learned rate is forgotten after this long without a congestion signal: a lone 429
 must not hold a long-lived worker back for good."""
 
 
+def cubic_rate(rate_before: float, seconds: float) -> float:
+    """The learned rate `seconds` after a cut from `rate_before`: concave up to it within
+    `RECOVERY_SECONDS`, then convex beyond it."""
+    left = RECOVERY_SECONDS - seconds
+    if left > 0:
+        return rate_before * (1 - (1 - RATE_DECREASE) * (left / RECOVERY_SECONDS) ** 3)
+    return rate_before * (1 + PROBE_GROWTH * (-left) ** 3)
+
+
 class _Start:
-    """When one request started, and whether the API refused it."""
+    """When one request started, whether it waited for the rate, and whether the API
+    refused it."""
 
-    __slots__ = ("at", "refused")
+    __slots__ = ("at", "paced", "refused")
 
-    def __init__(self, at: float) -> None:
+    def __init__(self, at: float, *, paced: bool) -> None:
         self.at = at
+        self.paced = paced
         self.refused = False
 
 
 class EndpointThrottle:
-    """Admits the requests of one process to one endpoint, for one key."""
+    """Admits the requests of one process to one endpoint, for one key.
 
-    def __init__(self) -> None:
+    `clock` and `sleep` are the monotonic clock it reads and the way it waits: a test
+    gives both, and the arithmetic runs without waiting.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._clock = clock
+        self._sleep = sleep
         self._lock = threading.Condition()
         self._in_flight = 0
         self._not_before = 0.0
         self._holds: deque[tuple[float, float]] = deque()  # (from, until) of recent holds
         self._next_start = 0.0
-        self._learned_rate: float | None = None
+        self._rate_before: float | None = None  # CUBIC's W_max
+        self._curve_from = 0.0  # when the rate was cut from `_rate_before`
         self._learned_at = 0.0
         self._cut_at = float("-inf")
         self._starts: deque[_Start] = deque()
@@ -94,7 +127,7 @@ class EndpointThrottle:
 
     def hold(self, seconds: float) -> None:
         """Let no request start for `seconds` (capped), counted from now."""
-        now = time.monotonic()
+        now = self._clock()
         until = now + min(max(seconds, 0.0), MAX_SERVER_WAIT_SECONDS)
         with self._lock:
             self._not_before = max(self._not_before, until)
@@ -102,22 +135,30 @@ class EndpointThrottle:
 
     def rate(self, now: float | None = None) -> float | None:
         """The learned rate, requests per second; None until the API has pushed back."""
-        now = time.monotonic() if now is None else now
-        if self._learned_rate is None or now - self._learned_at > RATE_MEMORY_SECONDS:
+        now = self._clock() if now is None else now
+        if self._rate_before is None or now - self._learned_at > RATE_MEMORY_SECONDS:
             return None
-        return self._learned_rate * (1 + RATE_INCREASE_PER_SECOND * (now - self._learned_at))
+        return max(cubic_rate(self._rate_before, now - self._curve_from), MIN_RATE)
 
-    def slow_down(self, start: _Start, *, refused: bool) -> None:
-        """The request that started at `start` met the API's limit: slow down to what the
-        API accepted in the second before it, and just under that if it was `refused`.
+    def slow_down(self, start: _Start, *, refused: bool, at_limit: bool) -> None:
+        """The request that started at `start` met the API's limit: cut the rate to just
+        under the rate before it if it was `refused`, else stop it there.
+
+        `at_limit`: the answer spoke for the plan's limit (it asked for a wait, or said the
+        window is spent). The rate before it is then what the API accepted since the last
+        cut, the time of any hold included (the API's window refills during it). A bare
+        429 may be a busy moment instead: the rate before it is the learned rate that met
+        it, or what was sent in the last seconds if concurrency let fewer through. Either
+        way never more than the learned rate; the first time, what the API accepted.
 
         A request that started before the last cut speaks of the rate before it, which
         that cut has answered: it changes nothing (in a burst, the second before the first
-        request holds few starts, and would pass for a slow API). Nor does a second that a
-        hold cut short, which shows how long the hold was: the rate falls from where it was.
+        request holds few starts, and would pass for a slow API). Nor does a window that a
+        hold took most of, which shows how long the hold was: the rate falls from where it
+        was.
         """
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             start.refused = start.refused or refused
             if start.at <= self._cut_at:
                 return
@@ -125,32 +166,54 @@ class EndpointThrottle:
                 self._starts.popleft()
             while self._holds and self._holds[0][1] < now - RATE_MEMORY_SECONDS:
                 self._holds.popleft()
-            since = start.at - WINDOW_SECONDS
-            window = [s for s in self._starts if since < s.at <= start.at]
-            accepted = max(sum(not s.refused for s in window), 1) / WINDOW_SECONDS
             current = self.rate(now)
-            if current is not None and any(a < start.at and b > since for a, b in self._holds):
-                accepted = current
-            target = accepted if current is None else min(current, accepted)
+            if current is not None and start.paced and not at_limit:
+                before = current
+            else:
+                since = start.at - WINDOW_SECONDS
+                since = min(since, self._cut_at) if at_limit else since
+                accepted, held = self._accepted_rate(start, since)
+                if current is None:
+                    before = accepted
+                else:
+                    before = current if held else min(current, accepted)
+            self._rate_before = max(before, MIN_RATE)
             if refused:
-                target *= RATE_DECREASE
-                self._cut_at = now
-            self._learned_rate = max(target, MIN_RATE)
+                self._curve_from = self._cut_at = now
+            else:  # at the top of the curve: no climb back, the slow probe from here
+                self._curve_from = now - RECOVERY_SECONDS
             self._learned_at = now
 
+    def _accepted_rate(self, start: _Start, since: float) -> tuple[float, bool]:
+        """Requests a second the API accepted after `since` and up to `start`, `start`
+        included (the rate at which it said no), and whether holds took most of that time."""
+        since = max(since, start.at - RATE_MEMORY_SECONDS)
+        window = [s for s in self._starts if since < s.at <= start.at]
+        holds = [(a, b) for a, b in self._holds if b > since and a < start.at]
+        # From the first start (a run's first seconds are not a slow API), or from the
+        # start of a hold, if earlier.
+        origin = min([a for a, _ in holds] + [s.at for s in window[:1]], default=start.at)
+        seconds = max(start.at - origin, BURST_SECONDS)
+        held = sum(min(b, start.at) - max(a, origin) for a, b in holds)
+        return sum(not s.refused or s is start for s in window) / seconds, held > seconds / 2
+
     def _wait_for_turn(self, requests_per_second: float | None) -> _Start:
+        """Wait until the endpoint is not on hold and the rate allows another start: the
+        rate the caller gave, else the learned one, else none."""
+        paced = False
         while True:
             with self._lock:
-                now = time.monotonic()
-                rates = [r for r in (requests_per_second, self.rate(now)) if r is not None]
-                turn = max(now, self._not_before, self._next_start if rates else now)
+                now = self._clock()
+                rate = requests_per_second or self.rate(now)
+                turn = max(now, self._not_before, self._next_start if rate else now)
                 if turn <= now:
-                    if rates:
-                        self._next_start = now + 1 / min(rates)
-                    start = _Start(now)
+                    if rate:
+                        self._next_start = now + 1 / rate
+                    start = _Start(now, paced=paced)
                     self._starts.append(start)
                     return start
-            time.sleep(turn - now)
+                paced = turn == self._next_start  # waiting for the rate, not a hold
+            self._sleep(turn - now)
 
 
 class Admission:
@@ -162,14 +225,17 @@ class Admission:
         self._told_rate = told_rate
 
     def answered(self, status: int, headers: Mapping[str, str]) -> None:
+        """Learn from the answer. Only a failure's Retry-After or reset time holds: on a
+        success, a reset time says when the window ends, not how long to wait."""
         wait = retry_after_seconds(headers) if status == 429 or status >= 500 else None
         if wait is not None:
             self._throttle.hold(wait)
         if status == 429:
-            self._throttle.slow_down(self._start, refused=True)
-        elif not self._told_rate and headers.get("x-ratelimit-remaining", "").strip() == "0":
+            # The learned rate is cut; a rate the caller gave is not (only held, above).
+            self._throttle.slow_down(self._start, refused=True, at_limit=wait is not None)
+        elif not self._told_rate and window_spent(headers):
             # Accepted, but the window is spent: go no faster, unless the caller gave a rate.
-            self._throttle.slow_down(self._start, refused=False)
+            self._throttle.slow_down(self._start, refused=False, at_limit=True)
 
 
 def _global_slot(name: str | None) -> contextlib.AbstractContextManager[object]:

@@ -1,7 +1,8 @@
 """Real servers on loopback for tests and demos of GPT Image flows.
 
-The real RapidAPI endpoint cannot be reached (or paid for) from tests, so `GptImageEmulator`
-stands in for it: an HTTP server with the same requests, answers and failure modes.
+The real GPT Image APIs cannot be reached (or paid for) from tests, so `GptImageEmulator`
+stands in for them: an HTTP server that speaks both RapidAPI's protocol and OpenAI's Images
+API, with the same requests, answers and failure modes.
 `LocalS3Server` runs `rclone serve s3` over a folder, an S3 endpoint that checks signatures.
 `prefect_server` starts a real Prefect server, for deployments, workers and the UI.
 
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prefect_gpt_image.testing.emulator import (
+        OPENAI_MODELS,
         RESPONSE_SHAPES,
         Fault,
         GptImageEmulator,
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from prefect_gpt_image.testing.s3_server import LocalS3Server
 
 __all__ = [
+    "OPENAI_MODELS",
     "RESPONSE_SHAPES",
     "Fault",
     "GptImageEmulator",
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 _MODULES = {
+    "OPENAI_MODELS": "emulator",
     "RESPONSE_SHAPES": "emulator",
     "Fault": "emulator",
     "GptImageEmulator": "emulator",

@@ -1,10 +1,13 @@
-"""A loopback HTTP server that behaves like NexaAPI's GPT Image 1.5 endpoint on RapidAPI.
+"""A loopback HTTP server that speaks two GPT Image protocols: NexaAPI's endpoint on
+RapidAPI (`POST /generate`) and OpenAI's Images API (`POST .../images/generations`, as
+OpenAI, gateways and Azure OpenAI's v1 endpoint serve it).
 
-Tests, demos and benchmarks cannot reach (or pay for) the real API, so this server answers
-the same requests with the same status codes and bodies, draws a fresh image per generation,
-records every call and can inject the failures a real deployment meets. It can also enforce
-a requests-per-second limit, pad images to a realistic size and, run as its own process
-(`python -m prefect_gpt_image.testing.emulator`), report its counters over HTTP.
+Tests, demos and benchmarks cannot reach (or pay for) the real APIs, so this server answers
+the same requests with the same status codes and bodies, draws a fresh image per generation
+(captioned with the prompt's first words), records every call and can inject the failures a
+real deployment meets. It can also enforce a requests-per-second limit, pad images to a
+realistic size and, run as its own process (`python -m prefect_gpt_image.testing.emulator`),
+report its counters over HTTP.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import base64
 import bisect
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -21,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -28,18 +33,19 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from types import FrameType, MappingProxyType, TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["RESPONSE_SHAPES", "Fault", "GptImageEmulator", "RecordedCall", "main"]
+__all__ = ["OPENAI_MODELS", "RESPONSE_SHAPES", "Fault", "GptImageEmulator", "RecordedCall", "main"]
 
 RESPONSE_SHAPES: tuple[str, ...] = (
     "url",
@@ -86,6 +92,87 @@ every decoder skips it, so it can carry filler that makes an image as big as a r
 _STATS_PATH = "/__emulator__/stats"
 _RESET_PATH = "/__emulator__/reset"
 
+_SECRET_HEADERS = frozenset({"x-rapidapi-key", "authorization", "api-key"})
+"""Headers whose values are redacted in call records."""
+
+# -- OpenAI's Images API ----------------------------------------------------------------------
+
+_OPENAI_SUFFIX = "/images/generations"
+"""A POST to any path ending so is an OpenAI-protocol call: `/v1/...` for OpenAI and gateways,
+`/openai/v1/...` for Azure OpenAI's v1 endpoint."""
+
+_CLASSIC_SIZES = ("1024x1024", "1536x1024", "1024x1536")
+
+OPENAI_MODELS: Mapping[str, Sequence[str] | None] = MappingProxyType(
+    {
+        "gpt-image-1.5": _CLASSIC_SIZES,
+        "gpt-image-1": _CLASSIC_SIZES,
+        "gpt-image-2": None,
+        "gpt-image-2.5-sunburst": None,
+        "gpt-image-2.5-flare": None,
+        "gpt-image-2.6-sunburst": None,
+        "gpt-image-2.6-flare": None,
+    }
+)
+"""The models the OpenAI route serves by default, each with its fixed sizes, or None for any
+size whose sides are multiples of 16, within 1:3 to 3:1 and at most 3840x2160 in pixels."""
+
+_FLEX_STEP = 16
+_FLEX_RATIO = 3
+_FLEX_LONG_SIDE = 3840
+_FLEX_PIXELS = 3840 * 2160
+_AUTO_SIZE = (1024, 1024)
+_MAX_IMAGES = 10
+_MAX_PROMPT = 32_000
+
+_TOKENS_PER_MEGAPIXEL = {"low": 272, "medium": 1056, "high": 4160}
+"""Output tokens of one 1024x1024 image by quality; at $32 per million output tokens they
+give OpenAI's published prices (medium: 1056 tokens, $0.034)."""
+
+_OPENAI_CHOICES: dict[str, tuple[str, ...]] = {
+    "quality": ("low", "medium", "high", "auto"),
+    "output_format": ("png", "jpeg", "webp"),
+    "background": ("transparent", "opaque", "auto"),
+    "moderation": ("low", "auto"),
+}
+_OPENAI_RANGES: dict[str, tuple[int, int]] = {
+    "n": (1, _MAX_IMAGES),
+    "output_compression": (0, 100),
+    "partial_images": (0, 3),
+}
+_OPENAI_FIELDS = frozenset(
+    {"model", "prompt", "size", "user", "stream", *_OPENAI_CHOICES, *_OPENAI_RANGES}
+)
+"""Parameters GPT Image models accept (`stream` only as false: answers are not streamed);
+any other (`width`, `response_format`, `style`) is refused as the real API refuses it."""
+
+_BAD_JSON = (
+    "We could not parse the JSON body of your request. The OpenAI API expects a JSON "
+    "payload: send the request with a JSON body and Content-Type: application/json."
+)
+_NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the api-key header."
+)
+_OPENAI_QUOTA = "You exceeded your current quota, please check your plan and billing details."
+_OPENAI_SAFETY = (
+    "Your request was rejected by the safety system. If you believe this is an error, "
+    "contact us at help.openai.com and include the request ID."
+)
+_NOT_VERIFIED = (
+    "Your organization must be verified to use this model. Please go to "
+    "https://platform.openai.com/settings/organization/general and click on Verify "
+    "Organization. If you just verified, it can take up to 15 minutes for access to propagate."
+)
+_SIZE_PATTERN = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+
+# -- captions ---------------------------------------------------------------------------------
+
+_CAPTION_WORDS = 6
+_CAPTION_CHARS = 48
+_CAPTION_SIZES = (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
+"""Font sizes captions use: a short ladder, so that cached glyphs are reused across images."""
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -93,6 +180,10 @@ class Fault:
 
     `kind` names the situation (it is recorded in `RecordedCall.fault`); the other fields are
     its parameters: the status to answer, seconds to stall, rate-limit headers or a message.
+    Every fault works on both routes, in each protocol's own words. On the OpenAI route, whose
+    images travel inline, the URL faults answer a link instead of `b64_json` (expired_url,
+    redirected_url) or a broken image inline (not_an_image, truncated_image), and
+    slow_download is a slow answer.
     """
 
     kind: str
@@ -104,7 +195,8 @@ class Fault:
 
     @classmethod
     def rate_limited(cls, retry_after: float | None = 1.0, reset: float | None = None) -> Fault:
-        """429 from RapidAPI's gateway when the plan's requests-per-second limit is hit."""
+        """429 when the plan's request rate is hit: RapidAPI's gateway, or OpenAI's
+        `rate_limit_exceeded` with `x-ratelimit-reset-requests` from `reset` or `retry_after`."""
         return cls("rate_limited", status=429, retry_after=retry_after, reset=reset)
 
     @classmethod
@@ -173,13 +265,33 @@ class Fault:
 
     @classmethod
     def not_subscribed(cls) -> Fault:
-        """403 as if the RapidAPI subscription lapsed while the flow runs."""
+        """403 as if the RapidAPI subscription lapsed (or, on the OpenAI route, the
+        organization lost access to the model) while the flow runs."""
         return cls("not_subscribed", status=403)
+
+    @classmethod
+    def model_not_found(cls) -> Fault:
+        """404 `model_not_found`, as when a model is retired or the key's project lacks it."""
+        return cls("model_not_found", status=404)
+
+    @classmethod
+    def insufficient_quota(cls) -> Fault:
+        """OpenAI's 429 `insufficient_quota`: credit is used up and retrying will not help."""
+        return cls("insufficient_quota", status=429)
+
+    @classmethod
+    def moderation_blocked(cls) -> Fault:
+        """400 `moderation_blocked`: the safety system refused this prompt; not billed."""
+        return cls("moderation_blocked", status=400)
 
 
 @dataclass(frozen=True)
 class RecordedCall:
-    """One POST to the generation endpoint, as received and as answered."""
+    """One POST to a generation endpoint, as received and as answered.
+
+    `headers` has the key redacted. `path` tells the routes apart; `n` is the images asked for
+    (always 1 on RapidAPI's route); `usage` is the token usage of an OpenAI-route answer 200.
+    """
 
     prompt: str | None
     width: int | None
@@ -188,6 +300,10 @@ class RecordedCall:
     status: int
     fault: str | None
     headers: dict[str, str]
+    path: str = ""
+    model: str | None = None
+    n: int = 1
+    usage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -267,10 +383,364 @@ def _parse(raw: bytes) -> _Request:
     return _Request(body, problem, prompt, width, height)
 
 
-def _render(prompt: str, serial: int, width: int, height: int, image_format: str) -> bytes:
-    """A flat image tinted by the prompt with a 64-bit bar code of `serial`, so calls differ."""
+@dataclass(frozen=True)
+class _ImageRequest:
+    """An OpenAI-protocol generation request, read and checked; `refusal` is the 4xx to
+    answer instead of images, and the defaults stand in for what could not be read."""
+
+    body: dict[str, Any]
+    refusal: _Reply | None
+    prompt: str | None = None
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    n: int = 1
+    quality: str = "auto"
+    output_format: str = "png"
+    background: str = "auto"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width or _AUTO_SIZE[0], self.height or _AUTO_SIZE[1]
+
+    def usage(self, images: int) -> dict[str, Any]:
+        """Token usage as OpenAI reports it: output tokens scale with pixels and quality."""
+        width, height = self.size
+        per_megapixel = _TOKENS_PER_MEGAPIXEL.get(self.quality, _TOKENS_PER_MEGAPIXEL["medium"])
+        output = images * round(per_megapixel * width * height / 1024**2)
+        text = max(1, math.ceil(len(self.prompt or "") / 4))
+        return {
+            "input_tokens": text,
+            "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+            "output_tokens": output,
+            "total_tokens": text + output,
+        }
+
+    def answer(self, data: list[dict[str, str]]) -> dict[str, Any]:
+        """The 200 body carrying `data`, with the options as the model resolved them."""
+        width, height = self.size
+        return {
+            "created": int(time.time()),
+            "background": "opaque" if self.background == "auto" else self.background,
+            "data": data,
+            "output_format": self.output_format,
+            "quality": "medium" if self.quality == "auto" else self.quality,
+            "size": f"{width}x{height}",
+            "usage": self.usage(len(data)),
+        }
+
+
+class _Refused(Exception):
+    """Raised while reading an OpenAI request that must be answered `reply` instead."""
+
+    def __init__(self, reply: _Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
+
+
+def _openai_error(
+    status: int,
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> _Reply:
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return _json(status, {"error": error}, headers)
+
+
+def _invalid(message: str, param: str, code: str = "invalid_value") -> _Refused:
+    return _Refused(_openai_error(400, message, param=param, code=code))
+
+
+def _no_such_model(model: str | None) -> str:
+    return f"The model `{model}` does not exist or you do not have access to it."
+
+
+def _model_not_found(model: str | None) -> _Reply:
+    return _openai_error(404, _no_such_model(model), code="model_not_found")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _listed(values: Sequence[str]) -> str:
+    quoted = [f"'{value}'" for value in values]
+    return ", ".join(quoted[:-1]) + f", and {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+
+
+def _string(body: dict[str, Any], name: str, default: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        got = _json_type(value)
+        message = f"Invalid type for '{name}': expected a string, but got {got} instead."
+        raise _invalid(message, name, "invalid_type")
+    return value
+
+
+def _choice(body: dict[str, Any], name: str) -> str:
+    choices = _OPENAI_CHOICES[name]
+    value = _string(body, name, "png" if name == "output_format" else "auto")
+    if value not in choices:
+        raise _invalid(f"Invalid value: '{value}'. Supported values are: {_listed(choices)}.", name)
+    return value
+
+
+def _integer(body: dict[str, Any], name: str) -> int | None:
+    low, high = _OPENAI_RANGES[name]
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        got = _json_type(value)
+        message = f"Invalid type for '{name}': expected an integer, but got {got} instead."
+        raise _invalid(message, name, "invalid_type")
+    if value < low:
+        message = (
+            f"Invalid '{name}': integer below minimum value. "
+            f"Expected a value >= {low}, but got {value} instead."
+        )
+        raise _invalid(message, name, "integer_below_min_value")
+    if value > high:
+        message = (
+            f"Invalid '{name}': integer above maximum value. "
+            f"Expected a value <= {high}, but got {value} instead."
+        )
+        raise _invalid(message, name, "integer_above_max_value")
+    return value
+
+
+def _dimensions(size: str) -> tuple[int, int] | None:
+    match = _SIZE_PATTERN.fullmatch(size)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _flexible_size_problem(width: int, height: int) -> str | None:
+    """Why a size breaks the rules of models without a fixed size list, or None."""
+    if min(width, height) < _FLEX_STEP or width % _FLEX_STEP or height % _FLEX_STEP:
+        return f"Width and height must both be positive multiples of {_FLEX_STEP}"
+    if max(width, height) > _FLEX_RATIO * min(width, height):
+        return f"The aspect ratio must be between 1:{_FLEX_RATIO} and {_FLEX_RATIO}:1"
+    if max(width, height) > _FLEX_LONG_SIDE or width * height > _FLEX_PIXELS:
+        return f"The long side must be at most {_FLEX_LONG_SIDE} and the image at most 3840x2160"
+    return None
+
+
+def _size(size: str, sizes: Sequence[str] | None) -> tuple[int, int]:
+    """The width and height `size` asks of a model with `sizes` (None: flexible)."""
+    if size == "auto":
+        return _AUTO_SIZE
+    dimensions = _dimensions(size)
+    if sizes is not None and size not in sizes:
+        supported = _listed([*sizes, "auto"])
+        raise _invalid(f"Invalid value: '{size}'. Supported values are: {supported}.", "size")
+    if dimensions is None:
+        message = f"Invalid value: '{size}'. Use 'auto' or 'WIDTHxHEIGHT', such as '1536x864'."
+        raise _invalid(message, "size")
+    if sizes is None and (problem := _flexible_size_problem(*dimensions)) is not None:
+        raise _invalid(f"Invalid value: '{size}'. {problem}.", "size")
+    return dimensions
+
+
+def _parse_openai(raw: bytes, models: Mapping[str, Sequence[str] | None]) -> _ImageRequest:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return _ImageRequest({}, _openai_error(400, _BAD_JSON))
+    if not isinstance(body, dict):
+        got = _json_type(body)
+        return _ImageRequest({}, _openai_error(400, f"Expected a JSON object, but got {got}."))
+    prompt, model = body.get("prompt"), body.get("model")
+    request = _ImageRequest(
+        body,
+        None,
+        prompt if isinstance(prompt, str) else None,
+        model if isinstance(model, str) else None,
+    )
+    try:
+        return _read_openai(request, models)
+    except _Refused as refused:
+        return dataclasses.replace(request, refusal=refused.reply)
+
+
+def _read_openai(
+    request: _ImageRequest, models: Mapping[str, Sequence[str] | None]
+) -> _ImageRequest:
+    """`request` with its options checked and resolved; raises _Refused as the API refuses."""
+    body = request.body
+    for name in body:
+        if name not in _OPENAI_FIELDS:
+            raise _invalid(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
+    for name in ("prompt", "model"):
+        if body.get(name) is None:
+            message = f"Missing required parameter: '{name}'."
+            raise _invalid(message, name, "missing_required_parameter")
+    prompt, model = _string(body, "prompt", ""), _string(body, "model", "")
+    if not prompt:
+        message = (
+            "Invalid 'prompt': empty string. Expected a string with minimum length 1, "
+            "but got an empty string instead."
+        )
+        raise _invalid(message, "prompt", "empty_string")
+    if len(prompt) > _MAX_PROMPT:
+        message = (
+            f"Invalid 'prompt': string too long. Expected a string with maximum length "
+            f"{_MAX_PROMPT}, but got a string with length {len(prompt)} instead."
+        )
+        raise _invalid(message, "prompt", "string_above_max_length")
+    quality, output_format = _choice(body, "quality"), _choice(body, "output_format")
+    background = _choice(body, "background")
+    _choice(body, "moderation")
+    n = _integer(body, "n") or 1
+    _integer(body, "output_compression")
+    _integer(body, "partial_images")
+    _string(body, "user", "")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        got = _json_type(stream)
+        message = f"Invalid type for 'stream': expected a boolean, but got {got} instead."
+        raise _invalid(message, "stream", "invalid_type")
+    if stream:
+        message = "Streaming is not emulated: leave 'stream' out or send false."
+        raise _invalid(message, "stream")
+    if model not in models:
+        raise _Refused(_model_not_found(model))
+    width, height = _size(_string(body, "size", "auto"), models[model])
+    if background == "transparent" and output_format == "jpeg":
+        message = (
+            "Transparent backgrounds are not supported with output_format 'jpeg': "
+            "use 'png' or 'webp'."
+        )
+        raise _invalid(message, "background")
+    return dataclasses.replace(
+        request,
+        width=width,
+        height=height,
+        n=n,
+        quality=quality,
+        output_format=output_format,
+        background=background,
+    )
+
+
+def _duration(seconds: float) -> str:
+    """`seconds` the way OpenAI's reset headers write it: `120ms`, `1s`, `2.5s`, `6m0s`."""
+    millis = max(1, round(seconds * 1000)) if seconds > 0 else 0
+    if millis < 1000:
+        return f"{millis}ms" if millis else "0s"
+    minutes, millis = divmod(millis, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    rest = f"{millis / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{rest}"
+    return f"{minutes}m{rest}" if minutes else rest
+
+
+def _caption(prompt: str) -> str:
+    """The prompt's first words, folded to ASCII so the default font can draw them."""
+    folded = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    words = folded.split()
+    caption = " ".join(words[:_CAPTION_WORDS])
+    if len(caption) > _CAPTION_CHARS:
+        caption = caption[: _CAPTION_CHARS - 3].rstrip() + "..."
+    elif len(words) > _CAPTION_WORDS:
+        caption += " ..."
+    return caption
+
+
+@functools.lru_cache(maxsize=len(_CAPTION_SIZES))
+def _font(size: int) -> ImageFont.FreeTypeFont | None:
+    """Pillow's own font at `size`, or None where Pillow was built without FreeType."""
+    font = ImageFont.load_default(size=size)
+    return font if isinstance(font, ImageFont.FreeTypeFont) else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _glyph(char: str, size: int) -> tuple[Image.Image | None, int, int, int]:
+    """The coverage mask of `char` at `size`, cropped to its ink, where it sits relative to
+    the pen (x, y), and how far it moves the pen.
+
+    FreeType takes about 20 µs to draw a glyph, a paste of a cached one a few: a caption
+    costs a fraction of a millisecond, where a benchmark draws thousands of images.
+    """
+    font = _font(size)
+    if font is None:
+        return None, 0, 0, 0
+    advance = math.ceil(font.getlength(char))
+    ascent, descent = font.getmetrics()
+    overhang = size // 4  # room for glyphs that reach past their advance, such as j and f
+    canvas = Image.new("L", (advance + 2 * overhang, ascent + descent))
+    ImageDraw.Draw(canvas).text((overhang, 0), char, fill=255, font=font)
+    ink = canvas.getbbox()
+    if ink is None:  # a space
+        return None, 0, 0, advance
+    return canvas.crop(ink), ink[0] - overhang, ink[1], advance
+
+
+def _caption_size(caption: str, width: int, height: int) -> int:
+    """The largest caption size that fits the image, 0 if none is legible."""
+    probe = _CAPTION_SIZES[-1]
+    length = sum(_glyph(char, probe)[3] for char in caption) or 1
+    fits = [
+        size
+        for size in _CAPTION_SIZES
+        if size <= min(height // 20, width // 12) and size * length <= 0.8 * probe * width
+    ]
+    return fits[-1] if fits else 0
+
+
+def _draw_caption(image: Image.Image, caption: str, top: int) -> None:
+    """Black text on a white box, so a gallery of generated images says which is which."""
+    size = _caption_size(caption, *image.size)
+    font = _font(size) if size else None
+    if font is None:
+        return
+    ascent, descent = font.getmetrics()
+    pad = max(size // 4, 2)
+    left = pen = pad * 2
+    top += pad * 2
+    glyphs = [_glyph(char, size) for char in caption]
+    length = sum(advance for *_, advance in glyphs)
+    box = (left - pad, top - pad, left + length + pad, top + ascent + descent + pad)
+    ImageDraw.Draw(image).rectangle(box, fill=(255, 255, 255))
+    for mask, x, y, advance in glyphs:
+        if mask is not None:
+            image.paste((0, 0, 0), (pen + x, top + y), mask)
+        pen += advance
+
+
+def _render(
+    prompt: str,
+    serial: int,
+    width: int,
+    height: int,
+    image_format: str,
+    *,
+    transparent: bool = False,
+) -> bytes:
+    """A flat image tinted by the prompt with a 64-bit bar code of `serial`, so calls differ,
+    and the prompt's first words as a caption, so people can tell images apart.
+
+    `transparent` leaves the flat background see-through (PNG and WebP only).
+    """
     tint = hashlib.sha256(prompt.encode()).digest()
-    image = Image.new("RGB", (width, height), (tint[0], tint[1], tint[2]))
+    mode, alpha = ("RGBA", (0,)) if transparent else ("RGB", ())
+    image = Image.new(mode, (width, height), (tint[0], tint[1], tint[2], *alpha))
     draw = ImageDraw.Draw(image)
     for band in range(4):
         top = height * (2 * band + 3) // 10
@@ -282,6 +752,9 @@ def _render(prompt: str, serial: int, width: int, height: int, image_format: str
         if right >= left:
             shade = 255 if serial >> bit & 1 else 0
             draw.rectangle((left, 0, right, bar_height - 1), fill=(shade, shade, shade))
+    caption = _caption(prompt)
+    if caption:
+        _draw_caption(image, caption, bar_height)
     pillow_format = _FORMATS[image_format][0]
     buffer = io.BytesIO()
     image.save(buffer, pillow_format, **_SAVE_OPTIONS.get(pillow_format, {}))
@@ -398,6 +871,15 @@ class _Bucket:
             ("x-ratelimit-reset", str(math.ceil((self.capacity - self.tokens) / self.rate))),
         )
 
+    def openai_headers(self) -> tuple[tuple[str, str], ...]:
+        """The same three figures under OpenAI's names, the reset as a duration."""
+        refill = (self.capacity - self.tokens) / self.rate
+        return (
+            ("x-ratelimit-limit-requests", str(math.floor(self.capacity))),
+            ("x-ratelimit-remaining-requests", str(math.floor(self.tokens))),
+            ("x-ratelimit-reset-requests", _duration(refill)),
+        )
+
     def retry_after(self) -> int:
         """Whole seconds until the next token, at least one, as a gateway's Retry-After."""
         return max(1, math.ceil((1.0 - self.tokens) / self.rate))
@@ -406,12 +888,23 @@ class _Bucket:
 class GptImageEmulator:
     """Serves the GPT Image generation API on loopback, with call records and fault injection.
 
+    Two protocols share the server. A POST to `path` is NexaAPI's on RapidAPI (keys in
+    `x-rapidapi-key` and `x-rapidapi-host`; `shape` and `image_format` shape its answers). A
+    POST to any other path ending in `/images/generations` is OpenAI's Images API (key as
+    `Authorization: Bearer` or Azure's `api-key`; images inline as `b64_json`; token usage
+    and an `x-request-id` in every answer), so
+    `openai.OpenAI(base_url=emulator.base_url + "/v1", api_key=...)` works against it.
+    `models` maps each model that route serves to its fixed sizes, or None for flexible sizes
+    (see `OPENAI_MODELS`); it is a plain dict attribute, so a test can retire a model mid-run
+    with `emulator.models.pop(name)`, and `reset()` leaves it as it is.
+
     `latency` is the seconds a generation takes: its answer comes that long after the call,
-    the time the emulator spends drawing the image included. `rate_limit` (requests per
-    second, or None) is enforced like RapidAPI's gateway: a 429 with Retry-After once the
-    burst of one second is spent. `image_bytes` pads each PNG to at least that size.
-    `keep_images=False` keeps only hashes of served images and drops each image once
-    downloaded, so a long benchmark runs in bounded memory.
+    the time the emulator spends drawing the images included. `rate_limit` (requests per
+    second, or None) is enforced on both routes like RapidAPI's gateway: a 429 with
+    Retry-After once the burst of one second is spent, with each protocol's own body and
+    `x-ratelimit-*` headers (OpenAI's reset as a duration such as `200ms`). `image_bytes`
+    pads each PNG to at least that size. `keep_images=False` keeps only hashes of served
+    images and drops each image once downloaded, so a long benchmark runs in bounded memory.
 
     Besides the API, the server answers `GET /__emulator__/stats` (the counters as JSON) and
     `POST /__emulator__/reset` (calls `reset()`) without a key: they are test controls on
@@ -434,6 +927,7 @@ class GptImageEmulator:
         rate_limit_headers: bool = True,
         image_bytes: int | None = None,
         keep_images: bool = True,
+        models: Mapping[str, Sequence[str] | None] = OPENAI_MODELS,
     ) -> None:
         if shape not in (*RESPONSE_SHAPES, "cycle"):
             raise ValueError(f"unknown shape {shape!r}; use one of {RESPONSE_SHAPES} or 'cycle'")
@@ -444,6 +938,14 @@ class GptImageEmulator:
                 raise ValueError(f"image_bytes must be a positive integer, got {image_bytes!r}")
             if image_format != "png":
                 raise ValueError("image_bytes pads PNG images only; use image_format='png'")
+        for model, sizes in models.items():
+            for size in sizes or ():
+                dimensions = _dimensions(size)
+                if dimensions is None or max(dimensions) > MAX_SIDE or min(dimensions) < 1:
+                    raise ValueError(
+                        f"model {model!r} lists size {size!r}; use 'WIDTHxHEIGHT' with sides "
+                        f"from 1 to {MAX_SIDE}"
+                    )
         self.api_key = api_key
         self.api_host = api_host
         self.path = path
@@ -457,6 +959,9 @@ class GptImageEmulator:
         self.rate_limit_headers = rate_limit_headers
         self.image_bytes = image_bytes
         self.keep_images = keep_images
+        self.models: dict[str, Sequence[str] | None] = {
+            model: None if sizes is None else tuple(sizes) for model, sizes in models.items()
+        }
         self.fault_rate = 0.0
         self.random_faults: tuple[Fault, ...] = ()
         self._lock = threading.Lock()
@@ -556,8 +1061,13 @@ class GptImageEmulator:
 
     @property
     def url(self) -> str:
-        """Full URL of the generation endpoint."""
+        """Full URL of the RapidAPI-protocol generation endpoint."""
         return self.base_url + self.path
+
+    @property
+    def openai_base_url(self) -> str:
+        """The `base_url` to give an `openai.OpenAI` client: `http://host:port/v1`."""
+        return self.base_url + "/v1"
 
     # -- records -----------------------------------------------------------------------------
 
@@ -571,6 +1081,12 @@ class GptImageEmulator:
     def billed(self) -> int:
         """Calls the real API would charge for: those answered 200."""
         return sum(call.status == 200 for call in self.calls)
+
+    @property
+    def billed_images(self) -> int:
+        """Images the real API would charge for: `n` per call answered 200, none for a
+        `no_image` answer (its model produced nothing)."""
+        return sum(call.n for call in self.calls if call.status == 200 and call.fault != "no_image")
 
     def calls_for(self, prompt: str) -> list[RecordedCall]:
         """Calls whose prompt equals `prompt`."""
@@ -591,7 +1107,8 @@ class GptImageEmulator:
 
     @property
     def peak_concurrency(self) -> int:
-        """The most generation requests being handled at once since the last reset."""
+        """The most generation requests (both routes) being handled at once since the last
+        reset."""
         with self._lock:
             return self._peak
 
@@ -619,7 +1136,8 @@ class GptImageEmulator:
 
     def reset(self) -> None:
         """Forget calls, images and faults between tests and refill the rate limit's bucket;
-        configuration such as `rate_limit` and `latency`, and image uniqueness, are kept."""
+        configuration such as `rate_limit`, `latency` and `models` (a retired model stays
+        retired), and image uniqueness, are kept."""
         with self._lock:
             self._clear()
 
@@ -659,33 +1177,41 @@ class GptImageEmulator:
 
     # -- request handling --------------------------------------------------------------------
 
-    def _handle_generate(self, raw: bytes, headers: dict[str, str]) -> _Reply:
+    def _handle_post(self, path: str, raw: bytes, headers: dict[str, str]) -> _Reply:
+        """Route a POST: RapidAPI's protocol at `self.path`, OpenAI's at any other path ending
+        in `/images/generations`, 404 elsewhere."""
+        if path == self.path:
+            answer = self._answer_generate
+        elif path.endswith(_OPENAI_SUFFIX):
+            answer = self._answer_openai
+        else:
+            return _not_found(path)
         with self._lock:
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
         try:
-            return self._answer_generate(raw, headers)
+            return answer(path, raw, headers)
         finally:
             with self._lock:
                 self._in_flight -= 1
 
-    def _answer_generate(self, raw: bytes, headers: dict[str, str]) -> _Reply:
+    def _answer_generate(self, path: str, raw: bytes, headers: dict[str, str]) -> _Reply:
         with self._lock:
             arrival, epoch = next(self._arrivals), self._epoch
         request = _parse(raw)
         kind = None
         reply = self._gatekeep(headers)
         if reply is None:
-            admitted, limit_headers = self._take_token()
-            fault = self._take_fault(request.prompt) if admitted else None
-            if not admitted:
-                kind, reply = "rate_limit", _message(429, _TOO_MANY)
+            refusal, limit_headers = self._take_token(openai=False)
+            fault = self._take_fault(request.prompt) if refusal is None else None
+            if refusal is not None:
+                kind, reply = "rate_limit", refusal
             elif fault is not None:
                 kind, reply = fault.kind, self._fault_reply(fault, request)
             else:
                 reply = self._generate(request)
-            reply = dataclasses.replace(reply, headers=reply.headers + limit_headers)
-        shown = {k: "<redacted>" if k == "x-rapidapi-key" else v for k, v in headers.items()}
+            reply = _with_headers(reply, limit_headers)
+        model = request.body.get("model")
         call = RecordedCall(
             request.prompt,
             request.width,
@@ -693,12 +1219,51 @@ class GptImageEmulator:
             request.body,
             reply.status,
             kind,
-            shown,
+            _redacted(headers),
+            path,
+            model if isinstance(model, str) else None,
         )
+        self._record(arrival, epoch, call)
+        return reply
+
+    def _answer_openai(self, path: str, raw: bytes, headers: dict[str, str]) -> _Reply:
+        with self._lock:
+            arrival, epoch = next(self._arrivals), self._epoch
+        request = _parse_openai(raw, self.models)
+        kind = None
+        reply = self._openai_gatekeep(headers)
+        if reply is None:
+            refusal, limit_headers = self._take_token(openai=True, model=request.model)
+            fault = self._take_fault(request.prompt) if refusal is None else None
+            if refusal is not None:
+                kind, reply = "rate_limit", refusal
+            elif fault is not None:
+                kind, reply = fault.kind, self._openai_fault_reply(fault, request)
+            else:
+                reply = self._generate_openai(request)
+            reply = _with_headers(reply, limit_headers)
+        reply = _with_headers(reply, (("x-request-id", f"req_{secrets.token_hex(16)}"),))
+        images = 0 if kind == "no_image" else request.n
+        call = RecordedCall(
+            request.prompt,
+            request.width,
+            request.height,
+            request.body,
+            reply.status,
+            kind,
+            _redacted(headers),
+            path,
+            request.model,
+            request.n,
+            request.usage(images) if reply.status == 200 else None,
+        )
+        self._record(arrival, epoch, call)
+        return reply
+
+    def _record(self, arrival: int, epoch: int, call: RecordedCall) -> None:
         with self._lock:
             if epoch == self._epoch:
                 bisect.insort(self._calls, (arrival, call), key=lambda item: item[0])
-        return reply
 
     def _gatekeep(self, headers: Mapping[str, str]) -> _Reply | None:
         key = headers.get("x-rapidapi-key")
@@ -712,17 +1277,45 @@ class GptImageEmulator:
             return _message(404, "API doesn't exists")
         return None
 
-    def _take_token(self) -> tuple[bool, tuple[tuple[str, str], ...]]:
-        """Whether the rate limit admits this call, and the headers to add to its answer."""
+    def _openai_gatekeep(self, headers: Mapping[str, str]) -> _Reply | None:
+        """Every key presented (Bearer, or Azure's api-key header) must be the right one."""
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        bearer = token.strip() if scheme.lower() == "bearer" else ""
+        keys = [key for key in (bearer, headers.get("api-key", "")) if key]
+        if not keys:
+            return _openai_error(401, _NO_KEY, code="invalid_api_key")
+        wrong = [key for key in keys if key != self.api_key]
+        if wrong:
+            return _openai_error(401, _incorrect_key(wrong[0]), code="invalid_api_key")
+        if not self.subscribed:
+            return _openai_error(403, _NOT_VERIFIED)
+        return None
+
+    def _take_token(
+        self, *, openai: bool, model: str | None = None
+    ) -> tuple[_Reply | None, tuple[tuple[str, str], ...]]:
+        """None if the rate limit admits this call, else the 429 to answer in the route's
+        protocol; and the headers to add to the answer."""
         with self._lock:
             bucket = self._bucket
             if bucket is None:
-                return True, ()
+                return None, ()
             admitted = bucket.take()
-            headers = bucket.headers() if self.rate_limit_headers else ()
-            if not admitted:
-                headers += (("Retry-After", str(bucket.retry_after())),)
-        return admitted, headers
+            headers: tuple[tuple[str, str], ...] = ()
+            if self.rate_limit_headers:
+                headers = bucket.openai_headers() if openai else bucket.headers()
+            if admitted:
+                return None, headers
+            wait, limit = bucket.retry_after(), math.floor(bucket.capacity)
+        if not openai:
+            return _message(429, _TOO_MANY), (*headers, ("Retry-After", str(wait)))
+        message = (
+            f"Rate limit reached for {model or 'images'} on requests per second: Limit {limit}. "
+            f"Please try again in {wait}s. Visit https://platform.openai.com/account/rate-limits "
+            "to learn more."
+        )
+        refusal = _openai_error(429, message, kind="requests", code="rate_limit_exceeded")
+        return refusal, (*headers, ("retry-after", str(wait)))
 
     def _generate(self, request: _Request, first_download_delay: float = 0.0) -> _Reply:
         if request.problem is not None:
@@ -731,9 +1324,7 @@ class GptImageEmulator:
         if self.reject_marker is not None and self.reject_marker in prompt:
             return _error(400, "content_policy_violation", _SAFETY)
         started = time.monotonic()
-        data = self._image(prompt, *request.size, self.image_format)
-        with self._lock:
-            self._served[hashlib.sha256(data).hexdigest()] = data if self.keep_images else b""
+        data = self._draw(prompt, *request.size, self.image_format)
         blob = _Reply(200, data, self._media_type)
         path = self._new_path(self._extension)
         if first_download_delay > 0:
@@ -744,8 +1335,36 @@ class GptImageEmulator:
             time.sleep(left)
         return self._link(path, blob, inline=data, advance=True, once=not self.keep_images)
 
-    def _image(self, prompt: str, width: int, height: int, image_format: str) -> bytes:
-        data = _render(prompt, self._serial(), width, height, image_format)
+    def _generate_openai(self, request: _ImageRequest) -> _Reply:
+        if request.refusal is not None:
+            return request.refusal
+        prompt = request.prompt or ""
+        if self.reject_marker is not None and self.reject_marker in prompt:
+            return _moderation_blocked()
+        started = time.monotonic()
+        transparent = request.background == "transparent"
+        images = [
+            self._draw(prompt, *request.size, request.output_format, transparent=transparent)
+            for _ in range(request.n)
+        ]
+        if (left := started + self.latency - time.monotonic()) > 0:
+            time.sleep(left)
+        return _json(200, request.answer([{"b64_json": _b64(data)} for data in images]))
+
+    def _draw(
+        self, prompt: str, width: int, height: int, image_format: str, *, transparent: bool = False
+    ) -> bytes:
+        """A new valid image, counted in `served`."""
+        data = self._image(prompt, width, height, image_format, transparent=transparent)
+        with self._lock:
+            self._served[hashlib.sha256(data).hexdigest()] = data if self.keep_images else b""
+        return data
+
+    def _image(
+        self, prompt: str, width: int, height: int, image_format: str, *, transparent: bool = False
+    ) -> bytes:
+        serial = self._serial()
+        data = _render(prompt, serial, width, height, image_format, transparent=transparent)
         if self.image_bytes is not None and image_format == "png":
             data = _pad_png(data, self.image_bytes)
         return data
@@ -758,7 +1377,7 @@ class GptImageEmulator:
             return self._generate(request, first_download_delay=fault.seconds or 0.0)
         if fault.kind == "rate_limited":
             return _rate_limited(fault)
-        if fault.kind == "quota_exceeded":
+        if fault.kind in ("quota_exceeded", "insufficient_quota"):
             return _message(429, _QUOTA)
         if fault.kind == "server_error":
             return _server_error(fault.status or 503)
@@ -768,14 +1387,19 @@ class GptImageEmulator:
             return _message(401, _INVALID_KEY)
         if fault.kind == "not_subscribed":
             return _message(403, _NOT_SUBSCRIBED)
+        if fault.kind == "model_not_found":
+            model = request.body.get("model")
+            message = _no_such_model(model if isinstance(model, str) else "gpt-image-1.5")
+            return _error(404, "model_not_found", message)
+        if fault.kind == "moderation_blocked":
+            return _error(400, "content_policy_violation", _SAFETY)
         if fault.kind == "malformed_body":
             return _Reply(200, b'{"url": "http://')
         if fault.kind == "no_image":
             return _json(200, {"status": "succeeded", "result": {}})
         if fault.kind == "redirected_url":
             path = self._new_path(self._extension)
-            redirect = _Reply(302, b"", "text/plain", (("Location", fault.message or "/"),))
-            return self._link(path, redirect, inline=None)
+            return self._link(path, _redirect(fault), inline=None)
         if fault.kind == "expired_url":
             path = self._new_path(self._extension)
             return self._link(path, _s3_error(fault.status or 404, path), inline=None)
@@ -787,6 +1411,62 @@ class GptImageEmulator:
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
         return self._link(self._new_path("png"), _Reply(200, data, "image/png"), inline=data)
+
+    def _openai_fault_reply(self, fault: Fault, request: _ImageRequest) -> _Reply:
+        """`fault` in OpenAI's words; images travel inline, so URL faults become links or
+        broken inline images, and a slow download a slow answer."""
+        kind = fault.kind
+        if kind in ("stall", "slow_download"):
+            time.sleep(fault.seconds or 0.0)
+            return self._generate_openai(request)
+        if kind == "rate_limited":
+            return _openai_rate_limited(fault, request.model)
+        if kind in ("quota_exceeded", "insufficient_quota"):
+            return _openai_error(
+                429, _OPENAI_QUOTA, kind="insufficient_quota", code="insufficient_quota"
+            )
+        if kind == "server_error":
+            status = fault.status or 503
+            if status != 500:
+                return _server_error(status)
+            message = "The server had an error while processing your request. Sorry about that!"
+            return _openai_error(500, message, kind="server_error", code="server_error")
+        if kind == "bad_request":
+            return _openai_error(400, fault.message or "Invalid request.")
+        if kind == "unauthorized":
+            return _openai_error(401, _incorrect_key(None), code="invalid_api_key")
+        if kind == "not_subscribed":
+            return _openai_error(403, _NOT_VERIFIED)
+        if kind == "model_not_found":
+            return _model_not_found(request.model)
+        if kind == "moderation_blocked":
+            return _moderation_blocked()
+        if kind == "malformed_body":
+            return _Reply(200, b'{"created": %d, "data": [{"b64_json": "iVBORw0K' % time.time())
+        if kind == "no_image":
+            return _json(200, request.answer([]))
+        extension = _FORMATS[request.output_format][1]
+        if kind in ("expired_url", "redirected_url"):
+            links = []
+            for _ in range(request.n):
+                path = self._new_path(extension)
+                blob = (
+                    _redirect(fault)
+                    if kind == "redirected_url"
+                    else _s3_error(fault.status or 404, path)
+                )
+                with self._lock:
+                    self._blobs[path] = blob
+                links.append({"url": self._origin + path})
+            return _json(200, request.answer(links))
+        if kind == "not_an_image":
+            data = _NOT_AN_IMAGE
+        elif kind == "truncated_image":
+            image = self._image(request.prompt or "", *request.size, request.output_format)
+            data = image[: len(image) // 2]
+        else:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        return _json(200, request.answer([{"b64_json": _b64(data)}] * request.n))
 
     def _new_path(self, extension: str) -> str:
         return f"/images/{secrets.token_urlsafe(16)}.{extension}"
@@ -895,11 +1575,9 @@ class _Handler(BaseHTTPRequestHandler):
         control = emulator._control("POST", path)
         if control is not None:
             self._send(control)
-        elif path != emulator.path:
-            self._send(_not_found(path))
         else:
             headers = {name.lower(): value for name, value in self.headers.items()}
-            self._send(emulator._handle_generate(raw, headers))
+            self._send(emulator._handle_post(path, raw, headers))
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
@@ -930,6 +1608,62 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _not_found(path: str) -> _Reply:
     return _message(404, f"Endpoint '{path}' does not exist")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _redacted(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: "<redacted>" if k in _SECRET_HEADERS else v for k, v in headers.items()}
+
+
+def _with_headers(reply: _Reply, headers: tuple[tuple[str, str], ...]) -> _Reply:
+    """`reply` with `headers` added, except names it already carries (a fault's own win)."""
+    present = {name.lower() for name, _ in reply.headers}
+    extra = tuple(header for header in headers if header[0].lower() not in present)
+    return dataclasses.replace(reply, headers=reply.headers + extra) if extra else reply
+
+
+def _redirect(fault: Fault) -> _Reply:
+    return _Reply(302, b"", "text/plain", (("Location", fault.message or "/"),))
+
+
+def _incorrect_key(key: str | None) -> str:
+    """OpenAI's message for a wrong key, which shows only the key's ends."""
+    shown = ""
+    if key is not None:
+        shown = f": {key[:3]}{'*' * (len(key) - 7)}{key[-4:]}" if len(key) > 10 else ": ***"
+    return (
+        f"Incorrect API key provided{shown}. You can find your API key at "
+        "https://platform.openai.com/account/api-keys."
+    )
+
+
+def _moderation_blocked() -> _Reply:
+    return _openai_error(
+        400, _OPENAI_SAFETY, kind="image_generation_user_error", code="moderation_blocked"
+    )
+
+
+def _openai_rate_limited(fault: Fault, model: str | None) -> _Reply:
+    """An injected 429 from OpenAI's per-minute request limit, with its headers."""
+    wait = next((t for t in (fault.reset, fault.retry_after) if t is not None), 1.0)
+    headers = [
+        ("x-ratelimit-limit-requests", "100"),
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-reset-requests", _duration(wait)),
+    ]
+    if fault.retry_after is not None:
+        headers.append(("retry-after", str(math.ceil(fault.retry_after))))
+    message = (
+        f"Rate limit reached for {model or 'images'} on requests per min (RPM): Limit 100, "
+        f"Used 100, Requested 1. Please try again in {_duration(wait)}. "
+        "Visit https://platform.openai.com/account/rate-limits to learn more."
+    )
+    return _openai_error(
+        429, message, kind="requests", code="rate_limit_exceeded", headers=tuple(headers)
+    )
 
 
 class _Server(ThreadingHTTPServer):
@@ -966,7 +1700,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the emulator in the foreground until SIGINT or SIGTERM."""
     parser = argparse.ArgumentParser(
         prog="python -m prefect_gpt_image.testing.emulator",
-        description="Serve a local stand-in for the GPT Image API on RapidAPI.",
+        description=(
+            "Serve a local stand-in for the GPT Image API: NexaAPI's on RapidAPI at /generate, "
+            "and OpenAI's Images API at /v1/images/generations."
+        ),
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
