@@ -3,11 +3,13 @@ loop users write by hand, and a plain asyncio + httpx + boto3 script with the sa
 concurrency (the orchestration-free ceiling).
 
     python3 -m uv run python benchmarks/throughput.py
+    python3 -m uv run python benchmarks/throughput.py --only noise
 
 Every run is a process of its own (so that its CPU time and peak RSS are its own), against
-the API emulator in another process (latency, rate limit and image size set per scenario),
-a local `rclone serve s3` and a real `prefect server`. Prints markdown tables; BENCHMARKS.md
-keeps the figures. `--quick` runs every scenario smaller, to check the script itself.
+the API emulator in another process (latency, rate limit, random 429s and image size set
+per scenario), a local `rclone serve s3` and a real `prefect server`. Prints markdown
+tables; BENCHMARKS.md keeps the figures. `--quick` runs every scenario smaller, to check
+the script itself; `--only` runs some of them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +39,10 @@ import httpx
 API_KEY = "bench-key"
 BUCKET = "bench"
 HERE = Path(__file__).resolve()
+SECTIONS = ["throughput", "overhead", "rate-limits", "noise", "scaling", "memory"]
+ASYNCIO_RETRY_SECONDS = 1.0
+"""The asyncio script's wait before it retries a 429, outside its slot: what a hand-written
+script does."""
 
 
 # --- one measured run, in a process of its own ------------------------------------------
@@ -112,14 +119,18 @@ def asyncio_script(spec: dict[str, Any], prompts: list[str]) -> None:
         ) as http:
 
             async def one(n: int, prompt: str) -> None:
-                async with slots:
-                    answer = await http.post(
-                        spec["api_url"],
-                        json={"prompt": prompt, "width": 1024, "height": 1024},
-                        headers=headers,
-                    )
-                    answer.raise_for_status()
-                    data = (await http.get(answer.json()["url"])).content
+                while True:
+                    async with slots:
+                        answer = await http.post(
+                            spec["api_url"],
+                            json={"prompt": prompt, "width": 1024, "height": 1024},
+                            headers=headers,
+                        )
+                        if answer.status_code != 429:
+                            answer.raise_for_status()
+                            data = (await http.get(answer.json()["url"])).content
+                            break
+                    await asyncio.sleep(ASYNCIO_RETRY_SECONDS)
                 await asyncio.to_thread(
                     client.put_object, Bucket=BUCKET, Key=f"{spec['prefix']}/{n}.png", Body=data
                 )
@@ -185,14 +196,21 @@ class Emulator:
 
 @contextmanager
 def emulator(latency: float, rate_limit: float | None = None, **options: Any) -> Iterator[Emulator]:
-    args = [sys.executable, "-m", "prefect_gpt_image.testing.emulator", "--port", "0"]
-    args += ["--api-key", API_KEY, "--latency", str(latency)]
-    if rate_limit:
-        args += ["--rate-limit", str(rate_limit)]
-    if options.get("image_bytes"):
-        args += ["--image-bytes", str(options["image_bytes"])]
-    if options.get("no_rate_limit_headers"):
-        args += ["--no-rate-limit-headers"]
+    """The emulator in a process of its own. With `fault_rate_429`, that share of requests
+    is answered 429 without Retry-After, at random (`fault_seed`), by `serve_emulator`."""
+    if options.get("fault_rate_429"):
+        noise = {"latency": latency, "rate": options["fault_rate_429"]}
+        noise["seed"] = options.get("fault_seed", 0)
+        args = [sys.executable, str(HERE), "--emulator", json.dumps(noise)]
+    else:
+        args = [sys.executable, "-m", "prefect_gpt_image.testing.emulator", "--port", "0"]
+        args += ["--api-key", API_KEY, "--latency", str(latency)]
+        if rate_limit:
+            args += ["--rate-limit", str(rate_limit)]
+        if options.get("image_bytes"):
+            args += ["--image-bytes", str(options["image_bytes"])]
+        if options.get("no_rate_limit_headers"):
+            args += ["--no-rate-limit-headers"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -200,6 +218,29 @@ def emulator(latency: float, rate_limit: float | None = None, **options: Any) ->
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
+
+
+def serve_emulator(noise: dict[str, Any]) -> None:
+    """Serve the emulator until SIGTERM, a `noise["rate"]` share of its answers a 429
+    without Retry-After, at random: a busy API, not a limit. The emulator's command line
+    has no flag for random faults, and `reset()` clears them, so they are seeded again at
+    every reset."""
+    from prefect_gpt_image.testing import Fault, GptImageEmulator
+
+    faults = [Fault.rate_limited(retry_after=None)]
+
+    class NoisyEmulator(GptImageEmulator):
+        def reset(self) -> None:
+            super().reset()
+            self.seed_faults(noise["rate"], faults, noise["seed"])
+
+    api = NoisyEmulator(api_key=API_KEY, latency=noise["latency"], keep_images=False)
+    api.seed_faults(noise["rate"], faults, noise["seed"])
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
+    with api:
+        print(api.base_url, flush=True)
+        stopped.wait()
 
 
 @dataclass
@@ -372,6 +413,49 @@ def rate_limits(bench: Bench, n: int, limit: float) -> list[str]:
     return lines
 
 
+def noise(bench: Bench, n: int, rate: float, rounds: int) -> list[str]:
+    """A busy API: a `rate` share of requests refused with a bare 429 at random, no limit
+    behind them. Rounds alternate the three runs, each round with faults of its own seed,
+    the same for the three."""
+    latency, ideal = 1.0, 16.0
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        (
+            f"asyncio + httpx + boto3, 16 in flight, 429 retried after {ASYNCIO_RETRY_SECONDS:g} s",
+            "asyncio",
+            {},
+        ),
+        ("generate_images, max_concurrency=16, rate learned", "flow", {}),
+        (
+            "generate_images, max_concurrency=16, told requests_per_second=16",
+            "flow",
+            {"requests_per_second": 16},
+        ),
+    ]
+    runs: list[list[dict[str, Any]]] = [[] for _ in cases]
+    for n_round in range(rounds):
+        with emulator(latency, fault_rate_429=rate, fault_seed=n_round) as api:
+            for n_case, (_, kind, spec) in enumerate(cases):
+                model = f"bench-noise-{n_case}-{n_round}-{bench.run_id}"
+                runs[n_case].append(bench.run(api, kind, n, model=model, **spec))
+    lines = [
+        f"### Noise: {n} prompts, latency {latency:g} s, concurrency 16, {rate:.0%} of requests "
+        f"answered a bare 429 at random, {rounds} rounds (ideal {ideal:.0f} images/s)",
+        "",
+        "| run | images/s, each round | median images/s | of ideal | 429s, median | of requests |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for (name, _, _), results in zip(cases, runs, strict=True):
+        rates = [r["rate"] for r in results]
+        median = statistics.median(rates)
+        refused = statistics.median(r["calls"] - r["billed"] for r in results)
+        share = statistics.median((r["calls"] - r["billed"]) / max(r["calls"], 1) for r in results)
+        lines.append(
+            f"| {name} | {', '.join(f'{v:.2f}' for v in rates)} | {median:.2f} | "
+            f"{median / ideal:.0%} | {refused:g} | {share:.1%} |"
+        )
+    return lines
+
+
 def memory(bench: Bench, sizes: list[int], image_bytes: int) -> list[str]:
     """Peak RSS by prompt count, and with small images for the same count: what grows
     with the batch, and what grows with the bytes."""
@@ -419,22 +503,21 @@ def scaling(bench: Bench, limit: float, levels: list[int]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--emulator", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="every scenario, smaller")
-    parser.add_argument(
-        "--only",
-        nargs="*",
-        choices=["throughput", "overhead", "rate-limits", "scaling", "memory"],
-        help="run only these scenarios",
-    )
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, help="run only these scenarios")
     args = parser.parse_args()
     if args.child:
         child_main(json.loads(args.child))
+        return 0
+    if args.emulator:
+        serve_emulator(json.loads(args.emulator))
         return 0
 
     from prefect_gpt_image.testing import LocalS3Server, prefect_server
 
     quick = args.quick
-    chosen = set(args.only or ["throughput", "overhead", "rate-limits", "scaling", "memory"])
+    chosen = set(args.only or SECTIONS)
     work = Path(tempfile.mkdtemp(prefix="gpt-image-bench-"))
     sections: list[list[str]] = []
     try:
@@ -448,6 +531,8 @@ def main() -> int:
                 sections.append(overhead(bench, 60 if quick else 500, 2 if quick else 5))
             if "rate-limits" in chosen:
                 sections.append(rate_limits(bench, 40 if quick else 500, 8))
+            if "noise" in chosen:
+                sections.append(noise(bench, 60 if quick else 500, 0.02, 1 if quick else 3))
             if "scaling" in chosen:
                 levels = [4, 16] if quick else [2, 4, 8, 16, 32, 64]
                 sections.append(scaling(bench, 24, levels))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import queue
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,9 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
+from prefect.results import ResultStore
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from prefect_aws import S3Bucket
@@ -28,7 +31,14 @@ from prefect_gpt_image.artifacts import ProgressArtifact, publish_results
 from prefect_gpt_image.batch import Batch
 from prefect_gpt_image.block_refs import Routes, resolve_bucket, resolve_routes
 from prefect_gpt_image.blocks._route import GptImageRoute
-from prefect_gpt_image.caching import cache_store, find_cached, generation_cache_policy
+from prefect_gpt_image.budget import run_budget
+from prefect_gpt_image.caching import (
+    cache_store,
+    ensure_kept,
+    fallback_store,
+    find_cached,
+    generation_cache_policy,
+)
 from prefect_gpt_image.errors import (
     BatchFailedError,
     BudgetExceededError,
@@ -47,6 +57,7 @@ from prefect_gpt_image.models import (
 )
 from prefect_gpt_image.object_keys import (
     check_bucket_name,
+    check_key_room,
     image_key,
     join_key,
     manifest_key,
@@ -54,7 +65,14 @@ from prefect_gpt_image.object_keys import (
 )
 from prefect_gpt_image.prompt_sets import expand_template, load_prompts
 from prefect_gpt_image.retry_policy import call_with_retries
-from prefect_gpt_image.storage import object_link, object_sizes, object_uri, put_bytes, read_uri
+from prefect_gpt_image.storage import (
+    check_writable,
+    object_link,
+    object_sizes,
+    object_uri,
+    put_bytes,
+    read_uri,
+)
 from prefect_gpt_image.tasks.generate import generate_image
 from prefect_gpt_image.tasks.upload import store_image
 
@@ -118,8 +136,8 @@ def generate_images(
         max_concurrency: Generations in flight at once.
         requests_per_second: The plan's rate limit. Without it the rate is learned from
             the API's 429s and rate-limit headers.
-        max_cost_usd: Refuse to start a batch whose uncached part would cost more, and
-            stop submitting once the spend reaches it.
+        max_cost_usd: A hard cap: refuse to start a batch whose uncached part could cost
+            more, and send no call, first or retry, whose worst case could pass it.
         allow_failures: Failed prompts tolerated before the run ends Failed.
         refresh_cache: Generate again even where a cached image exists (and pay).
         cache_expiration_days: How long generated images are served from the cache;
@@ -167,8 +185,9 @@ def generate_images(
         refresh_cache=refresh_cache,
         cache_expiration=timedelta(days=cache_expiration_days) if cache_expiration_days else None,
     )
-    if cache_storage is not None:
-        generate = generate.with_options(result_storage=_saved(resolve_bucket(cache_storage)))
+    cache_bucket = _saved(resolve_bucket(cache_storage)) if cache_storage is not None else None
+    if cache_bucket is not None:
+        generate = generate.with_options(result_storage=cache_bucket)
     if redis_lock_url is not None:
         _check_redis(redis_lock_url)
         generate = generate.with_options(cache_policy=generation_cache_policy(redis_lock_url))
@@ -179,6 +198,8 @@ def generate_images(
         global_rate_limit=global_rate_limit,
     )
     _check_global_limits(limits)
+    _check_storage(s3, folder, cache_bucket)
+    run_budget().max_usd = max_cost_usd  # every paid attempt, retries too, is held to it
     batch = Batch(requests, routes)
     uncached = set(batch.groups)
     if not refresh_cache:
@@ -210,10 +231,7 @@ def generate_images(
 
     report = batch.report()
     rows = batch.rows()
-    report.manifest_key = manifest_key(s3.bucket_folder, folder, _run_label())
-    report.manifest_uri = object_uri(s3, report.manifest_key)
-    manifest = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    put_bytes(s3, report.manifest_key, manifest.encode(), "application/x-ndjson")
+    _write_manifest(s3, folder, report, rows)
     logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
     link = partial(
         object_link, s3, public_base_url=public_base_url, expires_in=int(link_expiry_hours * 3600)
@@ -281,6 +299,39 @@ def _without_password(url: str) -> str:
     return parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
 
 
+def _check_storage(bucket: S3Bucket, folder: str, cache_bucket: S3Bucket | None) -> None:
+    """A missing bucket, a wrong secret or a key too long would be found only after paying
+    for every image: find them now."""
+    check_key_room(bucket.bucket_folder, folder)
+    check_writable(bucket, join_key(bucket.bucket_folder, folder))
+    if cache_bucket is not None:
+        check_writable(cache_bucket, cache_bucket.bucket_folder)
+
+
+def _write_manifest(
+    bucket: S3Bucket, folder: str, report: BatchReport, rows: list[dict[str, Any]]
+) -> None:
+    """The manifest beside the images; if S3 refuses it now, a local copy, so the report
+    and the artifacts still come out."""
+    key = manifest_key(bucket.bucket_folder, folder, _run_label())
+    manifest = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    try:
+        put_bytes(bucket, key, manifest, "application/x-ndjson")
+    except StorageError as exc:
+        local = get_current_settings().home / "manifests" / key.rsplit("/", 1)[-1]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(manifest)
+        get_run_logger().error(
+            "Could not write the manifest to %s (%s); it is at %s",
+            object_uri(bucket, key),
+            exc,
+            local,
+        )
+        report.manifest_key, report.manifest_uri = None, local.as_uri()
+        return
+    report.manifest_key, report.manifest_uri = key, object_uri(bucket, key)
+
+
 def _saved(block: S3Bucket) -> S3Bucket:
     """Prefect stores a cache's location as a block reference: the block must be saved."""
     if block._block_document_id is None:
@@ -299,13 +350,17 @@ def _reuse_cached(
 
     Returns the cached keys. One image is in memory at a time.
     """
-    store = cache_store(generate)
+    store, fallback = cache_store(generate), fallback_store()
     folder_prefix = join_key(bucket.bucket_folder, folder)
     in_bucket: dict[str, int] | None = None
     cached = set()
     for key in batch.groups:
-        if (image := find_cached(store, batch.lookup_keys(key))) is None:
-            continue
+        keys = batch.lookup_keys(key)
+        if (image := find_cached(store, keys)) is None:
+            if (image := find_cached(fallback, keys)) is None:
+                continue
+            # Kept locally while the cache storage was down: back where the task looks.
+            store.write(image, key=key)
         cached.add(key)
         if in_bucket is None:
             in_bucket = _object_sizes(bucket, folder_prefix + "/" if folder_prefix else "")
@@ -397,6 +452,8 @@ def _generate_and_store(
             watch("generate", key, generate.submit(*arguments))
             in_flight.add(key)
 
+    cache, fallback = cache_store(generate), fallback_store()
+    logger = get_run_logger()  # the upload threads have no run context of their own
     # Uploads run in the flow's own threads, not as task runs: a task run costs more CPU
     # than the upload itself, and the generation's task run already stands for the image.
     with ThreadPoolExecutor(max_concurrency, thread_name_prefix="upload") as uploads:
@@ -412,6 +469,8 @@ def _generate_and_store(
                 if isinstance(outcome, GeneratedImage):
                     cached = future.state.name == "Cached"
                     batch.generated(tag, outcome, cached=cached)
+                    if not cached:  # paid for: it must be kept somewhere before we report it
+                        uploads.submit(_keep, cache, fallback, tag, outcome, logger)
                     for variant in outcome.variants():
                         for index in batch.uploads(tag):
                             store = partial(
@@ -437,6 +496,21 @@ def _generate_and_store(
                 batch.upload_failed(tag, error)
             progress.update(batch.done)
             progress_listeners.report(batch.done, len(batch.requests))
+
+
+def _keep(
+    store: ResultStore,
+    fallback: ResultStore,
+    key: str,
+    image: GeneratedImage,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> None:
+    if not ensure_kept(store, fallback, key, image):
+        logger.warning(
+            "The cache storage could not keep the image of %r; it is kept in local result "
+            "storage instead, so the next run on this machine does not pay for it again.",
+            image.request.label,
+        )
 
 
 def _failure_message(batch: Batch, report: BatchReport, allow_failures: int) -> str:

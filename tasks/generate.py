@@ -11,6 +11,7 @@ from prefect.runtime import task_run
 from prefect.utilities.annotations import BaseAnnotation
 
 from prefect_gpt_image.block_refs import Routes, resolve_routes
+from prefect_gpt_image.budget import run_budget
 from prefect_gpt_image.caching import (
     cache_store,
     find_cached,
@@ -31,9 +32,9 @@ from prefect_gpt_image.retry_policy import (
 )
 from prefect_gpt_image.routes import route_book
 
-_paid_so_far: dict[str, tuple[int, float]] = {}
-"""Charged answers, and their cost, of a task run's failed attempts, so that its result
-can count them."""
+_paid_so_far: dict[str, tuple[int, float, float]] = {}
+"""Charged answers, their cost, and what timed-out calls may have cost, of a task run's
+failed attempts, so that its result can count them."""
 
 
 def _run_name() -> str:
@@ -108,32 +109,35 @@ def generate_image(
         if (cached := find_cached(store, lookup_keys(image_request, routes)[1:])) is not None:
             update = {"request": image_request, "paid_calls": 0, "cost_usd": 0.0}
             return cached.model_copy(update=update)
-    run_id = str(task_run.id) if task_run.id else None
-    paid_calls, paid_usd = _paid_so_far.pop(run_id, (0, 0.0)) if run_id else (0, 0.0)
-    book = route_book()
+    run_id = str(task_run.id)
+    paid_calls, paid_usd, possibly_usd = _paid_so_far.pop(run_id, (0, 0.0, 0.0))
+    book, budget = route_book(), run_budget()
     live = book.live(routes)
     for number, route in enumerate(live):
         try:
             image = route.get_client().generate(
-                image_request, limits, still_live=partial(book.is_live, route)
+                image_request, limits, still_live=partial(book.is_live, route), budget=budget
             )
         except GptImageError as exc:
             # Whatever wrote the text (httpx quotes a header it refuses), no key leaves here.
             scrub_error(exc, route.api_key.get_secret_value())
             # A charged answer that failed is paid again by the retry: count both.
             paid_calls, paid_usd = paid_calls + exc.billed, paid_usd + exc.billed_usd
+            possibly_usd += exc.possibly_billed_usd
             exc.paid_calls, exc.paid_usd = paid_calls, round(paid_usd, 6)
+            exc.possibly_paid_usd = round(possibly_usd, 6)
             if book.failed(route, exc, fallback=number + 1 < len(live)):
                 get_run_logger().warning(
                     "Dropped the route %s for this run: %s", route.route_name, exc
                 )
                 continue
-            if run_id and paid_calls:
-                _paid_so_far[run_id] = (paid_calls, paid_usd)
+            if paid_calls or possibly_usd:
+                _paid_so_far[run_id] = (paid_calls, paid_usd, possibly_usd)
             raise
         book.succeeded(route)
         image.paid_calls += paid_calls
         image.cost_usd = round(image.cost_usd + paid_usd, 6)
+        image.possibly_charged_usd = round(possibly_usd, 6)
         if len(routes) > 1 and context is not None:
             key = generation_cache_key(image_request, route)
             remember(cache_store(context.task), key, image, context.task.cache_expiration)
@@ -150,4 +154,5 @@ def generate_image(
         return image
     error = book.exhausted(routes)
     error.paid_calls, error.paid_usd = paid_calls, round(paid_usd, 6)
+    error.possibly_paid_usd = round(possibly_usd, 6)
     raise error

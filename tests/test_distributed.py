@@ -11,15 +11,16 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL
 from prefect_aws import S3Bucket
 from prefect_dask import DaskTaskRunner
 
-from prefect_gpt_image import RapidAPICredentials, generate_images
-from prefect_gpt_image.errors import ConfigurationError
-from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
+from prefect_gpt_image import RapidAPICredentials, generate_image, generate_images
+from prefect_gpt_image.errors import ConfigurationError, ServerError
+from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 
 
 def dask_cluster_of_processes() -> DaskTaskRunner:
@@ -62,6 +63,29 @@ def test_the_flow_runs_unchanged_on_a_dask_cluster_of_processes(
     )
     assert (again.generated, again.from_cache, api.billed) == (0, 6, 6)
     assert all(image.key.startswith("again/") for image in again.images)
+
+
+def test_an_error_on_a_dask_worker_comes_back_whole(
+    api: GptImageEmulator, credentials: RapidAPICredentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker pickles the task's error and the flow unpickles it: a type with keyword-only
+    fields once came back as an unpickling TypeError, and the real error was lost."""
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
+    api.add_fault(Fault.server_error(503))
+    once = generate_image.with_options(retries=0)
+
+    @flow(task_runner=dask_cluster_of_processes())
+    def one_failing_generation() -> BaseException | None:
+        future = once.submit("a doomed dask dove", credentials=credentials)
+        future.wait()
+        return future.state.result(raise_on_failure=False)  # type: ignore[return-value]
+
+    error = one_failing_generation()
+
+    assert type(error) is ServerError, repr(error)
+    assert str(error).startswith("The API or RapidAPI's gateway failed (503).")
+    assert (error.status_code, error.retryable, error.billed) == (503, True, False)
+    assert [call.status for call in api.calls] == [503]
 
 
 RUN_ONE_BATCH = """

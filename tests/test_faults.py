@@ -64,12 +64,28 @@ def test_images_generated_while_s3_is_down_are_not_paid_for_again(
     tmp_path: Path, api: GptImageEmulator, credentials: RapidAPICredentials
 ) -> None:
     prompts = ["an outage owl", "an outage otter", "an outage oriole"]
+    api.latency = 1.0
     with LocalS3Server(tmp_path / "s3") as s3:
         bucket = s3.bucket_block("outage")
-        s3.stop()
-        with pytest.raises(StorageError):
+
+        def stop_s3_once_the_api_is_called() -> None:
+            while api.peak_concurrency == 0:  # a generation has started
+                time.sleep(0.01)
+            s3.stop()
+
+        stopper = threading.Thread(target=stop_s3_once_the_api_is_called, daemon=True)
+        stopper.start()
+        with pytest.raises(BatchFailedError) as raised:
             generate_images(prompts, bucket=bucket, credentials=credentials)
+        stopper.join()
         assert api.billed == 3
+        # The report still comes out, with the manifest kept locally.
+        report = raised.value.report
+        assert {f.stage for f in report.failures} == {"upload"}
+        assert (report.manifest_uri or "").startswith("file://")
+        assert (
+            Path((report.manifest_uri or "").removeprefix("file://")).read_text().count("\n") == 3
+        )
 
         s3.start()
         report = generate_images(prompts, bucket=bucket, credentials=credentials)

@@ -46,6 +46,8 @@ class Batch:
         self.cached_keys: set[str] = set()
         self.charged: dict[str, float] = {}
         """USD the API charged, by key: a generation, and any broken answers."""
+        self.possibly_charged: dict[str, float] = {}
+        """USD that calls which timed out after they were sent may have cost, by key."""
         self.stopped_by: BaseException | None = None
 
     @property
@@ -74,6 +76,7 @@ class Batch:
         else:
             self.paid_keys.add(key)
             self.charged[key] = image.cost_usd
+            self.possibly_charged[key] = image.possibly_charged_usd
         for index in self.groups[key]:
             self._expected[index] = image.image_count
 
@@ -100,6 +103,8 @@ class Batch:
     def generation_failed(self, key: str, error: BaseException) -> None:
         if paid := getattr(error, "paid_usd", 0.0):
             self.charged[key] = paid
+        if possibly := getattr(error, "possibly_paid_usd", 0.0):
+            self.possibly_charged[key] = possibly
         for index in self.groups[key]:
             self.outcomes[index] = self._failure(index, error, "generate")
 
@@ -126,6 +131,7 @@ class Batch:
             generated=len(self.paid_keys),
             from_cache=len(self.cached_keys),
             cost_usd=self.spent_usd,
+            possibly_charged_usd=round(sum(self.possibly_charged.values()), 6),
         )
 
     def rows(self) -> list[dict[str, Any]]:

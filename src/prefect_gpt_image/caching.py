@@ -139,3 +139,26 @@ def remember(
         store.write(image, key=key, expiration=until)  # type: ignore[arg-type]
     except Exception as exc:  # the task's own record is written by Prefect; this is a bonus
         logger.warning("Could not cache the image under its route's key %s: %s", key, exc)
+
+
+def fallback_store() -> ResultStore:
+    """Prefect's local result storage, where a paid image is kept when the configured cache
+    storage cannot take it (an S3 cache that is down): never nowhere."""
+    from prefect.filesystems import LocalFileSystem
+
+    path = get_current_settings().results.local_storage_path
+    return ResultStore(
+        result_storage=LocalFileSystem(basepath=str(path)), cache_result_in_memory=False
+    )
+
+
+def ensure_kept(store: ResultStore, fallback: ResultStore, key: str, image: GeneratedImage) -> bool:
+    """Whether the cache holds `image` under `key`; if it does not (its storage failed), keep
+    it in `fallback` instead, so that the next run finds it there and does not pay again."""
+    try:
+        if store.exists(key):
+            return True
+    except Exception as exc:  # an unreachable store holds nothing we can count on
+        logger.debug("Could not check the cache for %s: %s", key, exc)
+    fallback.write(image, key=key)
+    return False

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from prefect_gpt_image.billing import call_cost
+from prefect_gpt_image.billing import call_cost, worst_case_cost
+from prefect_gpt_image.budget import Budget
 from prefect_gpt_image.errors import (
     APIConnectionError,
     APIError,
@@ -101,25 +102,35 @@ class GenerationClient(ABC):
         limits: ApiLimits | None = None,
         *,
         still_live: Callable[[], bool] | None = None,
+        budget: Budget | None = None,
     ) -> GeneratedImage:
         """One paid call. `limits` say how busy this process may keep the API (see
         `prefect_gpt_image.throttle`); downloads are not counted against them.
         `still_live` is asked once the call's turn has come: a route dropped while the
-        request waited is not called."""
+        request waited is not called. `budget` holds the call's worst case before it is
+        sent, and refuses it if that could pass the cap (see `prefect_gpt_image.budget`)."""
         route = self._route
         with self._throttle.admit(limits) as admission:
             if still_live is not None and not still_live():
                 raise RouteDroppedError(f"The route {route.route_name} was dropped.")
+            reservation = (budget or Budget()).reserve(worst_case_cost(self._spec, request))
             started = time.monotonic()
             try:
                 response = self._post(request)
-            except httpx.TimeoutException:
-                raise APITimeoutError(
+            except httpx.TimeoutException as exc:
+                error = APITimeoutError(
                     f"No answer from {route.endpoint_url} within {route.timeout_seconds:g} s. "
                     "Raise timeout_seconds in the credentials block for slow, high-quality "
                     "generations."
-                ) from None
+                )
+                if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+                    reservation.charged(0.0)  # never sent: nothing to bill
+                else:  # sent: the provider may finish it, and bill it
+                    reservation.possibly_charged()
+                    error.possibly_billed_usd = reservation.held
+                raise error from None
             except httpx.TransportError as exc:
+                reservation.charged(0.0)
                 raise APIConnectionError(
                     f"Could not reach {route.endpoint_url}: {type(exc).__name__}: {exc}"
                 ) from None
@@ -131,17 +142,31 @@ class GenerationClient(ABC):
             time.monotonic() - started,
         )
         if not response.is_success:
+            reservation.charged(0.0)
             raise self._error(response.status_code, response.headers, response.content)
         # The API answered 2xx: the call is paid for, whatever comes next.
         usage: Usage | None = None
         try:
             payload = parse_json(response.content)
             usage = usage_of(payload)
-            return self._images(payload, request, usage)
-        except GptImageError as exc:
-            exc.billed = True
-            exc.billed_usd = call_cost(self._spec, request, request.n, usage)
-            raise
+            image = self._images(payload, request, usage)
+        except Exception as exc:
+            unusable: GptImageError = (
+                exc
+                if isinstance(exc, GptImageError)
+                else InvalidResponseError(
+                    f"The API answered {response.status_code}, but its answer could not be "
+                    f"read ({type(exc).__name__}). It is charged; the image is generated again."
+                )
+            )
+            unusable.billed = True
+            unusable.billed_usd = call_cost(self._spec, request, request.n, usage)
+            reservation.charged(unusable.billed_usd)
+            if unusable is exc:
+                raise
+            raise unusable from None
+        reservation.charged(image.cost_usd)
+        return image
 
     @abstractmethod
     def _post(self, request: ImageRequest) -> httpx.Response:

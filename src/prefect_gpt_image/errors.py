@@ -31,6 +31,11 @@ class GptImageError(Exception):
     """Charged answers the failed task run made, over all its attempts."""
     paid_usd: float = 0.0
     """What those charged answers cost."""
+    possibly_billed_usd: float = 0.0
+    """What a call that timed out after it was sent may have cost: the provider may have
+    finished, and charged for, a generation nobody received."""
+    possibly_paid_usd: float = 0.0
+    """What such calls of the failed task run may have cost, over all its attempts."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle without calling `__init__` again: subclasses take keyword-only fields,
@@ -114,6 +119,13 @@ class RouteDroppedError(GptImageError):
     """The route was dropped while the request waited for its turn: it was not called."""
 
     drops_route = True
+
+
+class PaidFailuresError(GptImageError):
+    """Charged answers in a row held no usable image: the route is not paid again this run."""
+
+    drops_route = True
+    stops_batch = True
 
 
 class NoRouteLeftError(GptImageError):

@@ -208,6 +208,11 @@ class GeneratedImage(BaseModel):
     cost_usd: float = Field(
         default=0.0, description="What the call (and any charged broken answers) cost."
     )
+    possibly_charged_usd: float = Field(
+        default=0.0,
+        description="What calls that timed out after they were sent may have cost: the "
+        "provider may have finished, and billed, generations nobody received.",
+    )
     usage: Usage | None = Field(default=None, description="Tokens used, where reported.")
     variant: int = Field(default=0, description="Its place among the call's images.")
     more_images: list[ImageFile] = Field(
@@ -303,10 +308,20 @@ class BatchReport(BaseModel):
     generated: int = Field(default=0, description="Images paid for in this run.")
     from_cache: int = Field(default=0, description="Images served from the cache, at no cost.")
     cost_usd: float = Field(default=0.0, description="What this run's generations cost.")
+    possibly_charged_usd: float = Field(
+        default=0.0,
+        description="What calls that timed out after they were sent may have cost, apart "
+        "from `cost_usd`: the provider may have billed them.",
+    )
 
     def summary(self) -> str:
+        possibly = (
+            f" (and up to ${self.possibly_charged_usd:.2f} for calls that timed out)"
+            if self.possibly_charged_usd
+            else ""
+        )
         return (
             f"{len(self.images)} stored, {len(self.failures)} failed; "
             f"{self.generated} generated, {self.from_cache} from cache; "
-            f"cost ${self.cost_usd:.2f}"
+            f"cost ${self.cost_usd:.2f}{possibly}"
         )

@@ -97,6 +97,23 @@ def image_key(bucket_folder: str, prefix: str, image: GeneratedImage) -> str:
     return join_key(bucket_folder, normalize_prefix(prefix), filename)
 
 
+MAX_KEY_BYTES = 1024
+"""S3's limit on an object key, in UTF-8 bytes."""
+_LONGEST_IMAGE_NAME = SLUG_MAX_CHARS + 1 + HASH_CHARS + len(".webp")
+_LONGEST_MANIFEST_NAME = len("manifest-") + 80 + len(".jsonl")
+
+
+def check_key_room(bucket_folder: str, prefix: str) -> None:
+    """Refuse, before anything is paid for, a folder whose longest key would pass S3's limit."""
+    folder = join_key(bucket_folder, normalize_prefix(prefix))
+    longest = len(folder.encode()) + 1 + max(_LONGEST_IMAGE_NAME, _LONGEST_MANIFEST_NAME)
+    if longest > MAX_KEY_BYTES:
+        raise InvalidRequestError(
+            f"Keys under {folder[:60]!r}... could reach {longest} bytes, over S3's "
+            f"{MAX_KEY_BYTES}: shorten the bucket folder or the prefix."
+        )
+
+
 def manifest_key(bucket_folder: str, prefix: str, run_label: str) -> str:
     """Where a batch's manifest is stored: beside its images."""
     filename = f"manifest-{slugify(run_label, max_chars=80)}.jsonl"

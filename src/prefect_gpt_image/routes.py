@@ -13,14 +13,17 @@ dead route for themselves, at the cost of a call or two.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from prefect.context import FlowRunContext, TaskRunContext
-
-from prefect_gpt_image.errors import GptImageError, NoRouteLeftError, RateLimitedError
+from prefect_gpt_image.errors import (
+    GptImageError,
+    NoRouteLeftError,
+    PaidFailuresError,
+    RateLimitedError,
+)
 from prefect_gpt_image.retry_policy import GENERATION_RETRIES
+from prefect_gpt_image.run_scope import RunScoped
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks._route import GptImageRoute
@@ -28,8 +31,10 @@ if TYPE_CHECKING:
 DOWN_AFTER_FAILURES = GENERATION_RETRIES + 1
 """Retryable failures in a row, with no success between, after which a route is down: the
 whole retry budget of one request."""
-BOOKS_KEPT = 64
-"""Books of past flow runs kept in a long-lived process."""
+PAID_FAILURES_BEFORE_BREAKING = 3
+"""Charged answers in a row that held no usable image, after which a route is not paid
+again in this run: a systematic fault (every image URL answering 403, say) would otherwise
+be paid for on every request and every retry."""
 
 
 def route_id(route: GptImageRoute) -> str:
@@ -45,6 +50,7 @@ class RouteBook:
         self._lock = threading.Lock()
         self._dropped: dict[str, tuple[str, BaseException]] = {}
         self._failures: dict[str, int] = {}
+        self._paid_failures: dict[str, int] = {}
 
     def live(self, routes: Sequence[GptImageRoute]) -> list[GptImageRoute]:
         with self._lock:
@@ -57,6 +63,7 @@ class RouteBook:
     def succeeded(self, route: GptImageRoute) -> None:
         with self._lock:
             self._failures.pop(route_id(route), None)
+            self._paid_failures.pop(route_id(route), None)
 
     def failed(self, route: GptImageRoute, error: GptImageError, *, fallback: bool) -> bool:
         """Record a failure; True if it drops the route (the request moves on). Being down
@@ -64,6 +71,13 @@ class RouteBook:
         policy goes on as it would, and a rate limit is never "down"."""
         key = route_id(route)
         with self._lock:
+            if error.billed:
+                paid = self._paid_failures[key] = self._paid_failures.get(key, 0) + 1
+                if paid >= PAID_FAILURES_BEFORE_BREAKING:
+                    error = PaidFailuresError(
+                        f"{paid} answers in a row from {route.route_name} were charged but held "
+                        f"no usable image, so this run stops paying it. The last: {error}"
+                    )
             if not error.drops_route:
                 if not (fallback and error.retryable) or isinstance(error, RateLimitedError):
                     return False
@@ -84,26 +98,9 @@ class RouteBook:
         return NoRouteLeftError(f"Every route was dropped. {listed}")
 
 
-_books: OrderedDict[str, RouteBook] = OrderedDict()
-_books_lock = threading.Lock()
+_books: RunScoped[RouteBook] = RunScoped(RouteBook)
 
 
 def route_book() -> RouteBook:
     """The book of the current flow run (a task run alone has one of its own)."""
-    task_context = TaskRunContext.get()
-    flow_context = FlowRunContext.get()
-    if task_context is not None and task_context.task_run.flow_run_id is not None:
-        scope = str(task_context.task_run.flow_run_id)
-    elif flow_context is not None and flow_context.flow_run is not None:
-        scope = str(flow_context.flow_run.id)
-    elif task_context is not None:
-        scope = str(task_context.task_run.id)
-    else:
-        return RouteBook()
-    with _books_lock:
-        book = _books.get(scope)
-        if book is None:
-            book = _books[scope] = RouteBook()
-            while len(_books) > BOOKS_KEPT:
-                _books.popitem(last=False)
-        return book
+    return _books.get()

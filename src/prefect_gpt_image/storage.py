@@ -8,6 +8,7 @@ and every upload task in the process shares it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -28,6 +29,8 @@ CLIENT_CONFIG = Config(
     read_timeout=60,
     max_pool_connections=64,
 )
+logger = logging.getLogger(__name__)
+
 METADATA_PROMPT_BYTES = 1024
 """S3 allows 2 KB of user metadata in all; the prompt gets at most this much of it."""
 
@@ -119,6 +122,21 @@ def put_bytes(
         )
     except (ClientError, BotoCoreError) as exc:
         raise storage_error(exc, bucket.bucket_name, "write") from None
+
+
+WRITE_CHECK_NAME = ".prefect-gpt-image-write-check"
+"""The empty object written, then deleted, to prove a bucket takes writes before paying."""
+
+
+def check_writable(bucket: S3Bucket, folder: str) -> None:
+    """Prove, before anything is paid for, that `folder` exists, takes these credentials and
+    can be written: a missing bucket or a wrong secret is found now, not after the images."""
+    key = f"{folder}/{WRITE_CHECK_NAME}" if folder else WRITE_CHECK_NAME
+    put_bytes(bucket, key, b"", "application/octet-stream")
+    try:
+        s3_client(bucket).delete_object(Bucket=bucket.bucket_name, Key=key)
+    except (ClientError, BotoCoreError) as exc:  # written is what matters; say what is left
+        logger.warning("Could not delete the write check %s: %s", object_uri(bucket, key), exc)
 
 
 def object_sizes(bucket: S3Bucket, prefix: str) -> dict[str, int]:

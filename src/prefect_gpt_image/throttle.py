@@ -10,18 +10,25 @@ A request is admitted when four things allow it, in this order:
 4. the Prefect global limits the caller names allow it (a rate limit, then a
    concurrency limit): what bounds workers on other machines.
 
-A rate the caller gave is the plan's: 429s do not change it (a hold still pauses it).
+A rate the caller gave is the plan's: 429s never change it (a hold still pauses it).
 
 The learned rate follows the API like TCP CUBIC follows a network. A 429 remembers the
-rate before it (what the API accepted in the second before, or the learned rate if lower)
-and cuts to just under it; the rate then climbs back quickly, flattens as it nears the
-remembered rate, and past it probes upwards, slowly at first. A lone 429 from a busy API,
-not from a limit, so costs a second or two; at a real limit the rate stays near it, and
-meets a 429 only now and then. A success that says no request is left in the window
-(`x-ratelimit-remaining: 0`, or a gateway's name for it) stops the rate there, at what was
-accepted, without a cut: at the limit is where the rate should be. Half a minute without
-signals forgets it. Without a learned rate, and without one the caller gave, concurrency
-alone bounds the load.
+rate before it and cuts to just under it; the rate then climbs back within a second and a
+half, fast at first and flattening as it nears the remembered rate, stays near it a while,
+and only then probes beyond it, slowly at first. Which rate is remembered depends on what
+the answer says:
+
+- a 429 that asks for a wait (Retry-After, or the window's reset time), and a success that
+  says the window is spent (`x-ratelimit-remaining: 0`, or a gateway's name for it), speak
+  for the plan's limit: the rate before is what the API accepted since the last cut. The
+  spent window stops the rate there without a cut: at the limit is where it should be;
+- a bare 429 may be a busy moment as well as a limit: the rate before is the learned rate
+  that met it, and the cut never lands below what was sent in the last seconds. A lone
+  429 from a busy API costs a second or two of a slightly lower rate, no more.
+
+The first 429 knows no learned rate: the rate before is what the API accepted of the
+burst. Half a minute without signals forgets the learned rate; without one, and without
+one the caller gave, concurrency alone bounds the load.
 """
 
 from __future__ import annotations
@@ -42,16 +49,18 @@ from prefect_gpt_image.retry_policy import MAX_SERVER_WAIT_SECONDS
 RATE_DECREASE = 0.9
 """A 429 cuts the rate to this share of the rate before it (CUBIC's beta)."""
 RECOVERY_SECONDS = 1.5
-"""How long the rate takes to climb back to the rate before a cut (CUBIC's K)."""
-PROBE_GROWTH = 0.01
+"""How long the rate takes to climb back to the rate before a cut (CUBIC's K): a lone 429
+costs about 0.1 x 1.5 / 4, under 4% of a second's requests."""
+PROBE_GROWTH = 0.002
 """Past the rate before the cut, the rate grows by this share times the cube of the
-seconds since it got there: +0.4% after 1 s, +3% after 2 s, +11% after 3 s."""
+seconds since it got there: +0.2% after 1 s, +5% after 3 s, +25% after 5 s."""
 MIN_RATE = 0.1
 """The learned rate never goes below one request in ten seconds."""
 WINDOW_SECONDS = 3.0
-"""How far back "what was sent" looks, from the start of the signalling request."""
+"""How far back "what was sent" looks from the start of a request that met the limit
+(long enough to smooth the waves of a batch's first seconds)."""
 BURST_SECONDS = 1.0
-"""Starts closer together than this are counted as a second's: plans count per second."""
+"""Starts closer together than this count as a second's: plans count per second."""
 RATE_MEMORY_SECONDS = 30.0
 """A learned rate is forgotten after this long without a congestion signal: a lone 429
 must not hold a long-lived worker back for good."""
@@ -67,14 +76,12 @@ def cubic_rate(rate_before: float, seconds: float) -> float:
 
 
 class _Start:
-    """When one request started, whether it waited for the rate, and whether the API
-    refused it."""
+    """When one request started, and whether the API refused it."""
 
-    __slots__ = ("at", "paced", "refused")
+    __slots__ = ("at", "refused")
 
-    def __init__(self, at: float, *, paced: bool) -> None:
+    def __init__(self, at: float) -> None:
         self.at = at
-        self.paced = paced
         self.refused = False
 
 
@@ -141,15 +148,17 @@ class EndpointThrottle:
         return max(cubic_rate(self._rate_before, now - self._curve_from), MIN_RATE)
 
     def slow_down(self, start: _Start, *, refused: bool, at_limit: bool) -> None:
-        """The request that started at `start` met the API's limit: cut the rate to just
-        under the rate before it if it was `refused`, else stop it there.
+        """The request that started at `start` met the API's limit: cut the learned rate
+        to just under the rate before it if it was `refused`, else stop it there.
 
-        `at_limit`: the answer spoke for the plan's limit (it asked for a wait, or said the
-        window is spent). The rate before it is then what the API accepted since the last
-        cut, the time of any hold included (the API's window refills during it). A bare
-        429 may be a busy moment instead: the rate before it is the learned rate that met
-        it, or what was sent in the last seconds if concurrency let fewer through. Either
-        way never more than the learned rate; the first time, what the API accepted.
+        The rate before it is never more than the learned rate, and is:
+
+        - `at_limit` (the answer asked for a wait, or said the window is spent: the plan's
+          limit speaking): what the API accepted since the last cut, the time of any hold
+          included, since the API's own window refilled during it;
+        - otherwise (a bare 429: a busy moment as well as a limit): the learned rate that
+          met it, though the cut lands no lower than what was sent in the last seconds;
+        - the first time, with no learned rate: what the API accepted of what was sent.
 
         A request that started before the last cut speaks of the rate before it, which
         that cut has answered: it changes nothing (in a burst, the second before the first
@@ -167,16 +176,18 @@ class EndpointThrottle:
             while self._holds and self._holds[0][1] < now - RATE_MEMORY_SECONDS:
                 self._holds.popleft()
             current = self.rate(now)
-            if current is not None and start.paced and not at_limit:
+            since = start.at - WINDOW_SECONDS
+            accepted, held = self._accepted_rate(
+                start, min(since, self._cut_at) if at_limit else since
+            )
+            if current is None:
+                before = accepted
+            elif held:
                 before = current
-            else:
-                since = start.at - WINDOW_SECONDS
-                since = min(since, self._cut_at) if at_limit else since
-                accepted, held = self._accepted_rate(start, since)
-                if current is None:
-                    before = accepted
-                else:
-                    before = current if held else min(current, accepted)
+            elif at_limit:
+                before = min(current, accepted)
+            else:  # the cut lands no lower than what was sent
+                before = min(current, accepted / RATE_DECREASE)
             self._rate_before = max(before, MIN_RATE)
             if refused:
                 self._curve_from = self._cut_at = now
@@ -186,21 +197,28 @@ class EndpointThrottle:
 
     def _accepted_rate(self, start: _Start, since: float) -> tuple[float, bool]:
         """Requests a second the API accepted after `since` and up to `start`, `start`
-        included (the rate at which it said no), and whether holds took most of that time."""
+        included (the rate at which it said no), and whether holds took most of that time.
+
+        A hold under way at `since` extends the window back to its start: the API's own
+        window refilled during it, and the starts after it spent that. The time is counted
+        from the first start or hold, and is at least `BURST_SECONDS`: a run's first
+        second is not a slow API.
+        """
         since = max(since, start.at - RATE_MEMORY_SECONDS)
+        holds = sorted((a, min(b, start.at)) for a, b in self._holds if b > since and a < start.at)
+        since = min([since] + [a for a, _ in holds])
         window = [s for s in self._starts if since < s.at <= start.at]
-        holds = [(a, b) for a, b in self._holds if b > since and a < start.at]
-        # From the first start (a run's first seconds are not a slow API), or from the
-        # start of a hold, if earlier.
-        origin = min([a for a, _ in holds] + [s.at for s in window[:1]], default=start.at)
+        origin = min([a for a, _ in holds[:1]] + [s.at for s in window[:1]], default=start.at)
         seconds = max(start.at - origin, BURST_SECONDS)
-        held = sum(min(b, start.at) - max(a, origin) for a, b in holds)
+        held, held_until = 0.0, origin
+        for a, b in holds:  # their union: holds overlap when 429s come together
+            held += max(0.0, b - max(a, held_until))
+            held_until = max(held_until, b)
         return sum(not s.refused or s is start for s in window) / seconds, held > seconds / 2
 
     def _wait_for_turn(self, requests_per_second: float | None) -> _Start:
         """Wait until the endpoint is not on hold and the rate allows another start: the
         rate the caller gave, else the learned one, else none."""
-        paced = False
         while True:
             with self._lock:
                 now = self._clock()
@@ -209,10 +227,9 @@ class EndpointThrottle:
                 if turn <= now:
                     if rate:
                         self._next_start = now + 1 / rate
-                    start = _Start(now, paced=paced)
+                    start = _Start(now)
                     self._starts.append(start)
                     return start
-                paced = turn == self._next_start  # waiting for the rate, not a hold
             self._sleep(turn - now)
 
 

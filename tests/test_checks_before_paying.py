@@ -1,0 +1,144 @@
+"""Storage problems are found before anything is paid for, and a manifest S3 refuses at the
+end still leaves the report, the artifacts and a local copy."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from prefect_aws import AwsCredentials, S3Bucket
+from prefect_aws.client_parameters import AwsClientParameters
+from pydantic import SecretStr
+
+from prefect_gpt_image import RapidAPICredentials, generate_images, progress
+from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError, StorageError
+from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
+
+
+def test_a_missing_bucket_is_found_before_any_paid_call(
+    api: GptImageEmulator, credentials: RapidAPICredentials, s3_server: LocalS3Server
+) -> None:
+    missing = S3Bucket(bucket_name="never-created-bucket", credentials=s3_server.aws_credentials())
+
+    with pytest.raises(StorageError, match="'never-created-bucket' does not exist"):
+        generate_images(["a doomed dove"], bucket=missing, credentials=credentials)
+
+    assert api.calls == []
+
+
+def test_a_wrong_s3_secret_is_found_before_any_paid_call(
+    api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
+) -> None:
+    assert isinstance(bucket.credentials, AwsCredentials)
+    wrong = bucket.credentials.model_copy(
+        update={"aws_secret_access_key": SecretStr("not-the-secret")}
+    )
+
+    with pytest.raises(StorageError, match="refused the credentials"):
+        generate_images(
+            ["a refused rook"],
+            bucket=bucket.model_copy(update={"credentials": wrong}),
+            credentials=credentials,
+        )
+
+    assert api.calls == []
+
+
+def test_a_prefix_whose_keys_would_pass_s3s_limit_is_refused_before_paying(
+    api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
+) -> None:
+    deep = "/".join(["campaign-2026-spring-hero-banners"] * 28)  # 951 bytes
+
+    with pytest.raises(InvalidRequestError, match="over S3's 1024"):
+        generate_images(["a deep dipper"], bucket=bucket, credentials=credentials, prefix=deep)
+
+    assert api.calls == []
+
+
+def test_an_unreachable_cache_storage_is_found_before_any_paid_call(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    nowhere = AwsCredentials(
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(
+            endpoint_url=f"http://127.0.0.1:{closed}", config={"retries": {"max_attempts": 1}}
+        ),
+    )
+    cache = S3Bucket(bucket_name="cache-nowhere", credentials=nowhere)
+    cache.save(f"cache-nowhere-{uuid.uuid4().hex[:6]}")
+
+    with pytest.raises(StorageError):
+        generate_images(
+            ["a cacheless crane"], bucket=bucket, credentials=credentials, cache_storage=cache
+        )
+
+    assert api.calls == []
+
+
+def test_a_manifest_s3_refuses_at_the_end_is_kept_locally(
+    api: GptImageEmulator, credentials: RapidAPICredentials, tmp_path: Path
+) -> None:
+    with LocalS3Server(tmp_path / "s3") as s3:
+        bucket = s3.bucket_block("short-lived")
+
+        def stop_s3_once_every_image_is_stored(done: int, total: int) -> None:
+            if done == total:  # the manifest comes next
+                s3.stop()
+
+        stop_listening = progress.subscribe(stop_s3_once_every_image_is_stored)
+        try:
+            report = generate_images(["a vanishing vole"], bucket=bucket, credentials=credentials)
+        finally:
+            stop_listening()
+
+    assert len(report.images) == 1 and report.manifest_key is None
+    manifest = Path((report.manifest_uri or "").removeprefix("file://"))
+    assert manifest.name.startswith("manifest-") and '"status": "stored"' in manifest.read_text()
+
+
+def test_a_paid_image_is_kept_when_the_s3_cache_goes_down(
+    api: GptImageEmulator, credentials: RapidAPICredentials, tmp_path: Path
+) -> None:
+    """The README's multi-worker setup, with its S3 down mid-run: the images and the cache
+    are both refused, the images are kept in local result storage, and the next run stores
+    them without paying again."""
+    prompts = ["a kept kestrel", "a kept kite"]
+    api.latency = 1.0
+    with LocalS3Server(tmp_path / "s3") as s3:
+        bucket = s3.bucket_block("kept-images")
+        cache = s3.bucket_block("kept-cache")
+        cache.save(f"kept-cache-{uuid.uuid4().hex[:6]}")
+
+        def stop_s3_once_the_api_is_called() -> None:
+            while api.peak_concurrency == 0:  # a generation has started: S3 was checked
+                time.sleep(0.01)
+            s3.stop()
+
+        stopper = threading.Thread(target=stop_s3_once_the_api_is_called, daemon=True)
+        stopper.start()
+        with pytest.raises(BatchFailedError):
+            generate_images(prompts, bucket=bucket, credentials=credentials, cache_storage=cache)
+        stopper.join()
+        assert api.billed == 2
+
+        s3.start()
+        report = generate_images(
+            prompts, bucket=bucket, credentials=credentials, cache_storage=cache
+        )
+
+        assert api.billed == 2
+        assert (report.generated, report.from_cache) == (0, 2)
+        for image in report.images:
+            assert s3.object_path("kept-images", image.key).read_bytes() == api.served[image.sha256]
