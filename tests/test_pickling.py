@@ -31,6 +31,15 @@ SAMPLES: dict[str, Any] = {
     "report": REPORT,
 }
 """A value for each constructor argument an error type takes besides its message."""
+TASK_FIELDS: dict[str, Any] = {
+    "billed": True,
+    "billed_usd": 0.04,
+    "paid_calls": 3,
+    "paid_usd": 0.12,
+    "possibly_billed_usd": 0.17,
+    "possibly_paid_usd": 0.34,
+}
+"""What the client and the task set on an error after it is raised."""
 
 
 def plain_dumps(obj: object) -> bytes:
@@ -76,8 +85,9 @@ def build(cls: type[GptImageError]) -> GptImageError:
     error = cls(
         f"{cls.__name__}: something went wrong, and here is what to do.", *positional, **keywords
     )
-    error.billed, error.billed_usd = True, 0.04
-    error.paid_calls, error.paid_usd = 3, 0.12
+    for field, value in TASK_FIELDS.items():
+        if hasattr(error, field):
+            setattr(error, field, value)
     return error
 
 
@@ -99,16 +109,7 @@ def test_error_round_trips_with_its_message_and_fields(
     assert type(copy) is cls
     assert str(copy) == str(error) and copy.args == error.args
     assert vars(copy) == vars(error)
-    for field in (
-        "retryable",
-        "drops_route",
-        "stops_batch",
-        "billed",
-        "billed_usd",
-        "paid_calls",
-        "paid_usd",
-        *SAMPLES,
-    ):
+    for field in ("retryable", "drops_route", "stops_batch", *TASK_FIELDS, *SAMPLES):
         assert getattr(copy, field, None) == getattr(error, field, None), field
     assert pickle.loads(plain_dumps(copy)).args == error.args  # and again
 

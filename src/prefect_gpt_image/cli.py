@@ -59,21 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--prefix", default="", help="folder for this batch's images")
     _add_request_fields(generate)
     generate.add_argument(
-        "--max-concurrency", type=int, default=8, metavar="N"
+        "--max-concurrency", type=_whole(1, MAX_CONCURRENCY), default=8, metavar="N"
     )
     generate.add_argument(
         "--requests-per-second",
-        type=float,
+        type=_amount(above=0, at_most=MAX_REQUESTS_PER_SECOND),
         metavar="R",
         help="the plan's rate limit (default: learned from the API's 429s)",
     )
     generate.add_argument(
         "--max-cost-usd",
-        type=float,
+        type=_amount(at_least=0),
         metavar="USD",
         help="refuse a batch whose new images would cost more, and stop at this spend",
     )
-    generate.add_argument("--allow-failures", type=int, default=0, metavar="N")
+    generate.add_argument("--allow-failures", type=_whole(0), default=0, metavar="N")
     generate.add_argument(
         "--refresh-cache", action="store_true", help="generate again even where cached (pays)"
     )
@@ -142,10 +142,10 @@ def _add_request_fields(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument("--quality", choices=("low", "medium", "high", "auto"))
     command.add_argument(
-        "--n", type=int, default=1, metavar="N", help="images per prompt (default: 1)"
+        "--n", type=_whole(1), default=1, metavar="N", help="images per prompt (default: 1)"
     )
     command.add_argument("--output-format", choices=("png", "jpeg", "webp"))
-    command.add_argument("--output-compression", type=int, metavar="PERCENT")
+    command.add_argument("--output-compression", type=_whole(0, 100), metavar="PERCENT")
     command.add_argument("--background", choices=("transparent", "opaque", "auto"))
     command.add_argument("--moderation", choices=("low", "auto"))
 

@@ -262,7 +262,7 @@ def _error_detail(body: bytes) -> str:
     """The human part of an error body: JSON message fields, or text without markup."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's limit
         text = body.decode("utf-8", "replace")
         if _HTML.match(text):  # a gateway's page: its title says it all, markup nothing
             title = _HTML_TITLE.search(text)
@@ -398,7 +398,7 @@ def error_for_openai_response(
 def _error_code(body: bytes) -> str | None:
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     error = payload.get("error") if isinstance(payload, Mapping) else None
     code = error.get("code") if isinstance(error, Mapping) else None
