@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, HttpUrl, SecretStr, field_validator
+from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator
 
 from prefect_gpt_image.blocks._route import KEY_WHITESPACE_NOTE, GptImageRoute
 from prefect_gpt_image.errors import ConfigurationError
@@ -110,7 +110,11 @@ class RapidAPICredentials(GptImageRoute):
                 "No RapidAPI key: pass a RapidAPICredentials block (or its saved name), "
                 "or set the RAPIDAPI_KEY environment variable."
             )
-        return cls(**settings.model_dump())
+        try:
+            return cls(**settings.model_dump())
+        except ValidationError as exc:  # its messages never hold the key (see `api_key`)
+            problems = "; ".join(str(error["msg"]) for error in exc.errors())
+            raise ConfigurationError(f"RAPIDAPI_KEY and its siblings: {problems}") from None
 
     def model_spec(self) -> ModelSpec:
         """The model's entry, with this route's sizes and its flat price per image. The

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, HttpUrl, SecretStr, field_validator
 
-from prefect_gpt_image.blocks._route import GptImageRoute
+from prefect_gpt_image.blocks._route import KEY_WHITESPACE_NOTE, GptImageRoute
 
 if TYPE_CHECKING:
     from prefect_gpt_image.client import OpenAIClient
@@ -55,7 +55,10 @@ class OpenAICredentials(GptImageRoute):
     api_key: SecretStr = Field(
         default=...,
         title="API Key",
-        description="The API key, sent as a bearer token or in Azure's api-key header.",
+        description=(
+            "The API key, sent as a bearer token or in Azure's api-key header; "
+            f"{KEY_WHITESPACE_NOTE}."
+        ),
     )
     model: str = Field(
         default="gpt-image-2",

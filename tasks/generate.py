@@ -134,6 +134,9 @@ def generate_image(
             if paid_calls or possibly_usd:
                 _paid_so_far[run_id] = (paid_calls, paid_usd, possibly_usd)
             raise
+        except Exception as exc:  # not ours, so not retried; and its text holds no key either
+            scrub_error(exc, route.api_key.get_secret_value())
+            raise
         book.succeeded(route)
         image.paid_calls += paid_calls
         image.cost_usd = round(image.cost_usd + paid_usd, 6)

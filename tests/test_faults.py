@@ -19,7 +19,7 @@ from prefect_aws import S3Bucket
 
 from prefect_gpt_image import ImageRequest, RapidAPICredentials, generate_images
 from prefect_gpt_image.client import RapidAPIClient
-from prefect_gpt_image.errors import BatchFailedError, StorageError, UnsafeImageURLError
+from prefect_gpt_image.errors import BatchFailedError, UnsafeImageURLError
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 from prefect_gpt_image.url_safety import check_image_url
 

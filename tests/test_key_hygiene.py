@@ -135,7 +135,7 @@ def test_the_key_from_the_environment_is_stripped_too(
     assert RapidAPICredentials.from_env().api_key.get_secret_value() == api_key
 
 
-@pytest.mark.parametrize("block", [RapidAPICredentials])
+@pytest.mark.parametrize("block", [RapidAPICredentials, OpenAICredentials])
 def test_the_field_says_the_key_is_stripped(block: type[GptImageRoute]) -> None:
     description = block.model_json_schema()["properties"]["api_key"]["description"]
     assert "whitespace" in description and description.endswith(".")
