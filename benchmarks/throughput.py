@@ -519,30 +519,30 @@ def main() -> int:
     quick = args.quick
     chosen = set(args.only or SECTIONS)
     work = Path(tempfile.mkdtemp(prefix="gpt-image-bench-"))
-    sections: list[list[str]] = []
+    print(f"{os.cpu_count()} CPUs; every run a process of its own", flush=True)
+
+    def show(lines: list[str]) -> None:  # as each ends: a later failure keeps the earlier
+        print("\n" + "\n".join(lines), flush=True)
+
     try:
         with LocalS3Server(work / "s3") as s3, prefect_server(work / "prefect-home") as env:
             s3.create_bucket(BUCKET)
             env.update(PREFECT_LOCAL_STORAGE_PATH=str(work / "results"))
             bench = Bench(env, s3)
             if "throughput" in chosen:
-                sections.append(throughput(bench, 60 if quick else 500, 1.0, 5 if quick else 30))
+                show(throughput(bench, 60 if quick else 500, 1.0, 5 if quick else 30))
             if "overhead" in chosen:
-                sections.append(overhead(bench, 60 if quick else 500, 2 if quick else 5))
+                show(overhead(bench, 60 if quick else 500, 2 if quick else 5))
             if "rate-limits" in chosen:
-                sections.append(rate_limits(bench, 40 if quick else 500, 8))
+                show(rate_limits(bench, 40 if quick else 500, 8))
             if "noise" in chosen:
-                sections.append(noise(bench, 60 if quick else 500, 0.02, 1 if quick else 3))
+                show(noise(bench, 60 if quick else 500, 0.02, 1 if quick else 3))
             if "scaling" in chosen:
-                levels = [4, 16] if quick else [2, 4, 8, 16, 32, 64]
-                sections.append(scaling(bench, 24, levels))
+                show(scaling(bench, 24, [4, 16] if quick else [2, 4, 8, 16, 32, 64]))
             if "memory" in chosen:
-                sizes = [50, 200] if quick else [500, 5000]
-                sections.append(memory(bench, sizes, 1_000_000))
+                show(memory(bench, [50, 200] if quick else [500, 5000], 1_000_000))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{os.cpu_count()} CPUs; every run a process of its own\n")
-    print("\n\n".join("\n".join(lines) for lines in sections))
     return 0
 
 

@@ -37,7 +37,7 @@ from prefect_gpt_image import (
     generate_images,
 )
 from prefect_gpt_image.blocks._route import GptImageRoute
-from prefect_gpt_image.errors import APIConnectionError, ServerError
+from prefect_gpt_image.errors import APIConnectionError, ConfigurationError, ServerError
 from prefect_gpt_image.redaction import scrub, scrub_error
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 
@@ -191,7 +191,7 @@ def test_a_bad_key_in_the_environment_stops_the_flow_before_any_call(
     assert state.is_failed()
     assert api.calls == []
     error = state.result(raise_on_failure=False)
-    assert isinstance(error, ValidationError)
+    assert isinstance(error, ConfigurationError)
     assert "a control character (U+0001) at position 10" in str(error)
     written = _what_prefect_stored(state.state_details.flow_run_id, "env")
     written["error"] = "".join(traceback.format_exception(error))

@@ -443,5 +443,5 @@ def test_the_upload_task_stores_every_image_of_a_call(
     assert {stored.sha256, other.sha256} == set(api.served)
     assert sorted(objects_in(s3_server, bucket).values()) == sorted(api.served.values())
     assert stored.cost_usd + other.cost_usd == pytest.approx(
-        usage_cost(api.calls[0].usage or {}, "gpt-image-2")
+        usage_cost(api.calls[0].usage or {}, "gpt-image-2"), abs=1e-5
     )
