@@ -105,17 +105,32 @@ def test_the_curve_climbs_back_fast_flattens_then_probes_slowly() -> None:
 def test_a_lone_429_at_sixteen_a_second_is_recovered_within_two_seconds(
     throttle: EndpointThrottle, clock: Clock
 ) -> None:
-    send(throttle, clock, 5.0)  # 16 a second, nothing learned: concurrency alone
+    send(throttle, clock, 3.0)  # 16 a second
+    refuse(throttle, {"Retry-After": "0"})  # the limit: about 16 a second
+    send(throttle, clock, RECOVERY_SECONDS + 0.5, every=0.0)  # back at it, and sending it
+    before = rate(throttle)
+    assert 16 < before < 16.5
+
+    refuse(throttle)
+
+    assert rate(throttle) == pytest.approx(RATE_DECREASE * before, rel=0.01)
+    clock.now += RECOVERY_SECONDS / 2
+    assert rate(throttle) > 0.98 * before
+    clock.now += RECOVERY_SECONDS / 2 + 0.5
+    assert rate(throttle) == pytest.approx(before, rel=0.01)
+
+
+def test_a_first_bare_429_cuts_no_lower_than_what_was_sent(
+    throttle: EndpointThrottle, clock: Clock
+) -> None:
+    """Sixteen a second, all concurrency allows, and one refused without a wait: a busy
+    moment as well as a limit. The rate it learns is no lower than what was sent."""
+    send(throttle, clock, 5.0)
     assert throttle.rate() is None
 
     refuse(throttle)
 
-    cut = rate(throttle)
-    assert 0.88 * 16 < cut < 0.92 * 16.4  # just under the 16 (and a fencepost) sent
-    clock.now += RECOVERY_SECONDS / 2
-    assert rate(throttle) > 0.98 * cut / RATE_DECREASE
-    clock.now += RECOVERY_SECONDS / 2 + 0.5
-    assert rate(throttle) == pytest.approx(cut / RATE_DECREASE, rel=0.002)
+    assert 16 <= rate(throttle) < 16.5  # the 16 sent, and a fencepost
 
 
 def test_a_bare_429_at_the_learned_rate_cuts_from_it(
@@ -164,15 +179,15 @@ def test_a_429_that_asks_for_a_wait_speaks_for_the_limit(
 
 
 def test_a_burst_is_cut_once(throttle: EndpointThrottle) -> None:
-    """Sixteen requests at once, the last refused: the rate falls to just under the
-    sixteen sent. The first request's refusal, answered later, speaks of the same burst
-    (and of a second that held only itself): it changes nothing."""
+    """Sixteen requests at once, the last refused by the plan's limit: the rate falls to
+    just under the sixteen sent. The first request's refusal, answered later, speaks of
+    the same burst (and of a second that held only itself): it changes nothing."""
     admissions = [start(throttle) for _ in range(16)]
-    admissions[-1].answered(429, httpx.Headers())
+    admissions[-1].answered(429, httpx.Headers({"Retry-After": "0"}))
     learned = rate(throttle)
     assert learned == pytest.approx(RATE_DECREASE * 16)
 
-    admissions[0].answered(429, httpx.Headers())
+    admissions[0].answered(429, httpx.Headers({"Retry-After": "0"}))
 
     assert rate(throttle) == learned
 

@@ -51,9 +51,9 @@ RATE_DECREASE = 0.9
 RECOVERY_SECONDS = 1.5
 """How long the rate takes to climb back to the rate before a cut (CUBIC's K): a lone 429
 costs about 0.1 x 1.5 / 4, under 4% of a second's requests."""
-PROBE_GROWTH = 0.002
+PROBE_GROWTH = 0.004
 """Past the rate before the cut, the rate grows by this share times the cube of the
-seconds since it got there: +0.2% after 1 s, +5% after 3 s, +25% after 5 s."""
+seconds since it got there: +0.4% after 1 s, +3% after 2 s, +11% after 3 s, +50% after 5 s."""
 MIN_RATE = 0.1
 """The learned rate never goes below one request in ten seconds."""
 WINDOW_SECONDS = 3.0
@@ -180,14 +180,14 @@ class EndpointThrottle:
             accepted, held = self._accepted_rate(
                 start, min(since, self._cut_at) if at_limit else since
             )
+            if not at_limit:  # a bare 429: the cut lands no lower than what was sent
+                accepted /= RATE_DECREASE
             if current is None:
                 before = accepted
             elif held:
                 before = current
-            elif at_limit:
+            else:
                 before = min(current, accepted)
-            else:  # the cut lands no lower than what was sent
-                before = min(current, accepted / RATE_DECREASE)
             self._rate_before = max(before, MIN_RATE)
             if refused:
                 self._curve_from = self._cut_at = now
