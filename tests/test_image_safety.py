@@ -44,7 +44,7 @@ from prefect_gpt_image.errors import (
     InvalidResponseError,
     UnsafeImageURLError,
 )
-from prefect_gpt_image.images import MAX_IMAGE_PIXELS
+from prefect_gpt_image.images import MAX_IMAGE_PIXELS, inspect_image
 from prefect_gpt_image.retry_policy import DOWNLOAD_ATTEMPTS, is_retryable
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 from prefect_gpt_image.url_safety import check_image_url
@@ -685,6 +685,32 @@ def test_an_image_whose_pixels_are_missing_is_refused(stand_in: StandIn) -> None
     assert isinstance(error, InvalidImageError), error
     assert "not a readable image" in str(error)
     assert_quotes_nothing(error)
+
+
+@pytest.mark.parametrize(
+    ("pixel_data", "reason"),
+    [
+        (b"\0" * (65 * 64 - 1), "it is truncated"),
+        (b"\0" * (65 * 64 + 1), "it holds more pixel data than its size says"),
+        (b"\x05" + b"\0" * (65 * 64 - 1), "a row of its pixel data has an unknown filter"),
+    ],
+)
+def test_a_png_whose_pixel_data_is_not_its_size_is_refused(pixel_data: bytes, reason: str) -> None:
+    # 64x64 greyscale: 64 rows of a filter byte and 64 samples, checksums all right.
+    with pytest.raises(InvalidImageError) as refused:
+        inspect_image(png_claiming(64, 64, pixel_data), "image/png")
+
+    assert str(refused.value).endswith(f"not a readable image: {reason}.")
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"])
+def test_every_kind_of_well_formed_png_is_accepted(mode: str) -> None:
+    buffer = io.BytesIO()
+    Image.new(mode, (33, 7)).save(buffer, "PNG")
+
+    info = inspect_image(buffer.getvalue())
+
+    assert (info.media_type, info.width, info.height) == ("image/png", 33, 7)
 
 
 # --- 8. Whatever an answer holds, the error is the product's -------------------------------
