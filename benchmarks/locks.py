@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.locking.protocol import LockManager
 
-from prefect_gpt_image.locking import OSFileLockManager
+from prefect_gpt_image._locking import OSFileLockManager
 
 LOCKS = 2000
 ROUNDS = 5

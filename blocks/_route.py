@@ -19,7 +19,7 @@ from prefect_gpt_image.model_table import ModelSpec, model_spec
 from prefect_gpt_image.settings import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_TIMEOUT_SECONDS
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.client import GenerationClient
+    from prefect_gpt_image._client import AsyncGenerationClient, GenerationClient
     from prefect_gpt_image.models import ImageRequest
 
 
@@ -135,3 +135,9 @@ class GptImageRoute(CredentialsBlock, ABC):
     @abstractmethod
     def get_client(self) -> GenerationClient:
         """A client for this route; connection pools are shared per process."""
+
+    def get_async_client(self) -> AsyncGenerationClient:
+        """`get_client` for async code: awaitable calls, the same throttle and pools."""
+        from prefect_gpt_image._client import AsyncGenerationClient
+
+        return AsyncGenerationClient(self.get_client())

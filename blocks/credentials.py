@@ -19,7 +19,7 @@ from prefect_gpt_image.settings import (
 )
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.client import RapidAPIClient
+    from prefect_gpt_image._client import RapidAPIClient
 
 
 class RapidAPICredentials(GptImageRoute):
@@ -137,6 +137,6 @@ class RapidAPICredentials(GptImageRoute):
 
     def get_client(self) -> RapidAPIClient:
         """A client for the generation endpoint; its connection pool is shared per process."""
-        from prefect_gpt_image.client import RapidAPIClient
+        from prefect_gpt_image._client import RapidAPIClient
 
         return RapidAPIClient(self)

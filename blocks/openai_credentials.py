@@ -9,7 +9,7 @@ from pydantic import Field, HttpUrl, SecretStr, field_validator
 from prefect_gpt_image.blocks._route import KEY_WHITESPACE_NOTE, GptImageRoute
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.client import OpenAIClient
+    from prefect_gpt_image._client import OpenAIClient
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -99,6 +99,6 @@ class OpenAICredentials(GptImageRoute):
 
     def get_client(self) -> OpenAIClient:
         """A client for the route; its connection pool is shared per process."""
-        from prefect_gpt_image.client import OpenAIClient
+        from prefect_gpt_image._client import OpenAIClient
 
         return OpenAIClient(self)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from prefect import task
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
-from prefect.utilities.annotations import BaseAnnotation
+from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
-from prefect_gpt_image.block_refs import Routes, resolve_routes
-from prefect_gpt_image.budget import run_budget
-from prefect_gpt_image.caching import (
+from prefect_gpt_image._block_refs import Routes, resolve_routes
+from prefect_gpt_image._budget import run_budget
+from prefect_gpt_image._caching import (
     cache_store,
     find_cached,
     generation_cache_key,
@@ -20,32 +21,26 @@ from prefect_gpt_image.caching import (
     lookup_keys,
     remember,
 )
-from prefect_gpt_image.errors import GptImageError
-from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest, as_request
-from prefect_gpt_image.object_keys import slugify
-from prefect_gpt_image.redaction import scrub_error
-from prefect_gpt_image.retry_policy import (
+from prefect_gpt_image._object_keys import slugify
+from prefect_gpt_image._redaction import scrub_error
+from prefect_gpt_image._retry_policy import (
     GENERATION_RETRIES,
     GENERATION_RETRY_DELAYS,
     RETRY_JITTER_FACTOR,
     retry_condition,
 )
-from prefect_gpt_image.routes import route_book
-
-_paid_so_far: dict[str, tuple[int, float, float]] = {}
-"""Charged answers, their cost, and what timed-out calls may have cost, of a task run's
-failed attempts, so that its result can count them."""
+from prefect_gpt_image._routes import route_book
+from prefect_gpt_image.errors import GptImageError
+from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest, as_request
 
 
 def _run_name() -> str:
     request = task_run.parameters.get("request", "")
-    if isinstance(request, BaseAnnotation):  # quote(request): named before it is unwrapped
-        request = request.unwrap()
-    label = (request.name or request.prompt) if isinstance(request, ImageRequest) else str(request)
+    label = request.label if isinstance(request, ImageRequest) else str(request)
     return f"generate-{slugify(label, max_chars=40)}"
 
 
-@task(
+_TASK_OPTIONS: dict[str, Any] = dict(
     name="generate-image",
     task_run_name=_run_name,
     retries=GENERATION_RETRIES,
@@ -57,6 +52,46 @@ def _run_name() -> str:
     # The result is on disk; an in-memory copy of the last thousand images is not needed.
     cache_result_in_memory=False,
 )
+"""The twins' options: the same retries, and the same cache, so each serves the other's
+images."""
+
+
+@task(**_TASK_OPTIONS)
+async def agenerate_image(
+    request: ImageRequest | str,
+    credentials: Routes = None,
+    limits: ApiLimits | None = None,
+) -> GeneratedImage:
+    """`generate_image` for async flows: the same call, retries and cache, awaited.
+
+    Args:
+        request: What to generate: an `ImageRequest`, or just a prompt.
+        credentials: The route or routes to the model, as for `generate_image`.
+        limits: How busy this process may keep the API.
+
+    Returns:
+        The image, as `generate_image` returns it.
+
+    Example:
+        Generate two images at once in an async flow:
+        ```python
+        import asyncio
+
+        from prefect import flow
+        from prefect_gpt_image import agenerate_image
+
+        @flow
+        async def launch_visuals():
+            return await asyncio.gather(
+                agenerate_image("a mug on an oak table", credentials="gpt-image-credentials"),
+                agenerate_image("a mug on a beach", credentials="gpt-image-credentials"),
+            )
+        ```
+    """
+    return await run_sync_in_worker_thread(_generate, request, credentials, limits)
+
+
+@task(**_TASK_OPTIONS)
 def generate_image(
     request: ImageRequest | str,
     credentials: Routes = None,
@@ -81,9 +116,9 @@ def generate_image(
         `generate_image.with_options(cache_expiration=...)`.
 
     Rate limits, 5xx answers, timeouts and lost connections are retried (see
-    `prefect_gpt_image.retry_policy`); a rejected prompt or size fails at once. A route
+    `prefect_gpt_image._retry_policy`); a rejected prompt or size fails at once. A route
     that retired the model, rejects the key or is out of quota is dropped for the rest
-    of the flow run, and the next route takes the request (`prefect_gpt_image.routes`).
+    of the flow run, and the next route takes the request (`prefect_gpt_image._routes`).
 
     Example:
         Generate on gpt-image-2 through OpenAI, with RapidAPI as the fallback:
@@ -99,6 +134,13 @@ def generate_image(
             )
         ```
     """
+    return _generate(request, credentials, limits)
+
+
+def _generate(
+    request: ImageRequest | str, credentials: Routes, limits: ApiLimits | None
+) -> GeneratedImage:
+    """One generation, on the first live route that serves it; in a task run."""
     image_request = as_request(request)
     routes = resolve_routes(credentials)
     for route in routes:  # valid on every route it may take, before anything is paid
@@ -110,37 +152,34 @@ def generate_image(
             update = {"request": image_request, "paid_calls": 0, "cost_usd": 0.0}
             return cached.model_copy(update=update)
     run_id = str(task_run.id)
-    paid_calls, paid_usd, possibly_usd = _paid_so_far.pop(run_id, (0, 0.0, 0.0))
     book, budget = route_book(), run_budget()
     live = book.live(routes)
     for number, route in enumerate(live):
         try:
             image = route.get_client().generate(
-                image_request, limits, still_live=partial(book.is_live, route), budget=budget
+                image_request,
+                limits,
+                still_live=partial(book.is_live, route),
+                budget=budget,
+                charged_to=run_id,
             )
         except GptImageError as exc:
             # Whatever wrote the text (httpx quotes a header it refuses), no key leaves here.
             scrub_error(exc, route.api_key.get_secret_value())
-            # A charged answer that failed is paid again by the retry: count both.
-            paid_calls, paid_usd = paid_calls + exc.billed, paid_usd + exc.billed_usd
-            possibly_usd += exc.possibly_billed_usd
-            exc.paid_calls, exc.paid_usd = paid_calls, round(paid_usd, 6)
-            exc.possibly_paid_usd = round(possibly_usd, 6)
             if book.failed(route, exc, fallback=number + 1 < len(live)):
                 get_run_logger().warning(
                     "Dropped the route %s for this run: %s", route.route_name, exc
                 )
                 continue
-            if paid_calls or possibly_usd:
-                _paid_so_far[run_id] = (paid_calls, paid_usd, possibly_usd)
             raise
         except Exception as exc:  # not ours, so not retried; and its text holds no key either
             scrub_error(exc, route.api_key.get_secret_value())
             raise
         book.succeeded(route)
-        image.paid_calls += paid_calls
-        image.cost_usd = round(image.cost_usd + paid_usd, 6)
-        image.possibly_charged_usd = round(possibly_usd, 6)
+        # Every attempt's charges: a broken answer is paid, and so is the retry after it.
+        charges = budget.charges_of(run_id)
+        image.paid_calls, image.cost_usd = charges.calls, charges.usd
+        image.possibly_charged_usd = charges.possibly_usd
         if len(routes) > 1 and context is not None:
             key = generation_cache_key(image_request, route)
             remember(cache_store(context.task), key, image, context.task.cache_expiration)
@@ -155,7 +194,4 @@ def generate_image(
             image.cost_usd,
         )
         return image
-    error = book.exhausted(routes)
-    error.paid_calls, error.paid_usd = paid_calls, round(paid_usd, 6)
-    error.possibly_paid_usd = round(possibly_usd, 6)
-    raise error
+    raise book.exhausted(routes)

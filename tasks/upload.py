@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
+from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image.models import GeneratedImage, ImageRequest, StoredImage
-from prefect_gpt_image.object_keys import check_bucket_name, image_key, slugify
-from prefect_gpt_image.retry_policy import (
+from prefect_gpt_image._object_keys import check_bucket_name, image_key, slugify
+from prefect_gpt_image._retry_policy import (
     RETRY_JITTER_FACTOR,
     UPLOAD_RETRIES,
     UPLOAD_RETRY_DELAYS,
     retry_condition,
 )
-from prefect_gpt_image.storage import put_image
+from prefect_gpt_image._storage import put_image
+from prefect_gpt_image.models import GeneratedImage, ImageRequest, StoredImage
 
 
 def _run_name() -> str:
     image = task_run.parameters.get("image")
-    label = (
-        (image.request.name or image.request.prompt) if isinstance(image, GeneratedImage) else ""
-    )
+    label = image.request.label if isinstance(image, GeneratedImage) else ""
     return f"upload-{slugify(label, max_chars=40)}"
 
 
-@task(
+_TASK_OPTIONS: dict[str, Any] = dict(
     name="upload-image",
     task_run_name=_run_name,
     retries=UPLOAD_RETRIES,
@@ -39,6 +40,42 @@ def _run_name() -> str:
     cache_policy=NO_CACHE,
     persist_result=False,
 )
+
+
+@task(**_TASK_OPTIONS)
+async def aupload_image(
+    image: GeneratedImage,
+    bucket: S3Bucket,
+    prefix: str = "",
+    request: ImageRequest | None = None,
+) -> StoredImage:
+    """`upload_image` for async flows: the same upload and retries, awaited.
+
+    Args:
+        image: What `agenerate_image` returned.
+        bucket: A prefect-aws `S3Bucket` block, for any S3-compatible storage.
+        prefix: The folder, within the bucket folder.
+        request: The request to store the image for, as for `upload_image`.
+
+    Returns:
+        The stored image's record, as `upload_image` returns it.
+
+    Example:
+        ```python
+        from prefect import flow
+        from prefect_aws import S3Bucket
+        from prefect_gpt_image import agenerate_image, aupload_image
+
+        @flow
+        async def hero_image():
+            image = await agenerate_image("a mug on an oak table")
+            return await aupload_image(image, S3Bucket.load("BLOCK_NAME"), prefix="heroes")
+        ```
+    """
+    return await run_sync_in_worker_thread(_upload, image, bucket, prefix, request)
+
+
+@task(**_TASK_OPTIONS)
 def upload_image(
     image: GeneratedImage,
     bucket: S3Bucket,
@@ -61,7 +98,29 @@ def upload_image(
     result's `more_images`.
     Throttling and outages are retried; a missing bucket or refused credentials
     fail at once with an error that says which.
+
+    Returns:
+        The stored image's record: bucket, key, `s3://` URI, size, SHA-256 and cost.
+
+    Example:
+        Generate an image and store it in a saved bucket block:
+        ```python
+        from prefect import flow
+        from prefect_aws import S3Bucket
+        from prefect_gpt_image import generate_image, upload_image
+
+        @flow
+        def hero_image():
+            image = generate_image("a mug on an oak table", credentials="gpt-image-credentials")
+            return upload_image(image, S3Bucket.load("BLOCK_NAME"), prefix="heroes")
+        ```
     """
+    return _upload(image, bucket, prefix, request)
+
+
+def _upload(
+    image: GeneratedImage, bucket: S3Bucket, prefix: str, request: ImageRequest | None
+) -> StoredImage:
     first, *others = image.variants()
     stored, written = store_image(first, bucket, prefix, request)
     get_run_logger().info("%s %s", "Stored" if written else "Already stored", stored.uri)
@@ -79,12 +138,27 @@ def store_image(
     *,
     check_existing: bool = True,
 ) -> tuple[StoredImage, bool]:
-    """`upload_image` without a task run, for a flow that keeps its own records; also
-    returns whether anything was written. `check_existing=False` skips the HEAD, for an
-    image just generated."""
+    """The upload itself, which `upload_image` runs as a task; also returns whether
+    anything was written. `check_existing=False` skips the HEAD, for an image just
+    generated.
+
+    The batch flow calls it without a task run, with the same retry policy
+    (`retry_policy.call_with_retries`): a task run costs more CPU than the upload, and
+    the generation's task run already stands for the image.
+    """
     check_bucket_name(bucket.bucket_name)
     if request is not None:
         image = image.model_copy(update={"request": request})
-    key = image_key(bucket.bucket_folder, prefix, image)
-    written = put_image(bucket, key, image, check_existing=check_existing)
-    return StoredImage.of(image, bucket.bucket_name, key), written
+    record = planned_record(image, bucket, prefix)
+    written = put_image(bucket, record.key, image, check_existing=check_existing)
+    return record, written
+
+
+def planned_record(
+    image: GeneratedImage, bucket: S3Bucket, prefix: str = "", request: ImageRequest | None = None
+) -> StoredImage:
+    """The record of `image` once stored in `bucket`, under the key `object_keys` gives
+    it, for `request` (default: the request it was generated for)."""
+    if request is not None:
+        image = image.model_copy(update={"request": request})
+    return StoredImage.of(image, bucket.bucket_name, image_key(bucket.bucket_folder, prefix, image))

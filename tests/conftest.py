@@ -29,7 +29,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from prefect_aws import S3Bucket  # noqa: E402
 
-from prefect_gpt_image import OpenAICredentials, RapidAPICredentials, throttle  # noqa: E402
+from prefect_gpt_image import OpenAICredentials, RapidAPICredentials, _throttle  # noqa: E402
 from prefect_gpt_image.model_table import MODELS  # noqa: E402
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server  # noqa: E402
 
@@ -73,7 +73,7 @@ def emulator() -> Iterator[GptImageEmulator]:
 def api(emulator: GptImageEmulator) -> Iterator[GptImageEmulator]:
     """The emulator, with no faults and no records from earlier tests, and a client
     that has learned no rate from them."""
-    throttle._throttles.clear()
+    _throttle._throttles.clear()
     emulator.reset()
     emulator.shape, emulator.latency, emulator.subscribed = "url", 0.0, True
     emulator.rate_limit, emulator.rate_limit_headers = None, True

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from prefect_gpt_image._prompt_sets import MAX_JSON_DEPTH, load_prompts
 from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.models import ImageRequest
-from prefect_gpt_image.prompt_sets import MAX_JSON_DEPTH, load_prompts
 from prefect_gpt_image.testing import GptImageEmulator
 
 COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")

@@ -14,7 +14,7 @@ from prefect_aws import AwsCredentials, S3Bucket
 from prefect_aws.client_parameters import AwsClientParameters
 from pydantic import SecretStr
 
-from prefect_gpt_image import RapidAPICredentials, generate_images, progress
+from prefect_gpt_image import RapidAPICredentials, _progress, generate_images
 from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError, StorageError
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
@@ -97,7 +97,7 @@ def test_a_manifest_s3_refuses_at_the_end_is_kept_locally(
             if done == total:  # the manifest comes next
                 s3.stop()
 
-        stop_listening = progress.subscribe(stop_s3_once_every_image_is_stored)
+        stop_listening = _progress.subscribe(stop_s3_once_every_image_is_stored)
         try:
             report = generate_images(["a vanishing vole"], bucket=bucket, credentials=credentials)
         finally:

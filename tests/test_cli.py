@@ -25,6 +25,16 @@ def test_help_is_quick_to_reach_and_lists_the_commands() -> None:
     assert "generate" in result.stdout and "demo" in result.stdout
 
 
+def test_the_command_line_imports_no_prefect_boto3_or_rich_before_a_command_runs() -> None:
+    loaded = (
+        "import sys, prefect_gpt_image.cli; "
+        "print(*[m for m in ('prefect', 'boto3', 'rich') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
 def test_generate_stores_a_prompt_file(
     tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator, s3_server: LocalS3Server
 ) -> None:

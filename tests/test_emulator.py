@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from prefect_gpt_image.images import inspect_image
+from prefect_gpt_image._images import inspect_image
 from prefect_gpt_image.testing import Fault, GptImageEmulator
 
 KEY = "emulator-test-key"

@@ -26,7 +26,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
 from prefect_gpt_image import OpenAICredentials, RapidAPICredentials
-from prefect_gpt_image.images import inspect_image
+from prefect_gpt_image._images import inspect_image
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server, prefect_server
 from prefect_gpt_image.testing.local_prefect import stop_process
 

@@ -18,10 +18,10 @@ import pytest
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import ImageRequest, RapidAPICredentials, generate_images
-from prefect_gpt_image.client import RapidAPIClient
+from prefect_gpt_image._client import RapidAPIClient
+from prefect_gpt_image._url_safety import check_image_url
 from prefect_gpt_image.errors import BatchFailedError, UnsafeImageURLError
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
-from prefect_gpt_image.url_safety import check_image_url
 
 COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
 

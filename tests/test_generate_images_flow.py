@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect_aws import S3Bucket
@@ -18,8 +19,10 @@ from prefect_gpt_image import (
     BatchReport,
     ImageRequest,
     RapidAPICredentials,
+    generate_image,
     generate_images,
 )
+from prefect_gpt_image._caching import cache_store, fallback_store, is_fallback
 from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 
@@ -350,3 +353,11 @@ def _task_run_names(flow_run_id: Any, expected: int) -> list[str]:
             if time.monotonic() > deadline:
                 return [r.name for r in runs]
             time.sleep(0.2)
+
+
+def test_the_default_cache_is_where_paid_images_fall_back_to_so_a_batch_looks_once() -> None:
+    @flow
+    def stores() -> tuple[bool, bool]:
+        return is_fallback(cache_store(generate_image)), is_fallback(fallback_store())
+
+    assert stores() == (True, True)

@@ -35,8 +35,11 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import ImageRequest, RapidAPICredentials, generate_images
-from prefect_gpt_image import client as client_module
-from prefect_gpt_image.client import RapidAPIClient
+from prefect_gpt_image import _client as client_module
+from prefect_gpt_image._client import RapidAPIClient
+from prefect_gpt_image._images import MAX_IMAGE_PIXELS, inspect_image
+from prefect_gpt_image._retry_policy import DOWNLOAD_ATTEMPTS, is_retryable
+from prefect_gpt_image._url_safety import check_image_url
 from prefect_gpt_image.errors import (
     BatchFailedError,
     GptImageError,
@@ -44,10 +47,7 @@ from prefect_gpt_image.errors import (
     InvalidResponseError,
     UnsafeImageURLError,
 )
-from prefect_gpt_image.images import MAX_IMAGE_PIXELS, inspect_image
-from prefect_gpt_image.retry_policy import DOWNLOAD_ATTEMPTS, is_retryable
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
-from prefect_gpt_image.url_safety import check_image_url
 
 SECRET = b"AWS_SECRET=abcd1234efgh5678"
 """A body an internal service might answer: no error message may ever quote it."""
@@ -351,10 +351,10 @@ def trusted_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loca
     rebuilt to read it, and closed afterwards)."""
     ca = LocalCA(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(ca.path))
-    monkeypatch.setattr(client_module, "_download_http", None)
+    client_module.download_http_client.cache_clear()
     yield ca
-    if client_module._download_http is not None:
-        client_module._download_http.close()
+    client_module.download_http_client().close()
+    client_module.download_http_client.cache_clear()
 
 
 @pytest.mark.parametrize("certified", ["cdn.pinned.test", "elsewhere.test"])

@@ -36,9 +36,10 @@ from prefect_gpt_image import (
     generate_image,
     generate_images,
 )
+from prefect_gpt_image._charges import Charges
+from prefect_gpt_image._redaction import scrub, scrub_error
 from prefect_gpt_image.blocks._route import GptImageRoute
 from prefect_gpt_image.errors import APIConnectionError, ConfigurationError, ServerError
-from prefect_gpt_image.redaction import scrub, scrub_error
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 
 LOGGERS = ("", "prefect", "prefect_gpt_image", "httpx", "openai", "botocore")
@@ -290,14 +291,14 @@ def test_scrub_error_keeps_type_fields_and_traceback() -> None:
         raise ServerError(f"503 for Bearer {key}", status_code=503, retry_after=2.5)
     except ServerError as raised:
         error = raised
-    error.billed, error.paid_calls = True, 2
+    error.charges = Charges(calls=2, usd=0.06)
     error.add_note(f"while sending {key}")
     error.__context__ = ValueError(f"header {key!r}")
     frames = traceback.extract_tb(error.__traceback__)
 
     assert scrub_error(error, key) is error
     assert str(error) == "503 for Bearer ***" and error.__notes__ == ["while sending ***"]
-    assert (error.status_code, error.retry_after, error.billed, error.paid_calls) == (
+    assert (error.status_code, error.retry_after, error.billed, error.charges.calls) == (
         503,
         2.5,
         True,

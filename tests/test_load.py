@@ -1,8 +1,7 @@
 """2,000 prompts through faults and an S3 restart: nothing lost, nothing paid twice.
 
-Slow, so kept out of the default run: about five minutes on two cores, most of them
-because the flow takes each injected 429 for the API's limit and slows down, as it should
-at a real one.
+Slow, so kept out of the default run: a few minutes on two cores, for 2,000 generations
+with their retries.
 
     python3 -m uv run pytest -m slow
 """

@@ -13,12 +13,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from prefect_gpt_image.locking import OSFileLockManager
+from prefect_gpt_image._locking import OSFileLockManager
 
 HOLD_IN_ANOTHER_PROCESS = """
 import sys, time
 from pathlib import Path
-from prefect_gpt_image.locking import OSFileLockManager
+from prefect_gpt_image._locking import OSFileLockManager
 OSFileLockManager(Path(sys.argv[1])).acquire_lock("key", holder="other run")
 print("held", flush=True)
 time.sleep(600)

@@ -9,9 +9,9 @@ from datetime import datetime, timezone
 import pytest
 from pydantic import ValidationError
 
+from prefect_gpt_image._object_keys import image_key, manifest_key, normalize_prefix, slugify
 from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.models import GeneratedImage, ImageRequest
-from prefect_gpt_image.object_keys import image_key, manifest_key, normalize_prefix, slugify
 
 DATA = b"\x89PNG\r\n\x1a\nnot really an image"
 SHA = hashlib.sha256(DATA).hexdigest()

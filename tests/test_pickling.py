@@ -14,8 +14,9 @@ from typing import Any
 import cloudpickle
 import pytest
 
-import prefect_gpt_image.client  # noqa: F401  (defines an error of its own)
+import prefect_gpt_image._client  # noqa: F401  (defines an error of its own)
 from prefect_gpt_image import errors
+from prefect_gpt_image._charges import Charges
 from prefect_gpt_image.errors import GptImageError
 from prefect_gpt_image.models import BatchReport, PromptFailure
 
@@ -31,15 +32,8 @@ SAMPLES: dict[str, Any] = {
     "report": REPORT,
 }
 """A value for each constructor argument an error type takes besides its message."""
-TASK_FIELDS: dict[str, Any] = {
-    "billed": True,
-    "billed_usd": 0.04,
-    "paid_calls": 3,
-    "paid_usd": 0.12,
-    "possibly_billed_usd": 0.17,
-    "possibly_paid_usd": 0.34,
-}
-"""What the client and the task set on an error after it is raised."""
+TASK_FIELDS: dict[str, Any] = {"charges": Charges(calls=3, usd=0.12, possibly_usd=0.17)}
+"""What the client sets on an error where it reads the answer."""
 
 
 def plain_dumps(obj: object) -> bytes:
@@ -109,7 +103,7 @@ def test_error_round_trips_with_its_message_and_fields(
     assert type(copy) is cls
     assert str(copy) == str(error) and copy.args == error.args
     assert vars(copy) == vars(error)
-    for field in ("retryable", "drops_route", "stops_batch", *TASK_FIELDS, *SAMPLES):
+    for field in ("retryable", "drops_route", "stops_batch", "billed", *TASK_FIELDS, *SAMPLES):
         assert getattr(copy, field, None) == getattr(error, field, None), field
     assert pickle.loads(plain_dumps(copy)).args == error.args  # and again
 

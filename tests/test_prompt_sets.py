@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from prefect_aws import S3Bucket
 
+from prefect_gpt_image._prompt_sets import load_prompts
+from prefect_gpt_image._storage import read_uri
 from prefect_gpt_image.errors import InvalidRequestError, StorageError
 from prefect_gpt_image.models import ImageRequest
-from prefect_gpt_image.prompt_sets import load_prompts
-from prefect_gpt_image.storage import read_uri
 from prefect_gpt_image.testing import LocalS3Server
 
 

@@ -14,7 +14,7 @@ import pytest
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import OpenAICredentials, RapidAPICredentials, generate_images
-from prefect_gpt_image.rate_limit_headers import (
+from prefect_gpt_image._rate_limit_headers import (
     duration_seconds,
     retry_after_seconds,
     window_spent,

@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from prefect_gpt_image._responses import ImageReference, error_for_response, find_image, parse_json
+from prefect_gpt_image._retry_policy import is_retryable
 from prefect_gpt_image.errors import (
     APIError,
     AuthenticationError,
@@ -22,8 +24,6 @@ from prefect_gpt_image.errors import (
     RateLimitedError,
     ServerError,
 )
-from prefect_gpt_image.responses import ImageReference, error_for_response, find_image, parse_json
-from prefect_gpt_image.retry_policy import is_retryable
 
 URL = "https://cdn.example.com/img/abc.png"
 PNG = b"\x89PNG\r\n\x1a\nfake image bytes"

@@ -7,8 +7,7 @@ from itertools import pairwise
 import httpx
 import pytest
 
-from prefect_gpt_image.models import ApiLimits
-from prefect_gpt_image.throttle import (
+from prefect_gpt_image._throttle import (
     PROBE_GROWTH,
     RATE_DECREASE,
     RATE_MEMORY_SECONDS,
@@ -17,6 +16,7 @@ from prefect_gpt_image.throttle import (
     EndpointThrottle,
     cubic_rate,
 )
+from prefect_gpt_image.models import ApiLimits
 
 
 class Clock:

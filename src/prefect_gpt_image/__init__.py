@@ -1,5 +1,9 @@
 """Generate images with GPT Image inside Prefect, and store them in S3-compatible buckets.
 
+The public API is what this module exports, with the `blocks`, `tasks`, `flows`,
+`models`, `errors`, `model_table` and `testing` modules; modules whose names start with
+an underscore are internal, and may change in any release.
+
 Names are imported on first use, so that `import prefect_gpt_image` (and the
 command line's `--help`) does not pay for importing Prefect and boto3.
 """
@@ -21,16 +25,22 @@ _EXPORTS = {
     "StoredImage": "prefect_gpt_image.models",
     "PromptFailure": "prefect_gpt_image.models",
     "BatchReport": "prefect_gpt_image.models",
+    "GenerationClient": "prefect_gpt_image._client",
+    "AsyncGenerationClient": "prefect_gpt_image._client",
     "generate_image": "prefect_gpt_image.tasks.generate",
+    "agenerate_image": "prefect_gpt_image.tasks.generate",
     "upload_image": "prefect_gpt_image.tasks.upload",
+    "aupload_image": "prefect_gpt_image.tasks.upload",
     "generate_images": "prefect_gpt_image.flows.generate_images",
-    "load_prompts": "prefect_gpt_image.prompt_sets",
+    "load_prompts": "prefect_gpt_image._prompt_sets",
 }
 
 __all__ = [
     "ApiLimits",
+    "AsyncGenerationClient",
     "BatchReport",
     "GeneratedImage",
+    "GenerationClient",
     "ImageRequest",
     "ModelSpec",
     "OpenAICredentials",
@@ -38,6 +48,8 @@ __all__ = [
     "RapidAPICredentials",
     "StoredImage",
     "__version__",
+    "agenerate_image",
+    "aupload_image",
     "generate_image",
     "generate_images",
     "load_prompts",
@@ -45,6 +57,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from prefect_gpt_image._client import AsyncGenerationClient, GenerationClient
+    from prefect_gpt_image._prompt_sets import load_prompts
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
     from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
     from prefect_gpt_image.flows.generate_images import generate_images
@@ -57,9 +71,8 @@ if TYPE_CHECKING:
         PromptFailure,
         StoredImage,
     )
-    from prefect_gpt_image.prompt_sets import load_prompts
-    from prefect_gpt_image.tasks.generate import generate_image
-    from prefect_gpt_image.tasks.upload import upload_image
+    from prefect_gpt_image.tasks.generate import agenerate_image, generate_image
+    from prefect_gpt_image.tasks.upload import aupload_image, upload_image
 
 
 def __getattr__(name: str) -> Any:

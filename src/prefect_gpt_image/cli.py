@@ -9,19 +9,16 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefect_gpt_image.image_sizes import IMAGE_SIZES, parse_size
+from prefect_gpt_image._console import print_report, progress_bar
+from prefect_gpt_image._image_sizes import IMAGE_SIZES, parse_size
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks._route import GptImageRoute
-    from prefect_gpt_image.models import BatchReport
 
-PROGRESS_BAR_MIN_PROMPTS = 10
-"""Shorter batches finish before a progress bar would tell anything."""
 MAX_CONCURRENCY = 256
 MAX_REQUESTS_PER_SECOND = 1000.0
 """The flow's own bounds on `max_concurrency` and `requests_per_second`, checked here so that
@@ -107,13 +104,21 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Runs the real flow on Prefect's embedded server against a local emulator of "
             "the API and a local S3-compatible server (rclone serve s3), and shows where "
-            "the images landed: they are plain files in DIR. No key, no cost."
+            "the images landed: they are plain files in DIR. No key, no cost. With --ui, "
+            "the flow runs on a Prefect server instead, whose UI shows the run's table "
+            "and gallery."
         ),
     )
     demo.add_argument(
         "--dir", type=Path, default=Path("gpt-image-demo"), help="where everything goes"
     )
     demo.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    demo.add_argument(
+        "--ui",
+        action="store_true",
+        help="run on a Prefect server instead, print the run's page in its UI, and keep "
+        "the servers up until Ctrl-C",
+    )
     demo.set_defaults(command=_demo)
     return parser
 
@@ -213,10 +218,10 @@ def _request_fields(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from prefect_gpt_image._object_keys import normalize_prefix
+    from prefect_gpt_image._prompt_sets import load_prompts
     from prefect_gpt_image.errors import BatchFailedError, GptImageError
     from prefect_gpt_image.flows.generate_images import generate_images
-    from prefect_gpt_image.object_keys import normalize_prefix
-    from prefect_gpt_image.prompt_sets import load_prompts
 
     try:
         # A local file is checked before a flow run starts, so a typo is a one-line error.
@@ -255,9 +260,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _price(args: argparse.Namespace) -> int:
-    from prefect_gpt_image.billing import price_on_route
+    from prefect_gpt_image._billing import price_on_route
+    from prefect_gpt_image._prompt_sets import load_prompts
     from prefect_gpt_image.errors import GptImageError
-    from prefect_gpt_image.prompt_sets import load_prompts
 
     try:
         requests = load_prompts(args.prompts_file, defaults=_request_fields(args))
@@ -281,7 +286,7 @@ def _price(args: argparse.Namespace) -> int:
 def _pricing_routes(names: list[str] | None, models: list[str] | None) -> list[GptImageRoute]:
     from pydantic import SecretStr
 
-    from prefect_gpt_image.block_refs import resolve_routes
+    from prefect_gpt_image._block_refs import resolve_routes
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
     from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
     from prefect_gpt_image.model_table import MODELS, model_spec
@@ -300,42 +305,7 @@ def _pricing_routes(names: list[str] | None, models: list[str] | None) -> list[G
 def _demo(args: argparse.Namespace) -> int:
     from prefect_gpt_image.demo import run_demo
 
-    return run_demo(args.dir, verbose=args.verbose)
-
-
-def print_report(report: BatchReport) -> None:
-    for image in report.images[:20]:
-        print(f"  {image.uri}  ({image.width}x{image.height}, {image.size:,} bytes)")
-    if len(report.images) > 20:
-        print(f"  ... and {len(report.images) - 20} more")
-    for failure in report.failures:
-        print(f"  FAILED {failure.prompt[:60]!r}: {failure.error}")
-    print(report.summary())
-    if report.manifest_uri:
-        print(f"Manifest: {report.manifest_uri}")
-
-
-@contextmanager
-def progress_bar() -> Iterator[None]:
-    """A progress bar on stderr for long batches in a terminal."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from prefect_gpt_image import progress
-
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("Generating", total=None, visible=False)
-
-        def update(done: int, total: int) -> None:
-            visible = total >= PROGRESS_BAR_MIN_PROMPTS
-            bar.update(task, completed=done, total=total, visible=visible)
-
-        stop = progress.subscribe(update)
-        try:
-            yield
-        finally:
-            stop()
+    return run_demo(args.dir, verbose=args.verbose, ui=args.ui)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from prefect_gpt_image._charges import NO_CHARGES, Charges
+
 if TYPE_CHECKING:
     from prefect_gpt_image.models import BatchReport
 
@@ -22,20 +24,15 @@ class GptImageError(Exception):
     goes on through the next route, if there is one."""
     stops_batch: bool = False
     """True where every other request of the batch would fail the same way."""
-    billed: bool = False
-    """True where the API answered, and charged, before the failure (a broken answer,
-    an image that could not be downloaded)."""
-    billed_usd: float = 0.0
-    """What that charged answer cost."""
-    paid_calls: int = 0
-    """Charged answers the failed task run made, over all its attempts."""
-    paid_usd: float = 0.0
-    """What those charged answers cost."""
-    possibly_billed_usd: float = 0.0
-    """What a call that timed out after it was sent may have cost: the provider may have
-    finished, and charged for, a generation nobody received."""
-    possibly_paid_usd: float = 0.0
-    """What such calls of the failed task run may have cost, over all its attempts."""
+    charges: Charges = NO_CHARGES
+    """What the failed call was charged, set where its answer was read: a broken answer
+    or an image that could not be downloaded is charged; a call that timed out after it
+    was sent may be."""
+
+    @property
+    def billed(self) -> bool:
+        """Whether the API answered, and charged, before the failure."""
+        return self.charges.calls > 0
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle without calling `__init__` again: subclasses take keyword-only fields,

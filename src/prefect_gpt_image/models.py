@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prefect_gpt_image._object_keys import s3_uri
 from prefect_gpt_image.model_table import Background, Moderation, OutputFormat, Quality
 
 MAX_PROMPT_CHARS = 32_000
@@ -118,10 +119,21 @@ class ImageRequest(BaseModel):
         return f"{self.width}x{self.height}"
 
     @property
+    def title(self) -> str:
+        """What the request is called: its name, or else its prompt. Object keys, task-run
+        names, logs and the gallery all name it by this."""
+        return title_of(self.name, self.prompt)
+
+    @property
     def label(self) -> str:
-        """A short description for logs and task-run names."""
-        text = self.name or " ".join(self.prompt.split())
+        """The title, short and on one line, for logs and task-run names."""
+        text = " ".join(self.title.split())
         return text if len(text) <= 60 else text[:57] + "..."
+
+
+def title_of(name: str | None, prompt: str) -> str:
+    """What a request is called: its name, or else its prompt."""
+    return name or prompt
 
 
 def as_request(request: ImageRequest | str) -> ImageRequest:
@@ -129,10 +141,30 @@ def as_request(request: ImageRequest | str) -> ImageRequest:
     return request if isinstance(request, ImageRequest) else ImageRequest(prompt=request)
 
 
+class InputImage(BaseModel):
+    """An image given to an edit, checked before anything is paid: where it is, and what
+    its bytes were when they were checked. The cache key holds `sha256`, never `uri`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str = Field(
+        description="Where it is read from when its request is sent: `s3://bucket/key`, "
+        "`file:///absolute/path`, or `bytes:` for bytes held in `data`."
+    )
+    sha256: str = Field(description="Hex SHA-256 of its bytes.")
+    media_type: str = Field(description="image/png, image/jpeg or image/webp.")
+    size: int = Field(description="Size in bytes.")
+    width: int
+    height: int
+    data: bytes | None = Field(
+        default=None, repr=False, description="The bytes, for an image given as bytes."
+    )
+
+
 class ApiLimits(BaseModel):
     """How busy a process may keep the API: the plan's limits, as far as the caller knows.
 
-    Enforced per process and per key by `prefect_gpt_image.throttle`; across workers,
+    Enforced per process and per key by `prefect_gpt_image._throttle`; across workers,
     name a Prefect global concurrency limit.
     """
 
@@ -262,13 +294,17 @@ class StoredImage(BaseModel):
         description="The other images of its call, where `upload_image` stored them all.",
     )
 
+    @property
+    def title(self) -> str:
+        return title_of(self.name, self.prompt)
+
     @classmethod
     def of(cls, image: GeneratedImage, bucket: str, key: str) -> StoredImage:
         """The record of `image` stored at `key`."""
         return cls(
             bucket=bucket,
             key=key,
-            uri=f"s3://{bucket}/{key}",
+            uri=s3_uri(bucket, key),
             sha256=image.sha256,
             size=len(image.data),
             media_type=image.media_type,

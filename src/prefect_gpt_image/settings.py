@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prefect_gpt_image.image_sizes import IMAGE_SIZES
+from prefect_gpt_image._image_sizes import IMAGE_SIZES
 
 DEFAULT_API_HOST = "gpt-image-1-5.p.rapidapi.com"
 DEFAULT_PATH = "/generate"

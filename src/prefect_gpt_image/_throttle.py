@@ -42,9 +42,9 @@ from collections.abc import Callable, Iterator, Mapping
 
 from prefect.concurrency.sync import concurrency, rate_limit
 
+from prefect_gpt_image._rate_limit_headers import retry_after_seconds, window_spent
+from prefect_gpt_image._retry_policy import MAX_SERVER_WAIT_SECONDS
 from prefect_gpt_image.models import ApiLimits
-from prefect_gpt_image.rate_limit_headers import retry_after_seconds, window_spent
-from prefect_gpt_image.retry_policy import MAX_SERVER_WAIT_SECONDS
 
 RATE_DECREASE = 0.9
 """A 429 cuts the rate to this share of the rate before it (CUBIC's beta)."""

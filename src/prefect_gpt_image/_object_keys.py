@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import TYPE_CHECKING
 
 from prefect_gpt_image.errors import InvalidRequestError
-from prefect_gpt_image.models import GeneratedImage
+
+if TYPE_CHECKING:
+    from prefect_gpt_image.models import GeneratedImage
 
 SLUG_MAX_CHARS = 48
 HASH_CHARS = 12
@@ -84,6 +87,11 @@ def check_bucket_name(name: str) -> None:
         )
 
 
+def s3_uri(bucket_name: str, key: str) -> str:
+    """`s3://bucket/key`: how the manifest, the report and prompt files name an object."""
+    return f"s3://{bucket_name}/{key}"
+
+
 def join_key(*parts: str) -> str:
     """Join folder parts and a file name, skipping empty parts."""
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
@@ -92,7 +100,7 @@ def join_key(*parts: str) -> str:
 def image_key(bucket_folder: str, prefix: str, image: GeneratedImage) -> str:
     """Where an image is stored."""
     request = image.request
-    slug = slugify(request.name or request.prompt)
+    slug = slugify(request.title)
     filename = f"{slug}-{image.sha256[:HASH_CHARS]}.{image.extension}"
     return join_key(bucket_folder, normalize_prefix(prefix), filename)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from prefect_gpt_image.billing import worst_case_over_routes
-from prefect_gpt_image.caching import lookup_keys, request_cache_key
+from prefect_gpt_image._billing import worst_case_over_routes
+from prefect_gpt_image._caching import lookup_keys, request_cache_key
+from prefect_gpt_image._charges import Charges
 from prefect_gpt_image.models import (
     BatchReport,
     FailureStage,
@@ -19,6 +20,9 @@ from prefect_gpt_image.models import (
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks._route import GptImageRoute
+
+FAILURES_LISTED = 20
+"""How many failures the flow's failure message spells out."""
 
 
 class Batch:
@@ -100,11 +104,12 @@ class Batch:
             if len(variants) >= self._expected.get(other, 1):
                 self.outcomes[other] = [variants[v] for v in sorted(variants)]
 
-    def generation_failed(self, key: str, error: BaseException) -> None:
-        if paid := getattr(error, "paid_usd", 0.0):
-            self.charged[key] = paid
-        if possibly := getattr(error, "possibly_paid_usd", 0.0):
-            self.possibly_charged[key] = possibly
+    def generation_failed(self, key: str, error: BaseException, charges: Charges) -> None:
+        """Record a generation that failed, after `charges` for its broken answers."""
+        if charges.usd:
+            self.charged[key] = charges.usd
+        if charges.possibly_usd:
+            self.possibly_charged[key] = charges.possibly_usd
         for index in self.groups[key]:
             self.outcomes[index] = self._failure(index, error, "generate")
 
@@ -158,6 +163,27 @@ class Batch:
                     }
                 )
         return rows
+
+    def failure_message(self, report: BatchReport, allow_failures: int) -> str:
+        """Why the run fails, once everything good is stored: the stop, or the failures."""
+        stored = f"{len(report.images)} images are stored and listed in {report.manifest_uri}."
+        if self.stopped_by is not None:
+            skipped = sum(f.stage == "not attempted" for f in report.failures)
+            return (
+                f"The batch stopped: {self.stopped_by} {skipped} of {len(self.requests)} "
+                f"prompts were not attempted. {stored}"
+            )
+        listed = [f"- {f.prompt[:80]!r}: {f.error}" for f in report.failures[:FAILURES_LISTED]]
+        if (more := len(report.failures) - FAILURES_LISTED) > 0:
+            listed.append(f"... and {more} more")
+        return (
+            f"{len(report.failures)} of {len(self.requests)} prompts failed "
+            f"(allow_failures={allow_failures}); {stored}\n" + "\n".join(listed)
+        )
+
+    def failed(self, report: BatchReport, allow_failures: int) -> bool:
+        """Whether the run should end Failed: it stopped early, or too many prompts failed."""
+        return self.stopped_by is not None or len(report.failures) > allow_failures
 
     def _same_object(self, index: int) -> list[int]:
         """The prompts stored as one object with `index`: same request, same name."""

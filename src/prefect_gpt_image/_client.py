@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -10,25 +11,17 @@ import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
-from prefect_gpt_image.billing import call_cost, worst_case_cost
-from prefect_gpt_image.budget import Budget
-from prefect_gpt_image.errors import (
-    APIConnectionError,
-    APIError,
-    APITimeoutError,
-    GptImageError,
-    InvalidImageError,
-    InvalidResponseError,
-    RouteDroppedError,
-)
-from prefect_gpt_image.images import inspect_image, media_type_label
-from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageFile, ImageRequest, Usage
-from prefect_gpt_image.request_bodies import openai_body, rapidapi_body
-from prefect_gpt_image.responses import (
+from prefect_gpt_image._billing import call_cost, worst_case_cost
+from prefect_gpt_image._budget import Budget
+from prefect_gpt_image._images import inspect_image, media_type_label
+from prefect_gpt_image._request_bodies import openai_body, rapidapi_body
+from prefect_gpt_image._responses import (
     ImageReference,
     InlineImage,
     error_for_openai_response,
@@ -38,9 +31,23 @@ from prefect_gpt_image.responses import (
     parse_json,
     usage_of,
 )
-from prefect_gpt_image.retry_policy import DOWNLOAD_ATTEMPTS
-from prefect_gpt_image.throttle import throttle_for
-from prefect_gpt_image.url_safety import ImageHostPolicy, PinnedURL, pin_image_url
+from prefect_gpt_image._retry_policy import (
+    DOWNLOAD_ATTEMPTS,
+    DOWNLOAD_RETRY_DELAYS,
+    call_with_retries,
+)
+from prefect_gpt_image._throttle import throttle_for
+from prefect_gpt_image._url_safety import ImageHostPolicy, PinnedURL, pin_image_url
+from prefect_gpt_image.errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    GptImageError,
+    InvalidImageError,
+    InvalidResponseError,
+    RouteDroppedError,
+)
+from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageFile, ImageRequest, Usage
 
 if TYPE_CHECKING:
     import openai
@@ -57,20 +64,11 @@ DOWNLOAD_DEADLINE_SECONDS = 120.0
 MAX_REDIRECTS = 5
 _SHOWN_URL_CHARS = 200
 
-_http: httpx.Client | None = None
-_http_lock = threading.Lock()
 
-
+@functools.cache
 def shared_http_client() -> httpx.Client:
-    """One connection pool per process: tasks run in threads and share it."""
-    global _http
-    with _http_lock:
-        if _http is None:
-            _http = httpx.Client(
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-                headers={"user-agent": "prefect-gpt-image"},
-            )
-        return _http
+    """The connection pool generation requests share."""
+    return _http_client()
 
 
 class GenerationClient(ABC):
@@ -103,17 +101,20 @@ class GenerationClient(ABC):
         *,
         still_live: Callable[[], bool] | None = None,
         budget: Budget | None = None,
+        charged_to: str | None = None,
     ) -> GeneratedImage:
         """One paid call. `limits` say how busy this process may keep the API (see
-        `prefect_gpt_image.throttle`); downloads are not counted against them.
+        `prefect_gpt_image._throttle`); downloads are not counted against them.
         `still_live` is asked once the call's turn has come: a route dropped while the
         request waited is not called. `budget` holds the call's worst case before it is
-        sent, and refuses it if that could pass the cap (see `prefect_gpt_image.budget`)."""
+        sent, and refuses it if that could pass the cap (see `prefect_gpt_image._budget`), and
+        records what it was charged for `charged_to` (a task run)."""
         route = self._route
         with self._throttle.admit(limits) as admission:
             if still_live is not None and not still_live():
                 raise RouteDroppedError(f"The route {route.route_name} was dropped.")
-            reservation = (budget or Budget()).reserve(worst_case_cost(self._spec, request))
+            worst_case = worst_case_cost(self._spec, request)
+            reservation = (budget or Budget()).reserve(worst_case, owner=charged_to)
             started = time.monotonic()
             try:
                 response = self._post(request)
@@ -124,13 +125,12 @@ class GenerationClient(ABC):
                     "generations."
                 )
                 if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-                    reservation.charged(0.0)  # never sent: nothing to bill
+                    reservation.not_charged()  # never sent: nothing to bill
                 else:  # sent: the provider may finish it, and bill it
-                    reservation.possibly_charged()
-                    error.possibly_billed_usd = reservation.held
+                    error.charges = reservation.possibly_charged()
                 raise error from None
             except httpx.TransportError as exc:
-                reservation.charged(0.0)
+                reservation.not_charged()
                 raise APIConnectionError(
                     f"Could not reach {route.endpoint_url}: {type(exc).__name__}: {exc}"
                 ) from None
@@ -142,7 +142,7 @@ class GenerationClient(ABC):
             time.monotonic() - started,
         )
         if not response.is_success:
-            reservation.charged(0.0)
+            reservation.not_charged()
             raise self._error(response.status_code, response.headers, response.content)
         # The API answered 2xx: the call is paid for, whatever comes next.
         usage: Usage | None = None
@@ -159,9 +159,7 @@ class GenerationClient(ABC):
                     f"read ({type(exc).__name__}). It is charged; the image is generated again."
                 )
             )
-            unusable.billed = True
-            unusable.billed_usd = call_cost(self._spec, request, request.n, usage)
-            reservation.charged(unusable.billed_usd)
+            unusable.charges = reservation.charged(call_cost(self._spec, request, request.n, usage))
             if unusable is exc:
                 raise
             raise unusable from None
@@ -221,19 +219,15 @@ class GenerationClient(ABC):
         """Fetch a paid image, retrying transient failures: it cannot be fetched later.
         Returns its bytes and the media type they were labelled with."""
         assert url is not None
-        last_error: Exception | None = None
-        for attempt in range(DOWNLOAD_ATTEMPTS):
-            if attempt:
-                time.sleep(attempt)
-            try:
-                return self._download_once(url)
-            except (httpx.TransportError, _TransientDownloadError) as exc:
-                last_error = exc
-                logger.debug("Download of %s failed (%s); attempt %d", url, exc, attempt + 1)
-        raise InvalidResponseError(
-            f"The generated image could not be downloaded from {_shown(url)} after "
-            f"{DOWNLOAD_ATTEMPTS} attempts: {type(last_error).__name__}: {last_error}"
-        )
+        try:
+            return call_with_retries(
+                partial(self._download_once, url), DOWNLOAD_RETRY_DELAYS, retry_if=_transient
+            )
+        except (httpx.TransportError, _TransientDownloadError) as exc:
+            raise InvalidResponseError(
+                f"The generated image could not be downloaded from {_shown(url)} after "
+                f"{DOWNLOAD_ATTEMPTS} attempts: {type(exc).__name__}: {exc}"
+            ) from None
 
     def _download_once(self, url: str) -> tuple[bytes, str | None]:
         cap = self._route.max_image_bytes
@@ -311,27 +305,57 @@ class GenerationClient(ABC):
         return http.send(request, stream=True)
 
 
+class AsyncGenerationClient:
+    """A `GenerationClient` for async code: the same call, run in a worker thread, so that
+    async and sync tasks share one throttle, one budget and one connection pool."""
+
+    def __init__(self, client: GenerationClient) -> None:
+        self._client = client
+
+    async def generate(
+        self,
+        request: ImageRequest,
+        limits: ApiLimits | None = None,
+        *,
+        still_live: Callable[[], bool] | None = None,
+        budget: Budget | None = None,
+        charged_to: str | None = None,
+    ) -> GeneratedImage:
+        """`GenerationClient.generate`, awaited."""
+        call = partial(
+            self._client.generate,
+            request,
+            limits,
+            still_live=still_live,
+            budget=budget,
+            charged_to=charged_to,
+        )
+        return await run_sync_in_worker_thread(call)
+
+
 _DOWNLOAD_HEADERS = {"Accept-Encoding": "identity"}
 """Images are compressed already: a host asked for them as they are has no reason to
 compress them again, which would let a few kilobytes inflate to many megabytes."""
 
-_download_http: httpx.Client | None = None
 
-
+@functools.cache
 def download_http_client() -> httpx.Client:
     """The connection pool image downloads share: direct connections only, each to the
     address its URL was checked at; redirects are followed by hand."""
-    global _download_http
-    with _http_lock:
-        if _download_http is None:
-            _download_http = httpx.Client(
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-                headers={"user-agent": "prefect-gpt-image"},
-                verify=httpx.create_ssl_context(trust_env=True),  # SSL_CERT_FILE, SSL_CERT_DIR
-                trust_env=False,  # proxies: see GenerationClient._send_pinned
-                follow_redirects=False,
-            )
-        return _download_http
+    return _http_client(
+        verify=httpx.create_ssl_context(trust_env=True),  # SSL_CERT_FILE, SSL_CERT_DIR
+        trust_env=False,  # proxies: see GenerationClient._send_pinned
+        follow_redirects=False,
+    )
+
+
+def _http_client(**options: Any) -> httpx.Client:
+    """A connection pool for the tasks of a process, which run in threads and share it."""
+    return httpx.Client(
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        headers={"user-agent": "prefect-gpt-image"},
+        **options,
+    )
 
 
 def _through_proxy(pinned: PinnedURL) -> bool:
@@ -364,6 +388,12 @@ def _check_download_status(status: int) -> None:
 
 class _TransientDownloadError(APIError):
     retryable = True
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether another try of a download can help: a lost connection, a host that did
+    not answer or resolve, a download that trickled past its deadline."""
+    return isinstance(exc, httpx.TransportError | _TransientDownloadError)
 
 
 def _too_large(size: int, cap: int) -> InvalidImageError:
@@ -400,7 +430,7 @@ class RapidAPIClient(GenerationClient):
 
 class OpenAIClient(GenerationClient):
     """The OpenAI protocol, through the official `openai` package with its own retries
-    off: `prefect_gpt_image.retry_policy` is the only retry policy."""
+    off: `prefect_gpt_image._retry_policy` is the only retry policy."""
 
     _route: OpenAICredentials
 
@@ -435,6 +465,7 @@ class OpenAIClient(GenerationClient):
 
 
 _openai_clients: dict[tuple[str, ...], openai.OpenAI] = {}
+_openai_clients_lock = threading.Lock()
 
 
 def _openai_client(route: OpenAICredentials) -> openai.OpenAI:
@@ -449,7 +480,7 @@ def _openai_client(route: OpenAICredentials) -> openai.OpenAI:
         route.organization or "",
         route.project or "",
     )
-    with _http_lock:
+    with _openai_clients_lock:
         client = _openai_clients.get(identity)
         if client is None:
             client = openai.OpenAI(

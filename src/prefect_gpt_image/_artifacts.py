@@ -14,8 +14,9 @@ from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
-    update_progress_artifact,
 )
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 
 from prefect_gpt_image.models import BatchReport
 
@@ -60,19 +61,23 @@ class ProgressArtifact:
         self._thread.join()
 
     def _publish_loop(self) -> None:
-        while not self._closed.is_set():
-            self._changed.wait()
-            self._publish()
-            self._closed.wait(PROGRESS_INTERVAL_SECONDS)
-        self._publish()
+        # One client for the batch: Prefect's `update_progress_artifact` opens a new one,
+        # TLS context and all, for every update.
+        with get_client(sync_client=True) as client:
+            while not self._closed.is_set():
+                self._changed.wait()
+                self._publish(client)
+                self._closed.wait(PROGRESS_INTERVAL_SECONDS)
+            self._publish(client)
 
-    def _publish(self) -> None:
+    def _publish(self, client: SyncPrefectClient) -> None:
         self._changed.clear()
         done = self._done
         if done == self._published:
             return
         try:
-            update_progress_artifact(self._artifact_id, progress=100.0 * done / self._total)
+            progress = ArtifactUpdate(data=100.0 * done / self._total)
+            client.update_artifact(artifact_id=self._artifact_id, artifact=progress)
             self._published = done
         except Exception:  # progress is a courtesy: never fail a batch over it
             logger.warning("Could not update the progress artifact", exc_info=True)
@@ -115,7 +120,7 @@ def gallery(report: BatchReport, link: Link) -> str:
     thumbnails = []
     for image in images[:GALLERY_MAX_IMAGES]:
         url = html.escape(link(image.key))
-        caption = html.escape(" ".join((image.name or image.prompt).split())[:120])
+        caption = html.escape(" ".join(image.title.split())[:120])
         thumbnails.append(
             f'<a href="{url}"><img src="{url}" width="{THUMBNAIL_WIDTH}" '
             f'alt="{caption}" title="{caption}"></a>'

@@ -16,6 +16,8 @@ from urllib.parse import quote, urlsplit
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from prefect_gpt_image._object_keys import s3_uri
+from prefect_gpt_image._retry_policy import S3_ATTEMPTS_PER_REQUEST
 from prefect_gpt_image.errors import StorageError
 from prefect_gpt_image.models import GeneratedImage
 
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 CLIENT_CONFIG = Config(
     signature_version="s3v4",
-    retries={"mode": "standard", "max_attempts": 4},
+    retries={"mode": "standard", "max_attempts": S3_ATTEMPTS_PER_REQUEST},
     connect_timeout=10,
     read_timeout=60,
     max_pool_connections=64,
@@ -64,7 +66,7 @@ def s3_client(bucket: S3Bucket) -> Any:
 
 
 def object_uri(bucket: S3Bucket, key: str) -> str:
-    return f"s3://{bucket.bucket_name}/{key}"
+    return s3_uri(bucket.bucket_name, key)
 
 
 def object_link(bucket: S3Bucket, key: str, *, public_base_url: str | None, expires_in: int) -> str:

@@ -6,6 +6,10 @@ what the call cost. A call that timed out after it was sent keeps its reservatio
 "possibly charged": the provider may have finished it. An attempt whose reservation would
 pass the cap is not sent.
 
+The ledger also says what each task run was charged, over all its attempts: a broken
+answer is charged, and so is the retry that replaces it. The task's result carries that
+total, and the flow reads a failed task run's from here.
+
 The ledger lives in the flow run's process: workers in other processes (Dask) are held
 by the flow's own check when it submits, which counts each generation once.
 """
@@ -13,9 +17,11 @@ by the flow's own check when it submits, which counts each generation once.
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 
+from prefect_gpt_image._charges import NO_CHARGES, Charges
+from prefect_gpt_image._run_scope import RunScoped
 from prefect_gpt_image.errors import BudgetExceededError
-from prefect_gpt_image.run_scope import RunScoped
 
 _EPSILON_USD = 1e-9
 
@@ -29,6 +35,7 @@ class Budget:
         self._spent = 0.0
         self._possibly = 0.0
         self._reserved = 0.0
+        self._by_owner: defaultdict[str | None, Charges] = defaultdict(Charges)
 
     @property
     def spent_usd(self) -> float:
@@ -38,8 +45,14 @@ class Budget:
     def possibly_spent_usd(self) -> float:
         return round(self._possibly, 6)
 
-    def reserve(self, worst_case_usd: float) -> Reservation:
-        """Hold `worst_case_usd` for one call, or refuse the call if it could pass the cap."""
+    def charges_of(self, owner: str) -> Charges:
+        """What the calls made for `owner` (a task run) were charged, in every attempt."""
+        with self._lock:
+            return self._by_owner.get(owner, NO_CHARGES)
+
+    def reserve(self, worst_case_usd: float, owner: str | None = None) -> Reservation:
+        """Hold `worst_case_usd` for one call made for `owner`, or refuse the call if it
+        could pass the cap."""
         with self._lock:
             committed = self._spent + self._possibly + self._reserved
             cap = self.max_usd
@@ -50,35 +63,43 @@ class Budget:
                     "sent."
                 )
             self._reserved += worst_case_usd
-        return Reservation(self, worst_case_usd)
+        return Reservation(self, worst_case_usd, owner)
 
-    def _settle(self, held: float, charged: float, possibly: float) -> None:
+    def _settle(self, held: float, charges: Charges, owner: str | None) -> None:
         with self._lock:
             self._reserved -= held
-            self._spent += charged
-            self._possibly += possibly
+            self._spent += charges.usd
+            self._possibly += charges.possibly_usd
+            if owner is not None:
+                self._by_owner[owner] += charges
 
 
 class Reservation:
     """The worst case of one call, held until its answer says what it cost."""
 
-    def __init__(self, budget: Budget, held: float) -> None:
+    def __init__(self, budget: Budget, held: float, owner: str | None) -> None:
         self._budget = budget
+        self._owner = owner
         self.held = held
         self._settled = False
 
-    def charged(self, usd: float) -> None:
-        """The call was answered and cost `usd` (zero for a refusal the provider does not bill)."""
-        self._settle(usd, 0.0)
+    def charged(self, usd: float) -> Charges:
+        """The call was answered and cost `usd`; returns what it was charged."""
+        return self._settle(Charges(calls=1, usd=round(usd, 6)))
 
-    def possibly_charged(self) -> None:
+    def not_charged(self) -> Charges:
+        """The call was refused, or never sent: nothing to bill."""
+        return self._settle(NO_CHARGES)
+
+    def possibly_charged(self) -> Charges:
         """The call was sent but not answered: the provider may bill its worst case."""
-        self._settle(0.0, self.held)
+        return self._settle(Charges(possibly_usd=round(self.held, 6)))
 
-    def _settle(self, charged: float, possibly: float) -> None:
+    def _settle(self, charges: Charges) -> Charges:
         if not self._settled:
             self._settled = True
-            self._budget._settle(self.held, charged, possibly)
+            self._budget._settle(self.held, charges, self._owner)
+        return charges
 
 
 _budgets: RunScoped[Budget] = RunScoped(Budget)

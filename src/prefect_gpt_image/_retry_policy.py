@@ -1,10 +1,15 @@
 """The retry policy, in one place: what is retried, how often, and how long to wait.
 
-Retries are Prefect's own, so each one shows in the UI as a retry; the uploads the batch
-flow makes without a task run follow the same policy through `call_with_retries`. Prefect fixes the
-delays when a task is defined, so a server's Retry-After is honoured by the
-endpoint gate instead (see `throttle`), which holds back every request to that
-endpoint, not just the one that was told to wait.
+- Generations and uploads are retried by Prefect, so each retry shows in the UI; the
+  uploads the batch flow makes without a task run follow the same policy through
+  `call_with_retries`.
+- A paid image's download is retried within its generation attempt: the API gives no
+  way to fetch it again later.
+- Each S3 request is also retried by botocore itself, for throttling and lost
+  connections, beneath the upload's own retries.
+- Prefect fixes a task's delays when it is defined, so a server's Retry-After (parsed in
+  `rate_limit_headers`) is honoured by the throttle instead, which holds back every
+  request to that endpoint, not just the one that was told to wait.
 """
 
 from __future__ import annotations
@@ -31,8 +36,12 @@ RETRY_JITTER_FACTOR = 0.5
 MAX_SERVER_WAIT_SECONDS = 60.0
 """The cap on a Retry-After or rate-limit reset honoured as given."""
 
-DOWNLOAD_ATTEMPTS = 3
-"""Downloads of an already paid image are retried within the generation attempt."""
+DOWNLOAD_RETRY_DELAYS = (1.0, 2.0)
+"""Waits before the second and third try of a paid image's download."""
+DOWNLOAD_ATTEMPTS = len(DOWNLOAD_RETRY_DELAYS) + 1
+
+S3_ATTEMPTS_PER_REQUEST = 4
+"""botocore's tries of one S3 request, in its standard retry mode."""
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -45,14 +54,19 @@ def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(state.data, BaseException) and is_retryable(state.data)
 
 
-def call_with_retries(call: Callable[[], T], delays: Sequence[float] = UPLOAD_RETRY_DELAYS) -> T:
-    """Make `call`, retrying what `is_retryable` allows after `delays` (with the same
+def call_with_retries(
+    call: Callable[[], T],
+    delays: Sequence[float] = UPLOAD_RETRY_DELAYS,
+    *,
+    retry_if: Callable[[Exception], bool] = is_retryable,
+) -> T:
+    """Make `call`, retrying what `retry_if` allows after `delays` (with the same
     jitter): Prefect's retries for work done outside a task run."""
     for delay in delays:
         try:
             return call()
         except Exception as exc:
-            if not is_retryable(exc):
+            if not retry_if(exc):
                 raise
             time.sleep(delay * (1 + RETRY_JITTER_FACTOR * random.uniform(-1, 1)))
     return call()

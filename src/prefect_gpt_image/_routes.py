@@ -16,14 +16,14 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from prefect_gpt_image._retry_policy import GENERATION_RETRIES
+from prefect_gpt_image._run_scope import RunScoped
 from prefect_gpt_image.errors import (
     GptImageError,
     NoRouteLeftError,
     PaidFailuresError,
     RateLimitedError,
 )
-from prefect_gpt_image.retry_policy import GENERATION_RETRIES
-from prefect_gpt_image.run_scope import RunScoped
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks._route import GptImageRoute

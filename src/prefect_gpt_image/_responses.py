@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from prefect_gpt_image._rate_limit_headers import retry_after_seconds
 from prefect_gpt_image.errors import (
     AccessDeniedError,
     APIError,
@@ -31,7 +32,6 @@ from prefect_gpt_image.errors import (
     ServerError,
 )
 from prefect_gpt_image.models import Usage
-from prefect_gpt_image.rate_limit_headers import retry_after_seconds
 
 _HTML = re.compile(r"\s*<(!doctype|html|head|body)", re.IGNORECASE)
 _HTML_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)

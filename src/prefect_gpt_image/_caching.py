@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from prefect import Task
@@ -27,10 +28,10 @@ from prefect.locking.protocol import LockManager
 from prefect.results import ResultStore, get_result_store
 from prefect.settings import get_current_settings
 
-from prefect_gpt_image.block_refs import resolve_routes
-from prefect_gpt_image.locking import file_lock_manager
+from prefect_gpt_image._block_refs import resolve_routes
+from prefect_gpt_image._locking import file_lock_manager
+from prefect_gpt_image._request_bodies import api_fields
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
-from prefect_gpt_image.request_bodies import api_fields
 from prefect_gpt_image.settings import LockSettings
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def generation_cache_policy(redis_lock_url: str | None = None) -> CachePolicy:
     image at once, the second waits for the first's result instead of paying again.
 
     The locks are OS file locks under Prefect's home, which serialize runs on one machine
-    (see `prefect_gpt_image.locking`), or, given a Redis URL (here, or in the
+    (see `prefect_gpt_image._locking`), or, given a Redis URL (here, or in the
     `GPT_IMAGE_REDIS_LOCK_URL` environment variable), prefect-redis's locks in that Redis,
     which serialize runs on every machine that reaches it.
     """
@@ -150,6 +151,18 @@ def fallback_store() -> ResultStore:
     return ResultStore(
         result_storage=LocalFileSystem(basepath=str(path)), cache_result_in_memory=False
     )
+
+
+def is_fallback(store: ResultStore) -> bool:
+    """Whether `store` keeps its records where `fallback_store` does: then there is no
+    other place to look for them."""
+    from prefect.filesystems import LocalFileSystem
+
+    storage = store.result_storage
+    if not isinstance(storage, LocalFileSystem) or not storage.basepath:
+        return False
+    fallback = Path(get_current_settings().results.local_storage_path).expanduser().resolve()
+    return Path(storage.basepath).expanduser().resolve() == fallback
 
 
 def ensure_kept(store: ResultStore, fallback: ResultStore, key: str, image: GeneratedImage) -> bool:

@@ -1,0 +1,255 @@
+"""Running a batch: what the cache already holds, then a window of generations kept at the
+API's limits, each image uploaded as it comes, and the rules that stop a batch early.
+
+`Batch` is the ledger (what became of each prompt, what it cost); `BatchRunner` decides
+what to send next and records what comes back. The flow only plans and publishes.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from prefect import Task
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
+from prefect_aws import S3Bucket
+
+from prefect_gpt_image import _progress as progress_listeners
+from prefect_gpt_image._artifacts import ProgressArtifact
+from prefect_gpt_image._batch import Batch
+from prefect_gpt_image._budget import run_budget
+from prefect_gpt_image._caching import (
+    cache_store,
+    ensure_kept,
+    fallback_store,
+    find_cached,
+    is_fallback,
+)
+from prefect_gpt_image._charges import NO_CHARGES
+from prefect_gpt_image._object_keys import join_key
+from prefect_gpt_image._retry_policy import call_with_retries
+from prefect_gpt_image._storage import object_sizes
+from prefect_gpt_image.blocks._route import GptImageRoute
+from prefect_gpt_image.errors import BudgetExceededError, StorageError
+from prefect_gpt_image.models import ApiLimits, GeneratedImage
+from prefect_gpt_image.tasks.upload import planned_record, store_image
+
+_EPSILON_USD = 1e-9
+
+
+class BatchRunner:
+    """Generates and stores the prompts of `batch` that have no outcome yet.
+
+    Prefect's thread pool is unbounded, so the runner keeps a window of submissions: a
+    new generation is submitted as one finishes. In one process the throttle holds
+    requests in flight to `max_concurrency`, so the window runs ahead of it by as much
+    again, and the tasks' own work (download, checks, persisting) overlaps the API's;
+    with workers in other processes (Dask) the window itself is the bound.
+    """
+
+    def __init__(
+        self,
+        batch: Batch,
+        generate: Task[..., GeneratedImage],
+        routes: Sequence[GptImageRoute],
+        limits: ApiLimits,
+        bucket: S3Bucket,
+        folder: str,
+        max_cost_usd: float | None,
+    ) -> None:
+        self.batch = batch
+        self._generate = generate
+        self._routes = list(routes)
+        self._limits = limits
+        self._bucket = bucket
+        self._folder = folder
+        self._max_cost_usd = max_cost_usd
+        self._cache, self._fallback = cache_store(generate), fallback_store()
+        self._uncached = set(batch.groups)
+        self._waiting: deque[str] = deque()
+        self._in_flight: set[str] = set()
+        self._events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self._logger = get_run_logger()  # the upload threads have no run context of their own
+        context = FlowRunContext.get()
+        self._in_process = context is not None and isinstance(
+            context.task_runner, ThreadPoolTaskRunner
+        )
+
+    # --- plan ------------------------------------------------------------------------------
+
+    def reuse_cached(self) -> None:
+        """Find the requests already in the cache, and record at once those whose objects
+        are in the bucket too: a re-run then costs a cache read per image, not a task run.
+        One image is in memory at a time."""
+        batch, bucket = self.batch, self._bucket
+        fallback = None if is_fallback(self._cache) else self._fallback
+        in_bucket: dict[str, int] | None = None
+        for key in batch.groups:
+            keys = batch.lookup_keys(key)
+            if (image := find_cached(self._cache, keys)) is None:
+                if fallback is None or (image := find_cached(fallback, keys)) is None:
+                    continue
+                # Kept locally while the cache storage was down: back where the task looks.
+                self._cache.write(image, key=key)
+            self._uncached.discard(key)
+            if in_bucket is None:
+                in_bucket = self._object_sizes()
+            stored = [
+                (index, planned_record(variant, bucket, self._folder, batch.requests[index]))
+                for variant in image.variants()
+                for index in batch.uploads(key)
+            ]
+            if all(in_bucket.get(record.key) == record.size for _, record in stored):
+                batch.generated(key, image, cached=True)
+                for index, record in stored:
+                    batch.stored(index, record)
+
+    @property
+    def new_generations(self) -> int:
+        return len(self._uncached)
+
+    @property
+    def worst_case_usd(self) -> float:
+        """The most the generations not in the cache can cost."""
+        return round(sum(self.batch.worst_case_usd[key] for key in self._uncached), 6)
+
+    def check_budget(self) -> None:
+        """Refuse, before anything is paid for, a batch whose new generations could cost
+        more than `max_cost_usd` at worst."""
+        estimate = self.worst_case_usd
+        if self._max_cost_usd is not None and estimate > self._max_cost_usd + _EPSILON_USD:
+            raise BudgetExceededError(
+                f"This batch needs {self.new_generations} new generations, up to "
+                f"${estimate:.2f} at worst (auto quality priced as high), over "
+                f"max_cost_usd=${self._max_cost_usd:.2f}. Nothing was generated: raise "
+                "max_cost_usd or trim the prompts."
+            )
+
+    # --- run -------------------------------------------------------------------------------
+
+    def run(self, progress: ProgressArtifact) -> None:
+        """Keep the API at its limits, and upload each image as it comes."""
+        batch = self.batch
+        self._waiting.extend(key for key in batch.groups if not batch.settled(key))
+        # Uploads run in the flow's own threads, not as task runs: a task run costs more CPU
+        # than the upload itself, and the generation's task run already stands for the image.
+        max_concurrency = self._limits.max_concurrency or 1
+        with ThreadPoolExecutor(max_concurrency, thread_name_prefix="upload") as uploads:
+            self._submit_generations()
+            while not batch.finished:
+                stage, tag, future = self._events.get()
+                if stage == "generate":
+                    self._in_flight.discard(tag)
+                    self._generation_done(tag, future, uploads)
+                    self._submit_generations()
+                elif (error := future.exception()) is None:
+                    batch.stored(tag, future.result()[0])
+                else:
+                    batch.upload_failed(tag, error)
+                progress.update(batch.done)
+                progress_listeners.report(batch.done, len(batch.requests))
+
+    def _submit_generations(self) -> None:
+        max_concurrency = self._limits.max_concurrency or 1
+        window = 2 * max_concurrency if self._in_process else max_concurrency
+        while self._waiting and len(self._in_flight) < window:
+            key = self._waiting[0]
+            if not self._within_budget(key):
+                spent = self.batch.spent_usd
+                self._stop(
+                    BudgetExceededError(
+                        f"The spend reached max_cost_usd=${self._max_cost_usd:.2f} "
+                        f"(${spent:.2f} spent, more in flight)."
+                    )
+                )
+                return
+            self._waiting.popleft()
+            request = self.batch.requests[self.batch.groups[key][0]]
+            settings: tuple[Any, ...] = (self._routes, self._limits)
+            if self._in_process:
+                # Blocks hold no futures, so Prefect need not walk them; other task runners
+                # (Dask) ship quoted arguments without unquoting them.
+                settings = tuple(quote(setting) for setting in settings)
+            self._watch("generate", key, self._generate.submit(request, *settings))
+            self._in_flight.add(key)
+
+    def _within_budget(self, key: str) -> bool:
+        """Whether `key`'s worst case fits beside what is spent and what is in flight.
+        Each attempt is held to the cap too (`budget`); this holds workers in other
+        processes, which that ledger cannot see."""
+        if self._max_cost_usd is None or key not in self._uncached:
+            return True
+        worst = self.batch.worst_case_usd
+        in_flight = sum(worst[k] for k in self._in_flight & self._uncached)
+        committed = self.batch.spent_usd + worst[key] + in_flight
+        return committed <= self._max_cost_usd + _EPSILON_USD
+
+    def _generation_done(
+        self, key: str, future: PrefectFuture[GeneratedImage], uploads: ThreadPoolExecutor
+    ) -> None:
+        batch = self.batch
+        try:
+            outcome: object = future.result(raise_on_failure=False)
+        except Exception as exc:  # the runner lost the task: a Dask worker died, say
+            outcome = exc
+        if not isinstance(outcome, GeneratedImage):
+            error = outcome if isinstance(outcome, BaseException) else RuntimeError(repr(outcome))
+            # Every attempt's charges, where this process saw them; else the last attempt's.
+            charges = run_budget().charges_of(str(future.task_run_id))
+            if charges == NO_CHARGES:
+                charges = getattr(error, "charges", NO_CHARGES)
+            batch.generation_failed(key, error, charges)
+            if getattr(error, "stops_batch", False):
+                # Every other request would fail the same way, and may cost money.
+                self._stop(error)
+            return
+        cached = future.state.name == "Cached"
+        batch.generated(key, outcome, cached=cached)
+        if not cached:  # paid for: it must be kept somewhere before it is reported
+            uploads.submit(self._keep, key, outcome)
+        for variant in outcome.variants():
+            for index in batch.uploads(key):
+                store = partial(
+                    store_image,
+                    variant,
+                    self._bucket,
+                    self._folder,
+                    batch.requests[index],
+                    check_existing=cached,
+                )
+                self._watch("upload", index, uploads.submit(call_with_retries, store))
+
+    def _stop(self, error: BaseException) -> None:
+        if self._waiting:
+            self.batch.stop(error, not_attempted=list(self._waiting))
+            self._waiting.clear()
+
+    def _watch(self, stage: str, tag: Any, future: PrefectFuture[Any] | Future[Any]) -> None:
+        future.add_done_callback(lambda done: self._events.put((stage, tag, done)))
+
+    def _keep(self, key: str, image: GeneratedImage) -> None:
+        if not ensure_kept(self._cache, self._fallback, key, image):
+            self._logger.warning(
+                "The cache storage could not keep the image of %r; it is kept in local "
+                "result storage instead, so the next run on this machine does not pay for "
+                "it again.",
+                image.request.label,
+            )
+
+    def _object_sizes(self) -> dict[str, int]:
+        """The bucket's objects under the batch's folder; none if it cannot be listed, so
+        that the uploads (which retry, and say what is wrong) run instead."""
+        prefix = join_key(self._bucket.bucket_folder, self._folder)
+        try:
+            return object_sizes(self._bucket, prefix + "/" if prefix else "")
+        except StorageError as exc:
+            self._logger.warning("Could not list %s (%s); uploading every image", prefix, exc)
+            return {}
