@@ -8,7 +8,7 @@ block, not a change to the tasks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from prefect.blocks.abstract import CredentialsBlock
@@ -41,6 +41,9 @@ class _RefusedKey:
 class GptImageRoute(CredentialsBlock, ABC):
     """A provider's endpoint, its key and the model behind it (an interface: use
     `RapidAPICredentials` or `OpenAICredentials`)."""
+
+    protocol_edits: ClassVar[bool] = True
+    """Whether the route's protocol has image edits."""
 
     api_key: SecretStr = Field(
         default=...,
@@ -126,6 +129,11 @@ class GptImageRoute(CredentialsBlock, ABC):
     def check_request(self, request: ImageRequest) -> None:
         """Refuse, before any paid call, a request this route's model cannot serve."""
         self.model_spec().check(self.model, request)
+
+    @property
+    def can_edit(self) -> bool:
+        """Whether this route edits images: its protocol has edits, and its model makes them."""
+        return self.protocol_edits and self.model_spec().edits
 
     @abstractmethod
     def cache_identity(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator
 
@@ -37,6 +37,9 @@ class RapidAPICredentials(GptImageRoute):
         credentials = RapidAPICredentials.load("BLOCK_NAME")
         ```
     """
+
+    protocol_edits: ClassVar[bool] = False
+    """NexaAPI's endpoint generates only, as far as its documentation goes."""
 
     _block_type_name = "RapidAPI Credentials"
     _description = (

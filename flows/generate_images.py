@@ -19,9 +19,11 @@ from pydantic import Field
 from prefect_gpt_image._artifacts import ProgressArtifact, publish_results
 from prefect_gpt_image._batch import Batch
 from prefect_gpt_image._batch_runner import BatchRunner
-from prefect_gpt_image._block_refs import Routes, resolve_bucket, resolve_routes
+from prefect_gpt_image._block_refs import Routes, resolve_bucket, resolve_routes, serving_routes
 from prefect_gpt_image._budget import run_budget
 from prefect_gpt_image._caching import generation_cache_policy
+from prefect_gpt_image._edit_inputs import InputRef, expand_inputs
+from prefect_gpt_image._edits import check_edits
 from prefect_gpt_image._image_sizes import ImageSize, parse_size
 from prefect_gpt_image._manifest import write_manifest
 from prefect_gpt_image._object_keys import check_bucket_name, join_key, normalize_prefix
@@ -35,7 +37,13 @@ from prefect_gpt_image._prompt_sets import expand_template, load_prompts
 from prefect_gpt_image._storage import object_link, object_uri, read_uri
 from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
 from prefect_gpt_image.model_table import Background, Moderation, OutputFormat, Quality
-from prefect_gpt_image.models import ApiLimits, BatchReport, GeneratedImage, ImageRequest
+from prefect_gpt_image.models import (
+    ApiLimits,
+    BatchReport,
+    GeneratedImage,
+    ImageRequest,
+    InputFidelity,
+)
 from prefect_gpt_image.tasks.generate import generate_image
 
 
@@ -55,6 +63,9 @@ def generate_images(
     output_compression: Annotated[int | None, Field(ge=0, le=100)] = None,
     background: Background | None = None,
     moderation: Moderation | None = None,
+    images: list[str] | str | None = None,
+    mask: str | None = None,
+    input_fidelity: InputFidelity | None = None,
     max_concurrency: Annotated[int, Field(ge=1, le=256)] = 8,
     requests_per_second: Annotated[float | None, Field(gt=0, le=1000)] = None,
     max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
@@ -92,6 +103,13 @@ def generate_images(
         output_compression: jpeg and webp compression in %, for prompts that do not say.
         background: transparent, opaque or auto, for prompts that do not say.
         moderation: low or auto, for prompts that do not say.
+        images: To edit rather than generate: images to edit with every prompt, as a
+            list of paths and `s3://` URIs, or one `s3://` folder or local directory of
+            them. Each input is named in its objects' keys. Prompts that name their own
+            images (a CSV `image` column, a JSONL `images` list) edit those instead.
+        mask: For edits: a PNG the size of every input, whose transparent pixels mark
+            the area to repaint.
+        input_fidelity: For edits: high or low, how closely to keep the inputs' features.
         max_concurrency: Generations in flight at once.
         requests_per_second: The plan's rate limit. Without it the rate is learned from
             the API's 429s and rate-limit headers.
@@ -154,8 +172,11 @@ def generate_images(
         "moderation": moderation,
     }
     requests = _requests(prompts, template, variables, defaults, s3)
+    if images is not None:
+        requests = _edits_of(requests, expand_inputs(images, bucket=s3), mask, input_fidelity)
+    requests, refused = check_edits(requests, bucket=s3)
     for request in requests:  # valid on every route it may take, before anything is paid
-        for route in routes:
+        for route in serving_routes(request, routes):
             route.check_request(request)
     limits = ApiLimits(
         max_concurrency=max_concurrency,
@@ -170,7 +191,7 @@ def generate_images(
     check_global_limits(limits)
     check_storage(s3, folder, cache_bucket)
     run_budget().max_usd = max_cost_usd  # every paid attempt, retries too, is held to it
-    batch = Batch(requests, routes)
+    batch = Batch(requests, routes, refused)
     runner = BatchRunner(batch, generate, routes, limits, s3, folder, max_cost_usd)
     if not refresh_cache:
         runner.reuse_cached()
@@ -220,6 +241,25 @@ def _requests(
         return expand_template(template, variables or {}, defaults=defaults)
     assert prompts is not None
     return load_prompts(prompts, defaults=defaults, read_uri=partial(read_uri, bucket))
+
+
+def _edits_of(
+    requests: list[ImageRequest],
+    inputs: list[InputRef],
+    mask: str | None,
+    input_fidelity: InputFidelity | None,
+) -> list[ImageRequest]:
+    """Every input edited with every prompt, but for prompts that name their own inputs."""
+    if not inputs:
+        raise InvalidRequestError("images names no image to edit.")
+    edits: list[ImageRequest] = []
+    for request in requests:
+        if request.is_edit:
+            edits.append(request)
+            continue
+        fields = {"mask": mask, "input_fidelity": input_fidelity or request.input_fidelity}
+        edits += [request.model_copy(update={"images": (ref,), **fields}) for ref in inputs]
+    return edits
 
 
 def _generation_task(

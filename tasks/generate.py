@@ -10,8 +10,9 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
+from prefect_aws import S3Bucket
 
-from prefect_gpt_image._block_refs import Routes, resolve_routes
+from prefect_gpt_image._block_refs import Routes, resolve_routes, serving_routes
 from prefect_gpt_image._budget import run_budget
 from prefect_gpt_image._caching import (
     cache_store,
@@ -21,6 +22,7 @@ from prefect_gpt_image._caching import (
     lookup_keys,
     remember,
 )
+from prefect_gpt_image._edits import checked_edit
 from prefect_gpt_image._object_keys import slugify
 from prefect_gpt_image._redaction import scrub_error
 from prefect_gpt_image._retry_policy import (
@@ -61,6 +63,7 @@ async def agenerate_image(
     request: ImageRequest | str,
     credentials: Routes = None,
     limits: ApiLimits | None = None,
+    input_bucket: S3Bucket | None = None,
 ) -> GeneratedImage:
     """`generate_image` for async flows: the same call, retries and cache, awaited.
 
@@ -68,6 +71,8 @@ async def agenerate_image(
         request: What to generate: an `ImageRequest`, or just a prompt.
         credentials: The route or routes to the model, as for `generate_image`.
         limits: How busy this process may keep the API.
+        input_bucket: Where an edit's `s3://` inputs are read from, with its credentials
+            (default: the environment's).
 
     Returns:
         The image, as `generate_image` returns it.
@@ -88,7 +93,7 @@ async def agenerate_image(
             )
         ```
     """
-    return await run_sync_in_worker_thread(_generate, request, credentials, limits)
+    return await run_sync_in_worker_thread(_generate, request, credentials, limits, input_bucket)
 
 
 @task(**_TASK_OPTIONS)
@@ -96,6 +101,7 @@ def generate_image(
     request: ImageRequest | str,
     credentials: Routes = None,
     limits: ApiLimits | None = None,
+    input_bucket: S3Bucket | None = None,
 ) -> GeneratedImage:
     """Generate the images of one request, download them and check them.
 
@@ -107,6 +113,8 @@ def generate_image(
             its siblings from the environment.
         limits: How busy this process may keep the API: requests in flight, requests
             per second, Prefect global limits. Runs in one process share them.
+        input_bucket: For an edit, the `S3Bucket` whose credentials read its `s3://`
+            inputs (default: the environment's AWS credentials).
 
     Returns:
         The image with its bytes, media type, SHA-256, dimensions, route, model and cost
@@ -134,16 +142,20 @@ def generate_image(
             )
         ```
     """
-    return _generate(request, credentials, limits)
+    return _generate(request, credentials, limits, input_bucket)
 
 
 def _generate(
-    request: ImageRequest | str, credentials: Routes, limits: ApiLimits | None
+    request: ImageRequest | str,
+    credentials: Routes,
+    limits: ApiLimits | None,
+    input_bucket: S3Bucket | None,
 ) -> GeneratedImage:
     """One generation, on the first live route that serves it; in a task run."""
-    image_request = as_request(request)
-    routes = resolve_routes(credentials)
-    for route in routes:  # valid on every route it may take, before anything is paid
+    # Inputs checked, and routes that cannot serve it left out, before anything is paid.
+    image_request = checked_edit(as_request(request), bucket=input_bucket)
+    routes = serving_routes(image_request, resolve_routes(credentials))
+    for route in routes:
         route.check_request(image_request)
     context = TaskRunContext.get()
     if len(routes) > 1 and context is not None:
@@ -162,6 +174,7 @@ def _generate(
                 still_live=partial(book.is_live, route),
                 budget=budget,
                 charged_to=run_id,
+                input_bucket=input_bucket,
             )
         except GptImageError as exc:
             # Whatever wrote the text (httpx quotes a header it refuses), no key leaves here.

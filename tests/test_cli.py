@@ -157,3 +157,46 @@ def test_credentials_repeat_for_fallback_routes(
         ("gpt-image-1.5", 404),
         (openai_credentials.model, 200),
     ]
+
+
+def test_generate_edits_a_folder_of_photos_with_every_prompt(
+    tmp_path: Path,
+    user_env: dict[str, str],
+    api: GptImageEmulator,
+    openai_credentials: OpenAICredentials,
+    s3_server: LocalS3Server,
+) -> None:
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    name = f"cli-editor-{uuid.uuid4().hex[:6]}"
+    openai_credentials.save(name)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for colour in ("teal", "orange"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), colour).save(buffer, "PNG")
+        (photos / f"{colour}.png").write_bytes(buffer.getvalue())
+    bucket = f"cli-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    prompts = tmp_path / "scenes.txt"
+    prompts.write_text("on an oak table\non a marble counter\n", "utf-8")
+
+    result = run(
+        [
+            *("generate", str(prompts), "--bucket", f"s3://{bucket}", "--credentials", name),
+            *("--images", str(photos), "--input-fidelity", "high"),
+        ],
+        user_env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "4 stored, 0 failed; 4 generated" in result.stdout
+    sent = sorted((call.inputs[0], call.input_fidelity) for call in api.calls)
+    assert sent == sorted(
+        (hashlib.sha256(p.read_bytes()).hexdigest(), "high")
+        for p in photos.iterdir()
+        for _ in range(2)
+    )

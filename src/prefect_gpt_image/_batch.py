@@ -3,7 +3,7 @@ what it cost."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prefect_gpt_image._billing import worst_case_over_routes
@@ -31,15 +31,28 @@ class Batch:
     positions in the prompt set; keys are cache keys.
     """
 
-    def __init__(self, requests: list[ImageRequest], routes: Sequence[GptImageRoute]) -> None:
+    def __init__(
+        self,
+        requests: list[ImageRequest],
+        routes: Sequence[GptImageRoute],
+        refused: Mapping[int, BaseException] | None = None,
+    ) -> None:
+        """`refused`: requests that fail before anything is sent (an edit whose input is
+        missing, say), by position; each is a group of its own, settled at once."""
+        refused = refused or {}
         self.requests = requests
         self.routes = routes
-        self.key_of = [request_cache_key(request, routes) for request in requests]
+        self.key_of = [
+            f"refused-{index}" if index in refused else request_cache_key(request, routes)
+            for index, request in enumerate(requests)
+        ]
         self.groups: dict[str, list[int]] = {}
         for index, key in enumerate(self.key_of):
             self.groups.setdefault(key, []).append(index)
         self.worst_case_usd = {
-            key: worst_case_over_routes(requests[indexes[0]], routes)
+            key: 0.0
+            if indexes[0] in refused
+            else worst_case_over_routes(requests[indexes[0]], routes)
             for key, indexes in self.groups.items()
         }
         """The most each generation can cost, on whichever route serves it."""
@@ -53,6 +66,8 @@ class Batch:
         self.possibly_charged: dict[str, float] = {}
         """USD that calls which timed out after they were sent may have cost, by key."""
         self.stopped_by: BaseException | None = None
+        for index, error in refused.items():
+            self.outcomes[index] = self._failure(index, error, "check")
 
     @property
     def done(self) -> int:

@@ -73,7 +73,7 @@ class BatchRunner:
         self._folder = folder
         self._max_cost_usd = max_cost_usd
         self._cache, self._fallback = cache_store(generate), fallback_store()
-        self._uncached = set(batch.groups)
+        self._uncached = {key for key in batch.groups if not batch.settled(key)}
         self._waiting: deque[str] = deque()
         self._in_flight: set[str] = set()
         self._events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
@@ -93,6 +93,8 @@ class BatchRunner:
         fallback = None if is_fallback(self._cache) else self._fallback
         in_bucket: dict[str, int] | None = None
         for key in batch.groups:
+            if batch.settled(key):  # refused before anything was sent
+                continue
             keys = batch.lookup_keys(key)
             if (image := find_cached(self._cache, keys)) is None:
                 if fallback is None or (image := find_cached(fallback, keys)) is None:
@@ -173,7 +175,8 @@ class BatchRunner:
                 return
             self._waiting.popleft()
             request = self.batch.requests[self.batch.groups[key][0]]
-            settings: tuple[Any, ...] = (self._routes, self._limits)
+            # The bucket reads an edit's s3:// inputs with its own credentials.
+            settings: tuple[Any, ...] = (self._routes, self._limits, self._bucket)
             if self._in_process:
                 # Blocks hold no futures, so Prefect need not walk them; other task runners
                 # (Dask) ship quoted arguments without unquoting them.

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from prefect_gpt_image._block_refs import serving_routes
 from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.models import ImageRequest, Usage
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 PROMPT_CHARS_PER_TOKEN_AT_LEAST = 2
 """A prompt has at most one text token per this many characters: the worst case's bound."""
+INPUT_IMAGE_TOKENS_AT_MOST = 6_240
+"""The most image tokens one input of an edit (or its mask) is counted as, at high input
+fidelity on the largest sizes: the worst case's bound."""
 
 
 def call_cost(spec: ModelSpec, request: ImageRequest, images: int, usage: Usage | None) -> float:
@@ -50,12 +54,16 @@ def worst_case_cost(spec: ModelSpec, request: ImageRequest) -> float:
     if spec.flat_price_usd is not None or spec.token_prices is None:
         return round(images, 6)
     tokens = math.ceil(len(request.prompt) / PROMPT_CHARS_PER_TOKEN_AT_LEAST)
-    return round(images + tokens * spec.token_prices.text_input / 1e6, 6)
+    inputs = (len(request.images) + (request.mask is not None)) * INPUT_IMAGE_TOKENS_AT_MOST
+    prices = spec.token_prices
+    return round(images + (tokens * prices.text_input + inputs * prices.image_input) / 1e6, 6)
 
 
 def worst_case_over_routes(request: ImageRequest, routes: Sequence[GptImageRoute]) -> float:
     """The most `request` can cost on whichever of `routes` serves it."""
-    return max(worst_case_cost(route.model_spec(), request) for route in routes)
+    return max(
+        worst_case_cost(route.model_spec(), request) for route in serving_routes(request, routes)
+    )
 
 
 class RoutePrice(BaseModel):

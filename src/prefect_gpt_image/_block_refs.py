@@ -11,10 +11,12 @@ from prefect.blocks.core import Block
 from prefect_gpt_image.blocks._route import GptImageRoute
 from prefect_gpt_image.blocks.credentials import RapidAPICredentials
 from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
-from prefect_gpt_image.errors import ConfigurationError
+from prefect_gpt_image.errors import ConfigurationError, InvalidRequestError
 
 if TYPE_CHECKING:
     from prefect_aws import S3Bucket
+
+    from prefect_gpt_image.models import ImageRequest
 
 
 B = TypeVar("B", bound=Block)
@@ -35,6 +37,22 @@ def resolve_routes(value: Routes | GptImageRoute) -> list[GptImageRoute]:
     if not refs:
         raise ConfigurationError("credentials is an empty list: give at least one route.")
     return [_route(ref) for ref in refs]
+
+
+def serving_routes(request: ImageRequest, routes: Sequence[GptImageRoute]) -> list[GptImageRoute]:
+    """The routes that may serve `request`, in order: for an edit, those that edit. A
+    route that cannot edit is never given an edit."""
+    if not request.is_edit:
+        return list(routes)
+    able = [route for route in routes if route.can_edit]
+    if not able:
+        names = ", ".join(route.route_name for route in routes)
+        raise InvalidRequestError(
+            f"No route given can edit images ({names}): RapidAPI's endpoint only "
+            "generates. Add an OpenAICredentials route (OpenAI, Azure OpenAI or a gateway) "
+            "whose model edits."
+        )
+    return able
 
 
 def _route(ref: RouteRef | GptImageRoute) -> GptImageRoute:

@@ -28,7 +28,8 @@ from prefect.locking.protocol import LockManager
 from prefect.results import ResultStore, get_result_store
 from prefect.settings import get_current_settings
 
-from prefect_gpt_image._block_refs import resolve_routes
+from prefect_gpt_image._block_refs import resolve_routes, serving_routes
+from prefect_gpt_image._edits import checked_edit
 from prefect_gpt_image._locking import file_lock_manager
 from prefect_gpt_image._request_bodies import api_fields
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
@@ -52,14 +53,27 @@ def generation_cache_key(request: ImageRequest, route: GptImageRoute) -> str:
         "width": request.width,
         "height": request.height,
         "extras": api_fields(request, route.default_extras),
+        **_inputs_identity(request),
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return "gpt-image-" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _inputs_identity(request: ImageRequest) -> dict[str, Any]:
+    """An edit's inputs by their SHA-256, never their paths: the same photo under another
+    name is the same edit, and a retouched one under the same name is another."""
+    if not request.is_edit:
+        return {}
+    given = len(request.images) + (request.mask is not None)
+    if len(request.inputs) != given:
+        raise ValueError("an edit's inputs are checked before its cache key is made")
+    return {"inputs": [image.sha256 for image in request.inputs], "mask": request.mask is not None}
+
+
 def request_cache_key(request: ImageRequest, routes: Sequence[GptImageRoute]) -> str:
-    """The key of `request` through `routes` in order: the route's own key for one."""
-    keys = [generation_cache_key(request, route) for route in routes]
+    """The key of `request` through the `routes` that serve it, in order: the route's own
+    key for one."""
+    keys = [generation_cache_key(request, route) for route in serving_routes(request, routes)]
     if len(keys) == 1:
         return keys[0]
     return "gpt-image-routes-" + hashlib.sha256(" ".join(keys).encode()).hexdigest()
@@ -87,9 +101,8 @@ def generation_cache_policy(redis_lock_url: str | None = None) -> CachePolicy:
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return request_cache_key(
-        as_request(parameters["request"]), resolve_routes(parameters.get("credentials"))
-    )
+    request = checked_edit(as_request(parameters["request"]), bucket=parameters.get("input_bucket"))
+    return request_cache_key(request, resolve_routes(parameters.get("credentials")))
 
 
 def cache_store(task: Task[..., Any]) -> ResultStore:
@@ -119,7 +132,7 @@ def cached_image(store: ResultStore, key: str) -> GeneratedImage | None:
 
 def lookup_keys(request: ImageRequest, routes: Sequence[GptImageRoute]) -> list[str]:
     """Where `request` may already be cached: under its key, then under each route's own."""
-    own = [generation_cache_key(request, route) for route in routes]
+    own = [generation_cache_key(request, route) for route in serving_routes(request, routes)]
     return own if len(own) == 1 else [request_cache_key(request, routes), *own]
 
 

@@ -19,6 +19,7 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from prefect_gpt_image._billing import call_cost, worst_case_cost
 from prefect_gpt_image._budget import Budget
+from prefect_gpt_image._edits import InputFile, input_files
 from prefect_gpt_image._images import inspect_image, media_type_label
 from prefect_gpt_image._request_bodies import openai_body, rapidapi_body
 from prefect_gpt_image._responses import (
@@ -51,6 +52,7 @@ from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageFile, Image
 
 if TYPE_CHECKING:
     import openai
+    from prefect_aws import S3Bucket
 
     from prefect_gpt_image.blocks._route import GptImageRoute
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
@@ -63,6 +65,10 @@ DOWNLOAD_DEADLINE_SECONDS = 120.0
 """A download that trickles is cut off here, whatever its read timeout."""
 MAX_REDIRECTS = 5
 _SHOWN_URL_CHARS = 200
+
+
+EditFiles = tuple[list[InputFile], InputFile | None]
+"""An edit's images and mask, read for sending."""
 
 
 @functools.cache
@@ -102,22 +108,25 @@ class GenerationClient(ABC):
         still_live: Callable[[], bool] | None = None,
         budget: Budget | None = None,
         charged_to: str | None = None,
+        input_bucket: S3Bucket | None = None,
     ) -> GeneratedImage:
         """One paid call. `limits` say how busy this process may keep the API (see
         `prefect_gpt_image._throttle`); downloads are not counted against them.
         `still_live` is asked once the call's turn has come: a route dropped while the
         request waited is not called. `budget` holds the call's worst case before it is
         sent, and refuses it if that could pass the cap (see `prefect_gpt_image._budget`), and
-        records what it was charged for `charged_to` (a task run)."""
+        records what it was charged for `charged_to` (a task run). An edit's inputs are read
+        once its turn has come, `s3://` ones through `input_bucket` where it holds them."""
         route = self._route
         with self._throttle.admit(limits) as admission:
             if still_live is not None and not still_live():
                 raise RouteDroppedError(f"The route {route.route_name} was dropped.")
+            files = input_files(request, bucket=input_bucket) if request.is_edit else None
             worst_case = worst_case_cost(self._spec, request)
             reservation = (budget or Budget()).reserve(worst_case, owner=charged_to)
             started = time.monotonic()
             try:
-                response = self._post(request)
+                response = self._post(request, files)
             except httpx.TimeoutException as exc:
                 error = APITimeoutError(
                     f"No answer from {route.endpoint_url} within {route.timeout_seconds:g} s. "
@@ -167,8 +176,9 @@ class GenerationClient(ABC):
         return image
 
     @abstractmethod
-    def _post(self, request: ImageRequest) -> httpx.Response:
-        """Send the generation request; transport failures raise httpx's errors."""
+    def _post(self, request: ImageRequest, files: EditFiles | None) -> httpx.Response:
+        """Send the request, with an edit's `files`; transport failures raise httpx's
+        errors."""
 
     @abstractmethod
     def _error(self, status: int, headers: httpx.Headers, body: bytes) -> APIError:
@@ -412,7 +422,8 @@ class RapidAPIClient(GenerationClient):
 
     _route: RapidAPICredentials
 
-    def _post(self, request: ImageRequest) -> httpx.Response:
+    def _post(self, request: ImageRequest, files: EditFiles | None) -> httpx.Response:
+        assert files is None, "RapidAPI's route does not edit: see GptImageRoute.can_edit"
         route = self._route
         return self._http.post(
             route.endpoint_url,
@@ -434,20 +445,25 @@ class OpenAIClient(GenerationClient):
 
     _route: OpenAICredentials
 
-    def _post(self, request: ImageRequest) -> httpx.Response:
+    def _post(self, request: ImageRequest, files: EditFiles | None) -> httpx.Response:
         import openai
 
         route = self._route
         body = openai_body(request, route.model, route.default_extras)
-        model, prompt = body.pop("model"), body.pop("prompt")
+        options: dict[str, Any] = {
+            "model": body.pop("model"),
+            "prompt": body.pop("prompt"),
+            "extra_body": body,
+            "extra_headers": _auth_headers(route),
+            "timeout": route.timeout_seconds,
+        }
+        images = _openai_client(route).images.with_raw_response
         try:
-            raw = _openai_client(route).images.with_raw_response.generate(
-                model=model,
-                prompt=prompt,
-                extra_body=body,
-                extra_headers=_auth_headers(route),
-                timeout=route.timeout_seconds,
-            )
+            if files is None:
+                raw = images.generate(**options)
+            else:  # multipart, to /images/edits
+                inputs, mask = files
+                raw = images.edit(image=inputs, mask=mask or openai.omit, **options)
             answer = raw.http_response
         except openai.APIStatusError as exc:
             answer = exc.response

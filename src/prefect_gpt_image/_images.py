@@ -42,12 +42,20 @@ class ImageInfo:
     height: int
 
 
-def inspect_image(data: bytes, media_type: str | None = None) -> ImageInfo:
+def inspect_image(
+    data: bytes,
+    media_type: str | None = None,
+    *,
+    source: str = "The API served",
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> ImageInfo:
     """The media type and dimensions of `data`, once it has been decoded in full; or
     InvalidImageError, whatever went wrong reading it.
 
     `media_type` is what the bytes were labelled with (a Content-Type header, a data: URL),
-    if anything: it is shown in error messages, and the bytes decide the type.
+    if anything: it is shown in error messages, and the bytes decide the type. `source`
+    begins each error message, so that it names where the bytes came from; `max_pixels`
+    bounds what decoding them may cost.
     """
     served = _served(data, media_type)
     try:
@@ -55,13 +63,13 @@ def inspect_image(data: bytes, media_type: str | None = None) -> ImageInfo:
             fmt, (width, height) = image.format or "", image.size
             if fmt not in MEDIA_TYPES:  # a JPEG with more pictures in it (MPO)
                 raise InvalidImageError(
-                    f"The API served a {fmt} image ({served}); expected PNG, JPEG or WebP."
+                    f"{source} a {fmt} image ({served}); expected PNG, JPEG or WebP."
                 )
-            if width * height > MAX_IMAGE_PIXELS:
-                raise _too_many_pixels(served, f"{width}x{height} pixels")
+            if width * height > max_pixels:
+                raise _too_many_pixels(source, served, f"{width}x{height} pixels", max_pixels)
             if getattr(image, "is_animated", False):
                 raise InvalidImageError(
-                    f"The API served an animated {fmt} ({served}); expected a still image."
+                    f"{source} an animated {fmt} ({served}); expected a still image."
                 )
             image.verify()  # a PNG's chunks and checksums, which decoding does not check
         if not (fmt == "PNG" and _png_pixels_complete(data)):
@@ -70,10 +78,12 @@ def inspect_image(data: bytes, media_type: str | None = None) -> ImageInfo:
     except InvalidImageError:
         raise
     except Image.DecompressionBombError:
-        raise _too_many_pixels(served, "more pixels than Pillow opens") from None
+        raise _too_many_pixels(
+            source, served, "more pixels than Pillow opens", max_pixels
+        ) from None
     except UnidentifiedImageError:
         raise InvalidImageError(
-            f"The API served {served} that are not a readable image: not a PNG, JPEG or WebP file."
+            f"{source} {served} that are not a readable image: not a PNG, JPEG or WebP file."
         ) from None
     except Exception as exc:
         # A decoder may fail in any way on untrusted bytes. Only the kind of failure is
@@ -83,10 +93,10 @@ def inspect_image(data: bytes, media_type: str | None = None) -> ImageInfo:
         else:
             reason = "it is truncated" if "truncated" in str(exc) else f"{type(exc).__name__}"
         raise InvalidImageError(
-            f"The API served {served} that are not a readable image: {reason}."
+            f"{source} {served} that are not a readable image: {reason}."
         ) from None
     if fmt == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-        raise InvalidImageError(f"The API served a truncated JPEG ({served}).")
+        raise InvalidImageError(f"{source} a truncated JPEG ({served}).")
     return ImageInfo(media_type=MEDIA_TYPES[fmt], width=width, height=height)
 
 
@@ -156,8 +166,8 @@ def _served(data: bytes, media_type: str | None) -> str:
     return f"{len(data):,} bytes" + (f" labelled {label}" if label else "")
 
 
-def _too_many_pixels(served: str, size: str) -> InvalidImageError:
+def _too_many_pixels(source: str, served: str, size: str, max_pixels: int) -> InvalidImageError:
     return InvalidImageError(
-        f"The API served an image of {size} ({served}), more than the {MAX_IMAGE_PIXELS:,} "
+        f"{source} an image of {size} ({served}), more than the {max_pixels:,} "
         "accepted: it was refused without decoding it."
     )

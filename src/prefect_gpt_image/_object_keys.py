@@ -100,7 +100,8 @@ def join_key(*parts: str) -> str:
 def image_key(bucket_folder: str, prefix: str, image: GeneratedImage) -> str:
     """Where an image is stored."""
     request = image.request
-    slug = slugify(request.title)
+    first = request.inputs[0].name + " " if request.is_edit and request.inputs else ""
+    slug = slugify(first + request.title)
     filename = f"{slug}-{image.sha256[:HASH_CHARS]}.{image.extension}"
     return join_key(bucket_folder, normalize_prefix(prefix), filename)
 

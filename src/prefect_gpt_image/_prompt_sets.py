@@ -11,6 +11,7 @@ import csv
 import io
 import itertools
 import json
+import posixpath
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -129,7 +130,34 @@ def _load_file(
         rows = _jsonl_rows(text, name)
     if not rows:
         raise InvalidRequestError(f"{name} holds no prompts.")
-    return [_request(item, defaults, where=f"{name}, line {n}") for n, item in rows]
+    return [
+        _request(_inputs_beside(item, location), defaults, where=f"{name}, line {n}")
+        for n, item in rows
+    ]
+
+
+def _inputs_beside(item: PromptItem, location: str) -> PromptItem:
+    """A row's images to edit (a CSV `image` column, a JSONL `images` list) and `mask`,
+    with paths relative to the prompt file made relative to its folder."""
+    if not isinstance(item, dict):
+        return item
+    item = dict(item)
+    if "image" in item:
+        item["images"] = [item.pop("image")]
+    if isinstance(item.get("images"), list):
+        item["images"] = [_beside(ref, location) for ref in item["images"]]
+    if isinstance(item.get("mask"), str):
+        item["mask"] = _beside(item["mask"], location)
+    return item
+
+
+def _beside(ref: object, location: str) -> object:
+    if not isinstance(ref, str) or ref.startswith("s3://") or Path(ref).is_absolute():
+        return ref
+    if location.startswith("s3://"):
+        folder = location.rsplit("/", 1)[0]
+        return f"{folder}/{posixpath.normpath(ref)}"
+    return str((Path(location).expanduser().parent / ref).resolve())
 
 
 def _read_text(location: str, read_uri: ReadURI | None) -> str:

@@ -20,6 +20,7 @@ def api_fields(request: ImageRequest, default_extras: Mapping[str, Any]) -> dict
         "output_compression": request.output_compression,
         "background": request.background,
         "moderation": request.moderation,
+        "input_fidelity": request.input_fidelity,
     }
     return {
         **default_extras,

@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--prefix", default="", help="folder for this batch's images")
     _add_request_fields(generate)
     generate.add_argument(
+        "--images",
+        action="append",
+        metavar="IMAGE",
+        help="edit instead of generate: an image to edit with every prompt (a path or "
+        "s3:// URI; repeat for more), or one s3:// folder or local directory of them",
+    )
+    generate.add_argument("--mask", metavar="PNG", help="for edits: the area to repaint")
+    generate.add_argument("--input-fidelity", choices=("high", "low"), help="for edits")
+    generate.add_argument(
         "--max-concurrency", type=_whole(1, MAX_CONCURRENCY), default=8, metavar="N"
     )
     generate.add_argument(
@@ -155,6 +164,11 @@ def _add_request_fields(command: argparse.ArgumentParser) -> None:
     command.add_argument("--moderation", choices=("low", "auto"))
 
 
+def _one_or_many(values: list[str] | None) -> list[str] | str | None:
+    """One `--images` is a file or a folder; several are files."""
+    return values[0] if values and len(values) == 1 else values
+
+
 def _size(text: str) -> str:
     try:
         width, height = parse_size(text)
@@ -242,6 +256,9 @@ def _generate(args: argparse.Namespace) -> int:
                 output_compression=args.output_compression,
                 background=args.background,
                 moderation=args.moderation,
+                images=_one_or_many(args.images),
+                mask=args.mask,
+                input_fidelity=args.input_fidelity,
                 max_concurrency=args.max_concurrency,
                 requests_per_second=args.requests_per_second,
                 max_cost_usd=args.max_cost_usd,

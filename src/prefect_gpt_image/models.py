@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,6 +17,10 @@ MAX_PROMPT_CHARS = 32_000
 """GPT Image's limit on prompt length."""
 MAX_IMAGES_PER_CALL = 10
 """The most images one call may ask for (`n`), on every GPT Image model."""
+MAX_INPUT_IMAGES = 16
+"""The most images one edit may take."""
+
+InputFidelity = Literal["high", "low"]
 
 # Tabs and line breaks are ordinary prompt text; other control characters are not.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -29,8 +35,39 @@ _TYPED_FIELDS = (
 )
 
 
+class InputImage(BaseModel):
+    """An image given to an edit, checked before anything is paid: where it is, and what
+    its bytes were when they were checked. The cache key holds `sha256`, never `uri`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str = Field(
+        description="Where it is read from when its request is sent: `s3://bucket/key`, "
+        "`file:///absolute/path`, or `bytes:` for bytes held in `data`."
+    )
+    sha256: str = Field(description="Hex SHA-256 of its bytes.")
+    media_type: str = Field(description="image/png, image/jpeg or image/webp.")
+    size: int = Field(description="Size in bytes.")
+    width: int
+    height: int
+    data: bytes | None = Field(
+        default=None,
+        repr=False,
+        exclude=True,
+        description="The bytes, for an image given as bytes (never in records).",
+    )
+
+    @property
+    def name(self) -> str:
+        """A short name for object keys: the file's name without its extension, or the
+        start of the SHA-256 for bytes."""
+        if self.uri.startswith("bytes:"):
+            return self.sha256[:12]
+        return PurePosixPath(urlsplit(self.uri).path).stem or self.sha256[:12]
+
+
 class ImageRequest(BaseModel):
-    """One image to generate."""
+    """One image to generate, or, with `images`, to make by editing them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -69,6 +106,22 @@ class ImageRequest(BaseModel):
         default_factory=dict,
         description="Fields passed through to the API as they are, for what is not typed.",
     )
+    images: tuple[InputImage | bytes | str, ...] = Field(
+        default=(),
+        max_length=MAX_INPUT_IMAGES,
+        description="For an edit, the images to edit (1 to 16): local paths, s3:// URIs, "
+        "bytes or StoredImages. Each is checked before anything is paid, and read when the "
+        "request is sent.",
+    )
+    mask: InputImage | bytes | str | None = Field(
+        default=None,
+        description="For an edit, a PNG the size of the first image whose transparent "
+        "pixels mark the area to repaint.",
+    )
+    input_fidelity: InputFidelity | None = Field(
+        default=None,
+        description="For an edit, how closely to keep the inputs' features: high or low.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -87,6 +140,22 @@ class ImageRequest(BaseModel):
                 data[field] = value
         data["extras"] = extras
         return data
+
+    @field_validator("images", "mask", mode="before")
+    @classmethod
+    def _inputs_as_given(cls, value: Any) -> Any:
+        """A path is its text, a stored image its `s3://` URI."""
+        if isinstance(value, list | tuple):
+            return tuple(_input_ref(item) for item in value)
+        return _input_ref(value)
+
+    @model_validator(mode="after")
+    def _edit_fields_need_images(self) -> ImageRequest:
+        if not self.images:
+            for field in ("mask", "input_fidelity"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{field} is for edits: give the images to edit as well")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -115,6 +184,17 @@ class ImageRequest(BaseModel):
         return extras
 
     @property
+    def inputs(self) -> list[InputImage]:
+        """An edit's checked images, then its mask."""
+        refs = [*self.images, *([self.mask] if self.mask is not None else [])]
+        return [ref for ref in refs if isinstance(ref, InputImage)]
+
+    @property
+    def is_edit(self) -> bool:
+        """Whether this request edits input images rather than generating from nothing."""
+        return bool(self.images)
+
+    @property
     def size(self) -> str:
         return f"{self.width}x{self.height}"
 
@@ -131,6 +211,14 @@ class ImageRequest(BaseModel):
         return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _input_ref(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, StoredImage):
+        return value.uri
+    return value
+
+
 def title_of(name: str | None, prompt: str) -> str:
     """What a request is called: its name, or else its prompt."""
     return name or prompt
@@ -139,26 +227,6 @@ def title_of(name: str | None, prompt: str) -> str:
 def as_request(request: ImageRequest | str) -> ImageRequest:
     """A request, from a request or a bare prompt."""
     return request if isinstance(request, ImageRequest) else ImageRequest(prompt=request)
-
-
-class InputImage(BaseModel):
-    """An image given to an edit, checked before anything is paid: where it is, and what
-    its bytes were when they were checked. The cache key holds `sha256`, never `uri`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    uri: str = Field(
-        description="Where it is read from when its request is sent: `s3://bucket/key`, "
-        "`file:///absolute/path`, or `bytes:` for bytes held in `data`."
-    )
-    sha256: str = Field(description="Hex SHA-256 of its bytes.")
-    media_type: str = Field(description="image/png, image/jpeg or image/webp.")
-    size: int = Field(description="Size in bytes.")
-    width: int
-    height: int
-    data: bytes | None = Field(
-        default=None, repr=False, description="The bytes, for an image given as bytes."
-    )
 
 
 class ApiLimits(BaseModel):
@@ -289,6 +357,11 @@ class StoredImage(BaseModel):
     route: str = Field(default="", description="The route that made it.")
     cost_usd: float = Field(default=0.0, description="Its share of what its call cost.")
     variant: int = Field(default=0, description="Its place among its call's images.")
+    inputs: list[InputImage] = Field(
+        default_factory=list,
+        description="For an edit, the images it edited, then its mask: where each was read "
+        "from, and its SHA-256.",
+    )
     more_images: list[StoredImage] = Field(
         default_factory=list,
         description="The other images of its call, where `upload_image` stored them all.",
@@ -316,10 +389,11 @@ class StoredImage(BaseModel):
             route=image.route,
             cost_usd=image.cost_usd,
             variant=image.variant,
+            inputs=image.request.inputs,
         )
 
 
-FailureStage = Literal["generate", "upload", "not attempted"]
+FailureStage = Literal["check", "generate", "upload", "not attempted"]
 
 
 class PromptFailure(BaseModel):
@@ -330,7 +404,8 @@ class PromptFailure(BaseModel):
     error: str = Field(description="What went wrong, as the user should read it.")
     error_type: str = Field(description="The exception class, e.g. PromptRejectedError.")
     stage: FailureStage = Field(
-        description="Where it failed; 'not attempted' when the batch stopped before it."
+        description="Where it failed: 'check' for an input refused before anything was "
+        "sent; 'not attempted' when the batch stopped before it."
     )
 
 

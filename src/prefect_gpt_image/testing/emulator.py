@@ -1,13 +1,14 @@
 """A loopback HTTP server that speaks two GPT Image protocols: NexaAPI's endpoint on
-RapidAPI (`POST /generate`) and OpenAI's Images API (`POST .../images/generations`, as
-OpenAI, gateways and Azure OpenAI's v1 endpoint serve it).
+RapidAPI (`POST /generate`) and OpenAI's Images API (`POST .../images/generations`, and
+`POST .../images/edits` for edits of uploaded images, as OpenAI, gateways and Azure OpenAI's
+v1 endpoint serve it).
 
 Tests, demos and benchmarks cannot reach (or pay for) the real APIs, so this server answers
 the same requests with the same status codes and bodies, draws a fresh image per generation
-(captioned with the prompt's first words), records every call and can inject the failures a
-real deployment meets. It can also enforce a requests-per-second limit, pad images to a
-realistic size and, run as its own process (`python -m prefect_gpt_image.testing.emulator`),
-report its counters over HTTP.
+or edit (captioned with the prompt's first words), records every call, with the SHA-256 of
+each uploaded image, and can inject the failures a real deployment meets. It can also
+enforce a requests-per-second limit, pad images to a realistic size and, run as its own
+process (`python -m prefect_gpt_image.testing.emulator`), report its counters over HTTP.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import base64
 import bisect
 import contextlib
 import dataclasses
+import email.message
+import email.parser
 import functools
 import hashlib
 import io
@@ -35,7 +38,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,9 +100,10 @@ _SECRET_HEADERS = frozenset({"x-rapidapi-key", "authorization", "api-key"})
 
 # -- OpenAI's Images API ----------------------------------------------------------------------
 
-_OPENAI_SUFFIX = "/images/generations"
-"""A POST to any path ending so is an OpenAI-protocol call: `/v1/...` for OpenAI and gateways,
-`/openai/v1/...` for Azure OpenAI's v1 endpoint."""
+_GENERATIONS_SUFFIX = "/images/generations"
+_EDITS_SUFFIX = "/images/edits"
+"""A POST to any path ending in either is an OpenAI-protocol call: `/v1/...` for OpenAI and
+gateways, `/openai/v1/...` for Azure OpenAI's v1 endpoint."""
 
 _CLASSIC_SIZES = ("1024x1024", "1536x1024", "1024x1536")
 
@@ -145,6 +149,30 @@ _OPENAI_FIELDS = frozenset(
 )
 """Parameters GPT Image models accept (`stream` only as false: answers are not streamed);
 any other (`width`, `response_format`, `style`) is refused as the real API refuses it."""
+
+_EDIT_FIELDS = _OPENAI_FIELDS | {"input_fidelity"}
+"""Text fields of an edit's form; its files are `image` (or `image[]`, repeated) and `mask`."""
+_FIDELITIES = ("high", "low")
+_MAX_INPUTS = 16
+_MAX_INPUT_BYTES = 50 * 1024**2
+_MAX_MASK_BYTES = 4 * 1024**2
+_INPUT_TYPES: dict[str, str] = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+_MASK_TYPES: dict[str, str] = {"image/png": "PNG"}
+
+_IMAGE_BASE_TOKENS = 65
+_IMAGE_TILE_TOKENS = 129
+_IMAGE_TILES = 4
+"""An input image costs 65 tokens plus 129 per 512-pixel tile once its short side is scaled to
+512 and its long side capped at 2048 (1 to 4 tiles); `input_fidelity="high"` reads it at twice
+the resolution, four times the tiles. A 1024x1024 photo: 194 tokens, or 581 at high fidelity."""
+
+_MAX_BODY = 256 * 1024**2
+"""Largest POST body read: room for an image past the 50 MB limit, so the API's own 400 for it
+can be tested, without letting one request take gigabytes. Larger ones get a gateway's 413."""
+_MAX_PARTS = 64
+_MAX_PART_HEAD = 16 * 1024
+_MAX_FIELD = 256 * 1024
+_FORM_INTEGER = re.compile(r"-?[0-9]{1,9}")
 
 _BAD_JSON = (
     "We could not parse the JSON body of your request. The OpenAI API expects a JSON "
@@ -287,10 +315,14 @@ class Fault:
 
 @dataclass(frozen=True)
 class RecordedCall:
-    """One POST to a generation endpoint, as received and as answered.
+    """One POST to a generation or edit endpoint, as received and as answered.
 
-    `headers` has the key redacted. `path` tells the routes apart; `n` is the images asked for
-    (always 1 on RapidAPI's route); `usage` is the token usage of an OpenAI-route answer 200.
+    `headers` has the key redacted. `path` tells the routes apart, edits from generations; `n`
+    is the images asked for (always 1 on RapidAPI's route); `usage` is the token usage of an
+    OpenAI-route answer 200. An edit's `body` holds its text fields; its files are recorded as
+    hex SHA-256 digests, `inputs` in the order sent and `mask`, so a test can tell which bytes
+    were edited; `input_fidelity` is as the API resolved it ("low" unless asked otherwise).
+    A refused edit records neither.
     """
 
     prompt: str | None
@@ -304,6 +336,9 @@ class RecordedCall:
     model: str | None = None
     n: int = 1
     usage: dict[str, Any] | None = None
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    mask: str | None = None
+    input_fidelity: str | None = None
 
 
 @dataclass
@@ -384,9 +419,26 @@ def _parse(raw: bytes) -> _Request:
 
 
 @dataclass(frozen=True)
+class _Upload:
+    """An image uploaded for an edit, as far as the emulator looks at it."""
+
+    sha256: str
+    width: int
+    height: int
+    alpha: bool
+
+    def tokens(self, fidelity: str | None) -> int:
+        """Image input tokens for reading it at `fidelity` (see `_IMAGE_TILES`)."""
+        long, short = max(self.width, self.height), min(self.width, self.height)
+        tiles = min(_IMAGE_TILES, math.ceil(long / short)) * (4 if fidelity == "high" else 1)
+        return _IMAGE_BASE_TOKENS + _IMAGE_TILE_TOKENS * tiles
+
+
+@dataclass(frozen=True)
 class _ImageRequest:
-    """An OpenAI-protocol generation request, read and checked; `refusal` is the 4xx to
-    answer instead of images, and the defaults stand in for what could not be read."""
+    """An OpenAI-protocol generation or edit request, read and checked; `refusal` is the 4xx
+    to answer instead of images, and the defaults stand in for what could not be read.
+    `uploads`, `mask` (its SHA-256) and `input_fidelity` are an edit's."""
 
     body: dict[str, Any]
     refusal: _Reply | None
@@ -398,22 +450,27 @@ class _ImageRequest:
     quality: str = "auto"
     output_format: str = "png"
     background: str = "auto"
+    uploads: tuple[_Upload, ...] = ()
+    mask: str | None = None
+    input_fidelity: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         return self.width or _AUTO_SIZE[0], self.height or _AUTO_SIZE[1]
 
     def usage(self, images: int) -> dict[str, Any]:
-        """Token usage as OpenAI reports it: output tokens scale with pixels and quality."""
+        """Token usage as OpenAI reports it: output tokens scale with pixels and quality,
+        image input tokens with the images uploaded and their fidelity."""
         width, height = self.size
         per_megapixel = _TOKENS_PER_MEGAPIXEL.get(self.quality, _TOKENS_PER_MEGAPIXEL["medium"])
         output = images * round(per_megapixel * width * height / 1024**2)
         text = max(1, math.ceil(len(self.prompt or "") / 4))
+        image = sum(upload.tokens(self.input_fidelity) for upload in self.uploads)
         return {
-            "input_tokens": text,
-            "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+            "input_tokens": text + image,
+            "input_tokens_details": {"text_tokens": text, "image_tokens": image},
             "output_tokens": output,
-            "total_tokens": text + output,
+            "total_tokens": text + image + output,
         }
 
     def answer(self, data: list[dict[str, str]]) -> dict[str, Any]:
@@ -493,9 +550,11 @@ def _string(body: dict[str, Any], name: str, default: str) -> str:
     return value
 
 
-def _choice(body: dict[str, Any], name: str) -> str:
-    choices = _OPENAI_CHOICES[name]
-    value = _string(body, name, "png" if name == "output_format" else "auto")
+def _choice(
+    body: dict[str, Any], name: str, choices: Sequence[str] | None = None, default: str = "auto"
+) -> str:
+    choices = _OPENAI_CHOICES[name] if choices is None else choices
+    value = _string(body, name, "png" if name == "output_format" else default)
     if value not in choices:
         raise _invalid(f"Invalid value: '{value}'. Supported values are: {_listed(choices)}.", name)
     return value
@@ -541,10 +600,12 @@ def _flexible_size_problem(width: int, height: int) -> str | None:
     return None
 
 
-def _size(size: str, sizes: Sequence[str] | None) -> tuple[int, int]:
+def _size(
+    size: str, sizes: Sequence[str] | None, auto: tuple[int, int] = _AUTO_SIZE
+) -> tuple[int, int]:
     """The width and height `size` asks of a model with `sizes` (None: flexible)."""
     if size == "auto":
-        return _AUTO_SIZE
+        return auto
     dimensions = _dimensions(size)
     if sizes is not None and size not in sizes:
         supported = _listed([*sizes, "auto"])
@@ -557,6 +618,24 @@ def _size(size: str, sizes: Sequence[str] | None) -> tuple[int, int]:
     return dimensions
 
 
+def _edit_size(width: int, height: int, sizes: Sequence[str] | None) -> tuple[int, int]:
+    """The size an edit asked at "auto" gets: the listed size nearest the first image's shape,
+    or for flexible sizes its own, brought within the limits and floored to multiples of 16."""
+    if sizes is not None:
+        listed = [dimensions for size in sizes if (dimensions := _dimensions(size)) is not None]
+        return min(listed, key=lambda size: abs(math.log(size[0] * height / (size[1] * width))))
+    long, short = max(width, height), min(width, height)
+    long = min(long, _FLEX_RATIO * short)
+    scale = min(1.0, _FLEX_LONG_SIDE / long, math.sqrt(_FLEX_PIXELS / (long * short)))
+
+    def floor(side: float) -> int:
+        return max(_FLEX_STEP, int(side * scale) // _FLEX_STEP * _FLEX_STEP)
+
+    short_side = floor(short)
+    long_side = min(floor(long), _FLEX_RATIO * short_side)
+    return (long_side, short_side) if width >= height else (short_side, long_side)
+
+
 def _parse_openai(raw: bytes, models: Mapping[str, Sequence[str] | None]) -> _ImageRequest:
     try:
         body = json.loads(raw)
@@ -565,6 +644,11 @@ def _parse_openai(raw: bytes, models: Mapping[str, Sequence[str] | None]) -> _Im
     if not isinstance(body, dict):
         got = _json_type(body)
         return _ImageRequest({}, _openai_error(400, f"Expected a JSON object, but got {got}."))
+    return _checked(body, lambda request: _read_openai(request, models))
+
+
+def _checked(body: dict[str, Any], read: Callable[[_ImageRequest], _ImageRequest]) -> _ImageRequest:
+    """The request `body` makes, as `read` checks and resolves it, or with its refusal."""
     prompt, model = body.get("prompt"), body.get("model")
     request = _ImageRequest(
         body,
@@ -573,18 +657,25 @@ def _parse_openai(raw: bytes, models: Mapping[str, Sequence[str] | None]) -> _Im
         model if isinstance(model, str) else None,
     )
     try:
-        return _read_openai(request, models)
+        return read(request)
     except _Refused as refused:
         return dataclasses.replace(request, refusal=refused.reply)
 
 
 def _read_openai(
-    request: _ImageRequest, models: Mapping[str, Sequence[str] | None]
+    request: _ImageRequest,
+    models: Mapping[str, Sequence[str] | None],
+    fields: frozenset[str] = _OPENAI_FIELDS,
+    first: _Upload | None = None,
 ) -> _ImageRequest:
-    """`request` with its options checked and resolved; raises _Refused as the API refuses."""
+    """`request` with its options checked and resolved; raises _Refused as the API refuses.
+
+    `fields` are the parameters accepted; `first` is an edit's first image, whose size
+    "auto" follows.
+    """
     body = request.body
     for name in body:
-        if name not in _OPENAI_FIELDS:
+        if name not in fields:
             raise _invalid(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
     for name in ("prompt", "model"):
         if body.get(name) is None:
@@ -620,7 +711,8 @@ def _read_openai(
         raise _invalid(message, "stream")
     if model not in models:
         raise _Refused(_model_not_found(model))
-    width, height = _size(_string(body, "size", "auto"), models[model])
+    auto = _AUTO_SIZE if first is None else _edit_size(first.width, first.height, models[model])
+    width, height = _size(_string(body, "size", "auto"), models[model], auto)
     if background == "transparent" and output_format == "jpeg":
         message = (
             "Transparent backgrounds are not supported with output_format 'jpeg': "
@@ -635,6 +727,170 @@ def _read_openai(
         quality=quality,
         output_format=output_format,
         background=background,
+    )
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One part of a multipart/form-data body."""
+
+    name: str
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+
+def _malformed(why: str) -> _Refused:
+    return _Refused(_openai_error(400, f"Could not parse the multipart form body: {why}."))
+
+
+def _form_parts(raw: bytes, content_type: str) -> list[_Part]:
+    """The parts of a multipart/form-data body; raises _Refused for anything else.
+
+    Split by hand rather than with `email`, which would copy a 50 MB upload several times;
+    only each part's few header lines go through the standard library's parser.
+    """
+    header = email.message.Message()
+    header["content-type"] = content_type
+    if header.get_content_type() != "multipart/form-data":
+        message = f"Invalid Content-Type header ({content_type}), expected multipart/form-data."
+        raise _Refused(_openai_error(400, message))
+    boundary = header.get_boundary()
+    if not boundary:
+        raise _malformed("the Content-Type header has no boundary")
+    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    start = 0 if raw.startswith(delimiter[2:]) else raw.find(delimiter)
+    if start < 0:
+        raise _malformed("no part begins with the boundary")
+    position = start + len(delimiter) - (2 if start == 0 else 0)
+    parts: list[_Part] = []
+    while not raw.startswith(b"--", position):
+        if len(parts) == _MAX_PARTS:
+            raise _malformed(f"more than {_MAX_PARTS} parts")
+        end = raw.find(delimiter, position)
+        if end < 0 or not raw.startswith(b"\r\n", position):
+            raise _malformed("a part is cut short")
+        head_end = raw.find(b"\r\n\r\n", position, min(end, position + _MAX_PART_HEAD))
+        if head_end < 0:
+            raise _malformed("a part's headers do not end in a blank line")
+        headers = email.parser.BytesHeaderParser().parsebytes(raw[position + 2 : head_end])
+        name = headers.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or not name:
+            raise _malformed("a part has no Content-Disposition name")
+        filename = headers.get_filename()
+        media_type = headers.get_content_type() if "content-type" in headers else None
+        parts.append(_Part(name, filename, media_type, raw[head_end + 4 : end]))
+        position = end + len(delimiter)
+    return parts
+
+
+def _form_value(part: _Part) -> object:
+    """A text field as the JSON value it stands for, so that generations' checks apply;
+    a file where text belongs becomes an object, which they refuse."""
+    if part.filename is not None:
+        return {"filename": part.filename, "bytes": len(part.data)}
+    if len(part.data) > _MAX_FIELD:
+        message = f"Invalid '{part.name}': a form field may hold at most {_MAX_FIELD} bytes."
+        raise _invalid(message, part.name, "string_above_max_length")
+    try:
+        text = part.data.decode()
+    except UnicodeDecodeError:
+        raise _invalid(f"Invalid '{part.name}': not UTF-8 text.", part.name) from None
+    if part.name in _OPENAI_RANGES and _FORM_INTEGER.fullmatch(text):
+        return int(text)
+    if part.name == "stream" and text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+def _upload(part: _Part, param: str, types: Mapping[str, str], limit: int) -> _Upload:
+    """`part` as an uploaded image; raises _Refused unless its declared type and its bytes are
+    one of `types` and it is smaller than `limit` bytes."""
+    declared = part.content_type or "application/octet-stream"
+    if declared not in types:
+        message = (
+            f"Invalid file '{param}': unsupported mimetype ('{declared}'). "
+            f"Supported file formats are {_listed(list(types))}."
+        )
+        raise _invalid(message, param, "unsupported_file_mimetype")
+    if len(part.data) >= limit:
+        message = (
+            f"Invalid file '{param}': {len(part.data)} bytes is too large. "
+            f"Files must be smaller than {limit // 1024**2} MB."
+        )
+        raise _invalid(message, param, "file_too_large")
+    formats = list(types.values())
+    try:
+        with Image.open(io.BytesIO(part.data), formats=formats) as image:
+            width, height = image.size
+            alpha = image.has_transparency_data
+    except (OSError, ValueError, Image.DecompressionBombError):
+        message = f"Invalid file '{param}': its bytes are not a {' or '.join(formats)} image."
+        raise _invalid(message, param, "invalid_image_format") from None
+    return _Upload(hashlib.sha256(part.data).hexdigest(), width, height, alpha)
+
+
+def _parse_edit(
+    raw: bytes, content_type: str, models: Mapping[str, Sequence[str] | None]
+) -> _ImageRequest:
+    """An edit's multipart form, read and checked as the API does."""
+    try:
+        parts = _form_parts(raw, content_type)
+        body = {part.name: _form_value(part) for part in parts if not _is_file_field(part)}
+    except _Refused as refused:
+        return _ImageRequest({}, refused.reply)
+    images = [part for part in parts if part.name in ("image", "image[]")]
+    masks = [part for part in parts if part.name == "mask"]
+    return _checked(body, lambda request: _read_edit(request, images, masks, models))
+
+
+def _is_file_field(part: _Part) -> bool:
+    return part.name in ("image", "image[]", "mask")
+
+
+def _read_edit(
+    request: _ImageRequest,
+    images: Sequence[_Part],
+    masks: Sequence[_Part],
+    models: Mapping[str, Sequence[str] | None],
+) -> _ImageRequest:
+    """`request` with its uploads and options checked; raises _Refused as the API refuses."""
+    if not images:
+        raise _invalid(
+            "Missing required parameter: 'image'.", "image", "missing_required_parameter"
+        )
+    if len(images) > _MAX_INPUTS:
+        message = (
+            f"Invalid 'image': array too long. Expected an array with maximum length "
+            f"{_MAX_INPUTS}, but got an array with length {len(images)} instead."
+        )
+        raise _invalid(message, "image", "array_above_max_length")
+    uploads = tuple(_upload(part, "image", _INPUT_TYPES, _MAX_INPUT_BYTES) for part in images)
+    request = _read_openai(request, models, _EDIT_FIELDS, uploads[0])
+    mask = None
+    if len(masks) > 1:
+        raise _invalid("Invalid 'mask': expected one file, but got several.", "mask")
+    if masks:
+        mask = _upload(masks[0], "mask", _MASK_TYPES, _MAX_MASK_BYTES)
+        if not mask.alpha:
+            message = (
+                "Invalid 'mask': it must have an alpha channel, whose fully transparent pixels "
+                "show where to edit."
+            )
+            raise _invalid(message, "mask", "invalid_image_format")
+        first = uploads[0]
+        if (mask.width, mask.height) != (first.width, first.height):
+            message = (
+                f"Invalid 'mask': its size ({mask.width}x{mask.height}) must match the first "
+                f"image's ({first.width}x{first.height})."
+            )
+            raise _invalid(message, "mask", "invalid_image_dimensions")
+    fidelity = _choice(request.body, "input_fidelity", _FIDELITIES, "low")
+    return dataclasses.replace(
+        request,
+        uploads=uploads,
+        mask=mask.sha256 if mask is not None else None,
+        input_fidelity=fidelity,
     )
 
 
@@ -794,6 +1050,11 @@ def _s3_error(status: int, path: str) -> _Reply:
 def _server_error(status: int) -> _Reply:
     if status == 500:
         return _error(500, "server_error", "The server had an error while processing your request.")
+    return _gateway_page(status)
+
+
+def _gateway_page(status: int) -> _Reply:
+    """The HTML error page of the nginx in front of the API."""
     try:
         title = f"{status} {HTTPStatus(status).phrase}"
     except ValueError:
@@ -893,7 +1154,13 @@ class GptImageEmulator:
     POST to any other path ending in `/images/generations` is OpenAI's Images API (key as
     `Authorization: Bearer` or Azure's `api-key`; images inline as `b64_json`; token usage
     and an `x-request-id` in every answer), so
-    `openai.OpenAI(base_url=emulator.base_url + "/v1", api_key=...)` works against it.
+    `openai.OpenAI(base_url=emulator.base_url + "/v1", api_key=...)` works against it. A POST
+    to a path ending in `/images/edits` is its edits endpoint: a multipart form with 1 to 16
+    PNG, JPEG or WebP files as `image` (or repeated `image[]`), each under 50 MB, and an
+    optional PNG `mask` under 4 MB with an alpha channel and the first image's size; the
+    other fields are generations', plus `input_fidelity`. It is answered, refused, faulted,
+    rate limited and billed as a generation is, its images drawn alike, at the first image's
+    size (within the model's sizes) for "auto", and its usage counts image input tokens.
     `models` maps each model that route serves to its fixed sizes, or None for flexible sizes
     (see `OPENAI_MODELS`); it is a plain dict attribute, so a test can retire a model mid-run
     with `emulator.models.pop(name)`, and `reset()` leaves it as it is.
@@ -1179,10 +1446,10 @@ class GptImageEmulator:
 
     def _handle_post(self, path: str, raw: bytes, headers: dict[str, str]) -> _Reply:
         """Route a POST: RapidAPI's protocol at `self.path`, OpenAI's at any other path ending
-        in `/images/generations`, 404 elsewhere."""
+        in `/images/generations` or `/images/edits`, 404 elsewhere."""
         if path == self.path:
             answer = self._answer_generate
-        elif path.endswith(_OPENAI_SUFFIX):
+        elif path.endswith((_GENERATIONS_SUFFIX, _EDITS_SUFFIX)):
             answer = self._answer_openai
         else:
             return _not_found(path)
@@ -1227,9 +1494,14 @@ class GptImageEmulator:
         return reply
 
     def _answer_openai(self, path: str, raw: bytes, headers: dict[str, str]) -> _Reply:
+        """A generation or an edit: they differ in how the request is read, and in nothing
+        else (keys, faults, rate limits, images, records)."""
         with self._lock:
             arrival, epoch = next(self._arrivals), self._epoch
-        request = _parse_openai(raw, self.models)
+        if path.endswith(_EDITS_SUFFIX):
+            request = _parse_edit(raw, headers.get("content-type", ""), self.models)
+        else:
+            request = _parse_openai(raw, self.models)
         kind = None
         reply = self._openai_gatekeep(headers)
         if reply is None:
@@ -1256,6 +1528,9 @@ class GptImageEmulator:
             request.model,
             request.n,
             request.usage(images) if reply.status == 200 else None,
+            [upload.sha256 for upload in request.uploads],
+            request.mask,
+            request.input_fidelity,
         )
         self._record(arrival, epoch, call)
         return reply
@@ -1569,7 +1844,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > _MAX_BODY:
+            while length > 0:  # read and drop it, so the client gets to read the answer
+                chunk = self.rfile.read(min(length, 1024**2))
+                if not chunk:
+                    break
+                length -= len(chunk)
+            self._send(_gateway_page(413))
+            return
+        raw = self.rfile.read(length)
         path = urlsplit(self.path).path
         emulator = self.server.emulator
         control = emulator._control("POST", path)
@@ -1702,7 +1986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m prefect_gpt_image.testing.emulator",
         description=(
             "Serve a local stand-in for the GPT Image API: NexaAPI's on RapidAPI at /generate, "
-            "and OpenAI's Images API at /v1/images/generations."
+            "and OpenAI's Images API at /v1/images/generations and /v1/images/edits."
         ),
     )
     parser.add_argument("--host", default="127.0.0.1")
