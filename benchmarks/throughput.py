@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import resource
@@ -39,7 +40,15 @@ import httpx
 API_KEY = "bench-key"
 BUCKET = "bench"
 HERE = Path(__file__).resolve()
-SECTIONS = ["throughput", "overhead", "rate-limits", "noise", "scaling", "memory"]
+SECTIONS = [
+    "throughput",
+    "overhead",
+    "rate-limits",
+    "noise",
+    "scaling",
+    "memory",
+    "edit-memory",
+]
 ASYNCIO_RETRY_SECONDS = 1.0
 """The asyncio script's wait before it retries a 429, outside its slot: what a hand-written
 script does."""
@@ -146,12 +155,21 @@ def run_flow(spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
     from prefect_aws.client_parameters import AwsClientParameters
     from pydantic import SecretStr
 
-    from prefect_gpt_image import ImageRequest, RapidAPICredentials, generate_images
+    from prefect_gpt_image import (
+        ImageRequest,
+        OpenAICredentials,
+        RapidAPICredentials,
+        generate_images,
+    )
 
     batch: list[str | ImageRequest] = list(prompts)
-    credentials = RapidAPICredentials(
+    credentials: RapidAPICredentials | OpenAICredentials = RapidAPICredentials(
         api_key=SecretStr(API_KEY), base_url=spec["api_base"], model=spec["model"]
     )
+    if spec.get("edit_images"):  # every photo in the folder, edited with every prompt
+        credentials = OpenAICredentials(
+            api_key=SecretStr(API_KEY), base_url=spec["api_base"] + "/v1", model="gpt-image-2"
+        )
     bucket = S3Bucket(
         bucket_name=BUCKET,
         credentials=AwsCredentials(
@@ -171,6 +189,7 @@ def run_flow(spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
             prefix=spec["prefix"],
             max_concurrency=spec["concurrency"],
             requests_per_second=spec.get("requests_per_second"),
+            images=spec.get("edit_images"),
         )
     return {
         "stored": len(report.images),
@@ -477,6 +496,40 @@ def memory(bench: Bench, sizes: list[int], image_bytes: int) -> list[str]:
     return lines
 
 
+def edit_memory(bench: Bench, photos: int, photo_bytes: int) -> list[str]:
+    """Peak RSS of an edit batch over `photos` product photos of `photo_bytes` each, beside
+    the same batch over small photos: an input is read when its request is sent, so
+    memory should not grow with the photos' bytes."""
+    lines = [
+        f"### Edit memory: {photos} photos edited with one prompt, latency 0.2 s, concurrency 16",
+        "",
+        "| photo size | photos read | wall s | edits/s | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    from PIL import Image
+
+    from prefect_gpt_image.testing.emulator import _pad_png
+
+    for size in (photo_bytes, 0):
+        folder = Path(tempfile.mkdtemp(prefix="gpt-image-photos-"))
+        try:
+            for n in range(photos):
+                buffer = io.BytesIO()
+                Image.new("RGB", (256, 256), (n % 256, n // 256, 99)).save(buffer, "PNG")
+                (folder / f"photo-{n:04d}.png").write_bytes(_pad_png(buffer.getvalue(), size))
+            read = sum(p.stat().st_size for p in folder.iterdir())
+            with emulator(0.2) as api:
+                model = f"bench-edit-memory-{size}-{bench.run_id}"
+                r = bench.run(api, "flow", 1, model=model, edit_images=str(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        lines.append(
+            f"| {read / photos / 1e6:.2f} MB | {read / 1e9:.2f} GB | {r['seconds']:.1f} | "
+            f"{photos / r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return lines
+
+
 def scaling(bench: Bench, limit: float, levels: list[int]) -> list[str]:
     lines = [
         f"### Scaling: latency 1 s, the API allows {limit:g} requests/s, the flow is told so",
@@ -541,6 +594,8 @@ def main() -> int:
                 show(scaling(bench, 24, [4, 16] if quick else [2, 4, 8, 16, 32, 64]))
             if "memory" in chosen:
                 show(memory(bench, [50, 200] if quick else [500, 5000], 1_000_000))
+            if "edit-memory" in chosen:
+                show(edit_memory(bench, 40 if quick else 500, 10_000_000))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

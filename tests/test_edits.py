@@ -12,6 +12,12 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import (
@@ -261,3 +267,32 @@ def test_an_edit_costs_its_generation_and_its_image_input_tokens(
         + usage["output_tokens"] * prices.image_output
     ) / 1e6
     assert report.cost_usd == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_runs_table_names_each_edits_input_and_its_sha256(
+    api: GptImageEmulator,
+    openai_credentials: OpenAICredentials,
+    bucket: S3Bucket,
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "mug.png"
+    source.write_bytes(photo("teal"))
+
+    state = generate_images(
+        SCENES[:1],
+        images=[str(source)],
+        bucket=bucket,
+        credentials=openai_credentials,
+        return_state=True,
+    )
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+                key=ArtifactFilterKey(any_=["gpt-image-batch"]),
+            )
+        )
+    (table,) = artifacts
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert rows[0]["inputs"] == f"{source.as_uri()} sha256:{sha(source.read_bytes())}"

@@ -84,18 +84,22 @@ class ProgressArtifact:
 
 
 def publish_results(rows: Sequence[dict[str, Any]], report: BatchReport, link: Link) -> None:
-    """The table of every prompt, and the gallery of the stored images."""
+    """The table of every prompt (with an edit's inputs, where there are edits), and the
+    gallery of the stored images."""
+    edits = any(row.get("inputs") for row in rows)
     create_table_artifact(
         key=TABLE_KEY,
-        table=[_table_row(row, link) for row in rows],
+        table=[_table_row(row, link, edits) for row in rows],
         description=report.summary(),
     )
     create_markdown_artifact(key=GALLERY_KEY, markdown=gallery(report, link))
 
 
-def _table_row(row: dict[str, Any], link: Link) -> dict[str, Any]:
+def _table_row(row: dict[str, Any], link: Link, edits: bool) -> dict[str, Any]:
+    inputs = {"inputs": _inputs(row.get("inputs") or [])} if edits else {}
     return {
         "prompt": row["prompt"],
+        **inputs,
         "status": row["status"],
         "object": row.get("uri", ""),
         "link": link(row["key"]) if row.get("key") else "",
@@ -106,6 +110,10 @@ def _table_row(row: dict[str, Any], link: Link) -> dict[str, Any]:
         "cached": row.get("cached", False),
         "error": row.get("error", ""),
     }
+
+
+def _inputs(inputs: Sequence[dict[str, Any]]) -> str:
+    return "; ".join(f"{image['uri']} sha256:{image['sha256']}" for image in inputs)
 
 
 def gallery(report: BatchReport, link: Link) -> str:

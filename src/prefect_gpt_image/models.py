@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -61,9 +62,13 @@ class InputImage(BaseModel):
     def name(self) -> str:
         """A short name for object keys: the file's name without its extension, or the
         start of the SHA-256 for bytes."""
-        if self.uri.startswith("bytes:"):
-            return self.sha256[:12]
-        return PurePosixPath(urlsplit(self.uri).path).stem or self.sha256[:12]
+        if self.uri.startswith("s3://"):  # a key may hold '#' and '?' as they are
+            path = self.uri.removeprefix("s3://").partition("/")[2]
+        elif self.uri.startswith("file:"):  # percent-encoded
+            path = url2pathname(urlsplit(self.uri).path)
+        else:
+            path = ""
+        return PurePosixPath(path).stem or self.sha256[:12]
 
 
 class ImageRequest(BaseModel):
