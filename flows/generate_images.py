@@ -192,7 +192,10 @@ def generate_images(
     check_storage(s3, folder, cache_bucket)
     run_budget().max_usd = max_cost_usd  # every paid attempt, retries too, is held to it
     batch = Batch(requests, routes, refused)
-    runner = BatchRunner(batch, generate, routes, limits, s3, folder, max_cost_usd)
+    link = partial(
+        object_link, s3, public_base_url=public_base_url, expires_in=int(link_expiry_hours * 3600)
+    )
+    runner = BatchRunner(batch, generate, routes, limits, s3, folder, max_cost_usd, link)
     if not refresh_cache:
         runner.reuse_cached()
     runner.check_budget()
@@ -218,10 +221,7 @@ def generate_images(
     rows = batch.rows()
     write_manifest(s3, folder, report, rows)
     logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
-    link = partial(
-        object_link, s3, public_base_url=public_base_url, expires_in=int(link_expiry_hours * 3600)
-    )
-    publish_results(rows, report, link)
+    publish_results(rows, report, runner.link)
     if batch.failed(report, allow_failures):
         raise BatchFailedError(batch.failure_message(report, allow_failures), report)
     return report

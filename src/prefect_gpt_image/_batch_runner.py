@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -23,7 +23,7 @@ from prefect.utilities.annotations import quote
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import _progress as progress_listeners
-from prefect_gpt_image._artifacts import ProgressArtifact
+from prefect_gpt_image._artifacts import Link, ProgressArtifact
 from prefect_gpt_image._batch import Batch
 from prefect_gpt_image._budget import run_budget
 from prefect_gpt_image._caching import (
@@ -39,7 +39,7 @@ from prefect_gpt_image._retry_policy import call_with_retries
 from prefect_gpt_image._storage import object_sizes
 from prefect_gpt_image.blocks._route import GptImageRoute
 from prefect_gpt_image.errors import BudgetExceededError, StorageError
-from prefect_gpt_image.models import ApiLimits, GeneratedImage
+from prefect_gpt_image.models import ApiLimits, GeneratedImage, StoredImage
 from prefect_gpt_image.tasks.upload import planned_record, store_image
 
 _EPSILON_USD = 1e-9
@@ -64,8 +64,13 @@ class BatchRunner:
         bucket: S3Bucket,
         folder: str,
         max_cost_usd: float | None,
+        link: Link,
     ) -> None:
+        """`link` makes the URL a person opens for an object key, for the run's artifacts:
+        made as each image is stored, while the API works, not all at the end."""
         self.batch = batch
+        self._link = link
+        self._links: dict[str, str] = {}
         self._generate = generate
         self._routes = list(routes)
         self._limits = limits
@@ -228,7 +233,20 @@ class BatchRunner:
                     batch.requests[index],
                     check_existing=cached,
                 )
-                self._watch("upload", index, uploads.submit(call_with_retries, store))
+                self._watch("upload", index, uploads.submit(self._store, store))
+
+    def _store(self, store: Callable[[], tuple[StoredImage, bool]]) -> tuple[StoredImage, bool]:
+        stored = call_with_retries(store)
+        key = stored[0].key
+        try:
+            self._links[key] = self._link(key)
+        except Exception as exc:  # never fail a stored image over its link: publishing retries
+            self._logger.debug("Could not make the link of %s yet: %s", key, exc)
+        return stored
+
+    def link(self, key: str) -> str:
+        """The URL a person opens for an object key."""
+        return self._links.get(key) or self._link(key)
 
     def _stop(self, error: BaseException) -> None:
         if self._waiting:
