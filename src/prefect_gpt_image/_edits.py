@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,13 +19,19 @@ InputFile = tuple[str, bytes, str]
 
 
 def checked_edit(
-    request: ImageRequest, *, bucket: S3Bucket | None = None, base_dir: Path | None = None
+    request: ImageRequest,
+    *,
+    bucket: S3Bucket | None = None,
+    base_dir: Path | None = None,
+    check: Callable[[InputImage | bytes | str], InputImage] | None = None,
 ) -> ImageRequest:
     """`request` with every input and its mask checked (read once, decoded, hashed), or
-    `InvalidRequestError` naming the input at fault. A generation is returned as it is."""
+    `InvalidRequestError` naming the input at fault. A generation is returned as it is.
+    `check` checks one input image (default: `check_input`)."""
     if not request.is_edit:
         return request
-    images = tuple(check_input(ref, bucket=bucket, base_dir=base_dir) for ref in request.images)
+    check = check or partial(check_input, bucket=bucket, base_dir=base_dir)
+    images = tuple(check(ref) for ref in request.images)
     mask = request.mask
     if mask is not None:
         mask = check_mask(mask, images[0], bucket=bucket, base_dir=base_dir)
@@ -59,11 +66,7 @@ def check_edits(
             out.append(request)
             continue
         try:
-            images = tuple(checked(ref) for ref in request.images)
-            mask = request.mask
-            if mask is not None and not isinstance(mask, InputImage):
-                mask = check_mask(mask, images[0], bucket=bucket)
-            request = request.model_copy(update={"images": images, "mask": mask})
+            request = checked_edit(request, bucket=bucket, check=checked)
         except InvalidRequestError as exc:
             refused[index] = exc
         out.append(request)
