@@ -48,6 +48,7 @@ SECTIONS = [
     "scaling",
     "memory",
     "edit-memory",
+    "batch",
 ]
 ASYNCIO_RETRY_SECONDS = 1.0
 """The asyncio script's wait before it retries a 429, outside its slot: what a hand-written
@@ -166,9 +167,11 @@ def run_flow(spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
     credentials: RapidAPICredentials | OpenAICredentials = RapidAPICredentials(
         api_key=SecretStr(API_KEY), base_url=spec["api_base"], model=spec["model"]
     )
-    if spec.get("edit_images"):  # every photo in the folder, edited with every prompt
+    if spec.get("edit_images") or spec.get("openai_model"):  # OpenAI's protocol
         credentials = OpenAICredentials(
-            api_key=SecretStr(API_KEY), base_url=spec["api_base"] + "/v1", model="gpt-image-2"
+            api_key=SecretStr(API_KEY),
+            base_url=spec["api_base"] + "/v1",
+            model=spec.get("openai_model", "gpt-image-2"),
         )
     bucket = S3Bucket(
         bucket_name=BUCKET,
@@ -190,11 +193,16 @@ def run_flow(spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
             max_concurrency=spec["concurrency"],
             requests_per_second=spec.get("requests_per_second"),
             images=spec.get("edit_images"),
+            quality=spec.get("quality"),
+            mode=spec.get("mode", "sync"),
+            batch_wait_minutes=60,
         )
     return {
         "stored": len(report.images),
         "generated": report.generated,
         "bytes_stored": sum(image.size for image in report.images),
+        "cost_usd": report.cost_usd,
+        "synchronous_cost_usd": report.synchronous_cost_usd,
     }
 
 
@@ -530,6 +538,44 @@ def edit_memory(bench: Bench, photos: int, photo_bytes: int) -> list[str]:
     return lines
 
 
+def batch_api(bench: Bench, n: int, image_bytes: int) -> list[str]:
+    """The Batch API path: `n` prompts at gpt-image-1.5's medium quality sent as one batch,
+    then collected and stored; the dollars per 1,000 images it was billed, beside each
+    synchronous route's price, and the peak RSS of the run, which reads the output file
+    (`n` base64 images of `image_bytes`) a line at a time."""
+    from pydantic import SecretStr
+
+    from prefect_gpt_image import RapidAPICredentials
+    from prefect_gpt_image._billing import BATCH_PRICE_FACTOR
+    from prefect_gpt_image.model_table import MODELS
+
+    with emulator(0.0, image_bytes=image_bytes) as api:
+        r = bench.run(api, "flow", n, openai_model="gpt-image-1.5", quality="medium", mode="batch")
+    assert r["stored"] == n and r["calls"] == 0, r
+    rapidapi = RapidAPICredentials(api_key=SecretStr(API_KEY)).model_spec()
+    lines = [
+        f"### The Batch API: {n} prompts, gpt-image-1.5 at medium quality, 1024x1024, "
+        f"images of {image_bytes / 1e6:g} MB",
+        "",
+        "| route | $ per 1,000 images |",
+        "|---|---:|",
+        f"| RapidAPI (flat) | {1000 * (rapidapi.flat_price_usd or 0):.2f} |",
+    ]
+    for model in ("gpt-image-1.5", "gpt-image-2"):
+        price = MODELS[model].price_per_image("medium", 1024, 1024) or 0.0
+        lines.append(f"| OpenAI {model}, synchronous | {1000 * price:.2f} |")
+        lines.append(f"| OpenAI {model}, Batch API | {1000 * price * BATCH_PRICE_FACTOR:.2f} |")
+    lines += [
+        "",
+        f"Measured: the run was billed ${1000 * r['cost_usd'] / n:.2f} per 1,000 images "
+        f"(${1000 * r['synchronous_cost_usd'] / n:.2f} synchronously), by the emulator's usage; "
+        f"{r['batches_created']} batch, {r['calls']} synchronous calls, {r['stored']} images "
+        f"({r['bytes_stored'] / 1e9:.2f} GB) stored in {r['seconds']:.1f} s; peak RSS "
+        f"**{r['peak_rss_mb']:.0f} MB**.",
+    ]
+    return lines
+
+
 def scaling(bench: Bench, limit: float, levels: list[int]) -> list[str]:
     lines = [
         f"### Scaling: latency 1 s, the API allows {limit:g} requests/s, the flow is told so",
@@ -596,6 +642,8 @@ def main() -> int:
                 show(memory(bench, [50, 200] if quick else [500, 5000], 1_000_000))
             if "edit-memory" in chosen:
                 show(edit_memory(bench, 40 if quick else 500, 10_000_000))
+            if "batch" in chosen:
+                show(batch_api(bench, 100 if quick else 1000, 1_000_000))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

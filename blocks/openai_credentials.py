@@ -45,6 +45,8 @@ class OpenAICredentials(GptImageRoute):
         ```
     """
 
+    has_batch_api = True
+
     _block_type_name = "OpenAI Image Credentials"
     _description = (
         "An API key and endpoint for GPT Image through the OpenAI protocol: OpenAI, Azure "
@@ -81,6 +83,17 @@ class OpenAICredentials(GptImageRoute):
     )
     project: str | None = Field(
         default=None, description="The OpenAI project to bill, if not the key's default."
+    )
+
+    batch_max_requests: int = Field(
+        default=50_000,
+        gt=0,
+        description="The most requests one Batch API input file may hold; more are split.",
+    )
+    batch_max_file_bytes: int = Field(
+        default=200_000_000,
+        gt=0,
+        description="The largest Batch API input file, in bytes; larger batches are split.",
     )
 
     @field_validator("base_url")

@@ -2,10 +2,11 @@
 
     python deployments/serve.py
 
-Runs until stopped; Prefect starts a run every Monday at 06:00 in Europe/Paris
-(change the cron below), and the UI's "Run" button starts one with your own
-parameters. The credentials and bucket are the names of saved blocks (see the
-README), so no secret is written here.
+Runs until stopped; Prefect starts a run every Monday at 06:00 in Europe/Paris,
+which sends the week's prompts through OpenAI's Batch API at half price, and the same
+run every 15 minutes after, which stores what the batch has answered (change the crons
+below). The UI's "Run" button starts one with your own parameters. The credentials and
+bucket are the names of saved blocks (see the README), so no secret is written here.
 """
 
 from prefect.schedules import Cron
@@ -15,12 +16,17 @@ from prefect_gpt_image import generate_images
 if __name__ == "__main__":
     generate_images.serve(
         name="weekly-creatives",
-        schedule=Cron("0 6 * * 1", timezone="Europe/Paris"),
+        schedules=[
+            Cron("*/15 6-23 * * 1", timezone="Europe/Paris"),
+            Cron("*/15 0-6 * * 2", timezone="Europe/Paris"),
+        ],
         parameters={
             "prompts": "s3://my-creatives/prompts/this-week.txt",
             "bucket": "creatives-bucket",
-            "credentials": ["gpt-image-credentials", "openai-gpt-image"],
+            "credentials": "openai-gpt-image",
             "prefix": "weekly",
+            "mode": "batch",
+            "batch_wait_minutes": 0,
         },
         tags=["gpt-image"],
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from prefect import Task, flow
 from prefect.logging import get_run_logger
@@ -28,6 +28,7 @@ from prefect_gpt_image._image_sizes import ImageSize, parse_size
 from prefect_gpt_image._manifest import write_manifest
 from prefect_gpt_image._object_keys import check_bucket_name, join_key, normalize_prefix
 from prefect_gpt_image._preflight import (
+    batch_api_route,
     check_global_limits,
     check_redis,
     check_storage,
@@ -78,6 +79,9 @@ def generate_images(
     global_rate_limit: str | None = None,
     public_base_url: str | None = None,
     link_expiry_hours: Annotated[float, Field(gt=0, le=168)] = 24,
+    mode: Literal["sync", "batch"] = "sync",
+    batch_wait_minutes: Annotated[float, Field(ge=0, le=1440)] = 10,
+    cancel_batches: bool = False,
 ) -> BatchReport:
     """Generate an image for every prompt and store each one in the bucket.
 
@@ -131,6 +135,14 @@ def generate_images(
         public_base_url: Where the bucket is served publicly (a CDN), for the links
             in the run's artifacts; without it they are presigned URLs.
         link_expiry_hours: How long presigned links in the artifacts work.
+        mode: "sync" calls the API for each image; "batch" sends the new requests through
+            OpenAI's Batch API, at half the price, answered within 24 hours. A batch run
+            collects what is ready and leaves the rest to a later run with the same prompts
+            (a schedule every 15 minutes, say), which pays nothing more.
+        batch_wait_minutes: With mode "batch": how long this run waits for its batches
+            before leaving them to a later run.
+        cancel_batches: With mode "batch": cancel the batches of these prompts, store what
+            they answered already, and send nothing new.
 
     Returns:
         The `BatchReport`: stored images, failures, the manifest's key, images generated
@@ -175,6 +187,9 @@ def generate_images(
     if images is not None:
         requests = _edits_of(requests, expand_inputs(images, bucket=s3), mask, input_fidelity)
     requests, refused = check_edits(requests, bucket=s3)
+    batch_route = batch_api_route(routes, requests) if mode == "batch" else None
+    if batch_route is not None:  # through its Batch API alone
+        routes = [batch_route]
     for request in requests:  # valid on every route it may take, before anything is paid
         for route in serving_routes(request, routes):
             route.check_request(request)
@@ -191,7 +206,7 @@ def generate_images(
     check_global_limits(limits)
     check_storage(s3, folder, cache_bucket)
     run_budget().max_usd = max_cost_usd  # every paid attempt, retries too, is held to it
-    batch = Batch(requests, routes, refused)
+    batch = Batch(requests, routes, refused, batch_api=mode == "batch")
     link = partial(
         object_link, s3, public_base_url=public_base_url, expires_in=int(link_expiry_hours * 3600)
     )
@@ -212,7 +227,13 @@ def generate_images(
     progress = ProgressArtifact(total=len(requests))
     try:
         progress.update(batch.done)
-        runner.run(progress)
+        if batch_route is not None:
+            wait_seconds = batch_wait_minutes * 60
+            runner.run_batch_api(
+                progress, batch_route, wait_seconds=wait_seconds, cancel=cancel_batches
+            )
+        else:
+            runner.run(progress)
     finally:
         progress.close()
 

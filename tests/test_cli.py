@@ -124,7 +124,9 @@ def test_price_shows_each_route_before_anything_is_paid(
     assert "2 requests refused" in retiring and "cannot make 1536x864" in retiring
     (successor,) = [line for line in lines if "api.openai.com gpt-image-2 " in line]
     # 4 images of 1536x864 at 1,056 tokens a square megapixel, $32 a million, and the prompts.
-    assert "$0.17  for 4 images" in successor
+    assert "$0.17  for 4 images ($0.09 through the Batch API)" in successor
+    (rapidapi,) = [line for line in lines if "rapidapi" in line]
+    assert "Batch API" not in rapidapi  # RapidAPI's route has none
     assert api.calls == []
 
 

@@ -276,6 +276,8 @@ def test_stats_endpoint_reports_the_counters(client: httpx.Client) -> None:
             "rate_limited": 1,
             "peak_concurrency": 1,
             "image_downloads": 1,
+            "batch_requests": 0,
+            "batches_created": 0,
         }
         assert stats.json() == emulator.stats
         assert len(emulator.calls) == 3  # reading the stats is not a call
@@ -337,6 +339,8 @@ def test_command_line_serves_limits_pads_and_stops_on_sigterm(client: httpx.Clie
             "rate_limited": 1,
             "peak_concurrency": 1,
             "image_downloads": 2,
+            "batch_requests": 0,
+            "batches_created": 0,
         }
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0

@@ -116,8 +116,10 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     )
     assert "generate-images/weekly-creatives" in deployed
     weekly = httpx.get(f"{api_url}/deployments/name/generate-images/weekly-creatives").json()
-    (schedule,) = weekly["schedules"]
-    assert schedule["schedule"] == {"cron": "0 6 * * 1", "timezone": "Europe/Paris", "day_or": True}
+    # Sent on Monday morning through the Batch API, and collected every 15 minutes after.
+    crons = sorted(schedule["schedule"]["cron"] for schedule in weekly["schedules"])
+    assert crons == ["*/15 0-6 * * 2", "*/15 6-23 * * 1"]
+    assert weekly["parameters"]["mode"] == "batch"
     # The run form: a size to pick, block pickers, numbers with bounds.
     form = weekly["parameter_openapi_schema"]["properties"]
     assert form["size"]["anyOf"][0]["enum"] == ["1024x1024", "1536x1024", "1024x1536"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prefect_gpt_image._billing import worst_case_over_routes
+from prefect_gpt_image._billing import synchronous_cost, worst_case_over_routes
 from prefect_gpt_image._caching import lookup_keys, request_cache_key
 from prefect_gpt_image._charges import Charges
 from prefect_gpt_image.models import (
@@ -16,6 +16,7 @@ from prefect_gpt_image.models import (
     ImageRequest,
     PromptFailure,
     StoredImage,
+    WaitingPrompt,
 )
 
 if TYPE_CHECKING:
@@ -36,9 +37,12 @@ class Batch:
         requests: list[ImageRequest],
         routes: Sequence[GptImageRoute],
         refused: Mapping[int, BaseException] | None = None,
+        *,
+        batch_api: bool = False,
     ) -> None:
         """`refused`: requests that fail before anything is sent (an edit whose input is
-        missing, say), by position; each is a group of its own, settled at once."""
+        missing, say), by position; each is a group of its own, settled at once.
+        `batch_api`: the requests go through OpenAI's Batch API, at its price."""
         refused = refused or {}
         self.requests = requests
         self.routes = routes
@@ -52,7 +56,7 @@ class Batch:
         self.worst_case_usd = {
             key: 0.0
             if indexes[0] in refused
-            else worst_case_over_routes(requests[indexes[0]], routes)
+            else worst_case_over_routes(requests[indexes[0]], routes, batch=batch_api)
             for key, indexes in self.groups.items()
         }
         """The most each generation can cost, on whichever route serves it."""
@@ -65,6 +69,10 @@ class Batch:
         """USD the API charged, by key: a generation, and any broken answers."""
         self.possibly_charged: dict[str, float] = {}
         """USD that calls which timed out after they were sent may have cost, by key."""
+        self.batch_api = batch_api
+        self.waiting: dict[int, str] = {}
+        """Prompts whose OpenAI batch was still running when the run stopped waiting: the
+        batch's id, by position."""
         self.stopped_by: BaseException | None = None
         for index, error in refused.items():
             self.outcomes[index] = self._failure(index, error, "check")
@@ -75,7 +83,8 @@ class Batch:
 
     @property
     def finished(self) -> bool:
-        return self.done == len(self.requests)
+        """Whether every prompt has an outcome, or waits in a batch for a later run."""
+        return self.done + len(self.waiting) == len(self.requests)
 
     @property
     def spent_usd(self) -> float:
@@ -128,6 +137,11 @@ class Batch:
         for index in self.groups[key]:
             self.outcomes[index] = self._failure(index, error, "generate")
 
+    def wait(self, key: str, batch_id: str) -> None:
+        """Record a group whose batch is still running: a later run collects it."""
+        for index in self.groups[key]:
+            self.waiting[index] = batch_id
+
     def stop(self, error: BaseException, not_attempted: list[str]) -> None:
         self.stopped_by = error
         for key in not_attempted:
@@ -144,19 +158,38 @@ class Batch:
             self.outcomes[other] = self._failure(other, error, "upload")
 
     def report(self) -> BatchReport:
-        ordered = [self.outcomes[i] for i in range(len(self.requests))]
+        ordered = [self.outcomes[i] for i in range(len(self.requests)) if i in self.outcomes]
+        spent = self.spent_usd
         return BatchReport(
             images=[image for o in ordered if isinstance(o, list) for image in o],
             failures=[o for o in ordered if isinstance(o, PromptFailure)],
             generated=len(self.paid_keys),
             from_cache=len(self.cached_keys),
-            cost_usd=self.spent_usd,
+            cost_usd=spent,
             possibly_charged_usd=round(sum(self.possibly_charged.values()), 6),
+            waiting=[
+                WaitingPrompt(
+                    prompt=self.requests[index].prompt,
+                    name=self.requests[index].name,
+                    batch_id=batch_id,
+                )
+                for index, batch_id in sorted(self.waiting.items())
+            ],
+            synchronous_cost_usd=synchronous_cost(spent) if self.batch_api else None,
         )
 
     def rows(self) -> list[dict[str, Any]]:
         """One record per prompt, in the order given: for the manifest and the table."""
-        rows = []
+        rows: list[dict[str, Any]] = [
+            {
+                "index": index,
+                "prompt": self.requests[index].prompt,
+                "name": self.requests[index].name,
+                "status": "waiting",
+                "batch_id": batch_id,
+            }
+            for index, batch_id in self.waiting.items()
+        ]
         for index, outcome in sorted(self.outcomes.items()):
             key = self.key_of[index]
             if isinstance(outcome, PromptFailure):
@@ -177,7 +210,7 @@ class Batch:
                         "cached": cached,
                     }
                 )
-        return rows
+        return sorted(rows, key=lambda row: int(row["index"]))
 
     def failure_message(self, report: BatchReport, allow_failures: int) -> str:
         """Why the run fails, once everything good is stored: the stop, or the failures."""

@@ -8,6 +8,8 @@ what to send next and records what comes back. The flow only plans and publishes
 from __future__ import annotations
 
 import queue
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +27,14 @@ from prefect_aws import S3Bucket
 from prefect_gpt_image import _progress as progress_listeners
 from prefect_gpt_image._artifacts import Link, ProgressArtifact
 from prefect_gpt_image._batch import Batch
+from prefect_gpt_image._batch_jobs import (
+    BatchJobs,
+    Collected,
+    Progress,
+    Unanswered,
+    Waiting,
+    sending_lock_key,
+)
 from prefect_gpt_image._budget import run_budget
 from prefect_gpt_image._caching import (
     cache_store,
@@ -32,17 +42,28 @@ from prefect_gpt_image._caching import (
     fallback_store,
     find_cached,
     is_fallback,
+    remember,
 )
 from prefect_gpt_image._charges import NO_CHARGES
+from prefect_gpt_image._locking import held
 from prefect_gpt_image._object_keys import join_key
 from prefect_gpt_image._retry_policy import call_with_retries
 from prefect_gpt_image._storage import object_sizes
 from prefect_gpt_image.blocks._route import GptImageRoute
-from prefect_gpt_image.errors import BudgetExceededError, StorageError
+from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+from prefect_gpt_image.errors import (
+    BatchNotDoneError,
+    BudgetExceededError,
+    ConfigurationError,
+    GptImageError,
+    StorageError,
+)
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, StoredImage
 from prefect_gpt_image.tasks.upload import planned_record, store_image
 
 _EPSILON_USD = 1e-9
+SENDING_LOCK_SECONDS = 600.0
+"""The longest a run waits for another to finish sending batches (or holds them)."""
 
 
 class BatchRunner:
@@ -164,6 +185,111 @@ class BatchRunner:
                 progress.update(batch.done)
                 progress_listeners.report(batch.done, len(batch.requests))
 
+    def run_batch_api(
+        self,
+        progress: ProgressArtifact,
+        route: OpenAICredentials,
+        *,
+        wait_seconds: float,
+        cancel: bool = False,
+    ) -> None:
+        """Send the requests through OpenAI's Batch API, at half price, and store what its
+        batches answer as `run` stores what the API answers at once.
+
+        A request already in a batch (an earlier run's, found by its cache key) is collected
+        from it, never sent again. Batches still running after `wait_seconds` are left to a
+        later run; `cancel` asks the API to stop the run's batches and sends nothing new.
+        """
+        batch = self.batch
+        keys = [key for key in batch.groups if not batch.settled(key)]
+        requests = {key: batch.requests[batch.groups[key][0]] for key in keys}
+        jobs = BatchJobs(route, self._cache, requests, route.get_client().batch_image)
+        self._send(jobs, route, cancel=cancel)
+        self._logger.info(
+            "Requests in OpenAI batches %s (%d created by this run); waiting up to %.0f s",
+            ", ".join(jobs.batch_ids) or "(none)",
+            len(jobs.created),
+            wait_seconds,
+        )
+        max_concurrency = self._limits.max_concurrency or 1
+        # Images read ahead of their uploads: the output file is read one line at a time.
+        slots = threading.BoundedSemaphore(2 * max_concurrency)
+        collector = threading.Thread(
+            target=self._collect,
+            args=(jobs, time.monotonic() + wait_seconds, slots),
+            name="batch-collector",
+            daemon=True,
+        )
+        in_batches = 0
+        with ThreadPoolExecutor(max_concurrency, thread_name_prefix="upload") as uploads:
+            collector.start()
+            while not batch.finished:
+                stage, tag, payload = self._events.get()
+                if isinstance(payload, Collected):
+                    futures = [uploads.submit(self._keep, tag, payload.image, written=False)]
+                    if payload.asked and not batch.settled(tag):
+                        futures += self._generated(tag, payload.image, uploads, cached=False)
+                    _when_all_done(futures, slots.release)
+                elif isinstance(payload, Unanswered):
+                    batch.generation_failed(tag, payload.error, payload.error.charges)
+                elif isinstance(payload, Waiting):
+                    batch.wait(tag, payload.batch_id)
+                elif isinstance(payload, Progress):
+                    in_batches = payload.completed
+                elif stage == "collector failed":
+                    self._logger.warning(
+                        "Stopped collecting the batches (%s); the next run collects them.",
+                        payload,
+                    )
+                    for key in keys:
+                        if not batch.settled(key) and (batch_id := jobs.batch_of(key)):
+                            batch.wait(key, batch_id)
+                elif (error := payload.exception()) is None:
+                    batch.stored(tag, payload.result()[0])
+                else:
+                    batch.upload_failed(tag, error)
+                progress.update(batch.done + in_batches)
+                progress_listeners.report(batch.done, len(batch.requests))
+
+    def _send(self, jobs: BatchJobs, route: OpenAICredentials, *, cancel: bool) -> None:
+        """Find the batches the requests are in, and send the rest (or, to `cancel`, cancel
+        the batches and send nothing). One run at a time finds and sends, under the cache's
+        own lock manager: a run that starts while another sends the same prompts waits, then
+        finds them sent."""
+        lock_manager = getattr(self._generate.cache_policy, "lock_manager", None)
+        with held(lock_manager, sending_lock_key(route), SENDING_LOCK_SECONDS) as sending:
+            if not sending:
+                raise ConfigurationError(
+                    f"Another run has been sending batches through {route.route_name} for "
+                    f"{SENDING_LOCK_SECONDS / 60:.0f} minutes: nothing was sent. Run again "
+                    "once it is done; it finds what that run sent."
+                )
+            unsent = jobs.attach(create=not cancel)
+            error: GptImageError | None = None
+            if cancel:
+                jobs.cancel()
+                error = BatchNotDoneError("Not sent: cancel_batches was set.")
+            elif unsent:
+                try:
+                    jobs.submit(unsent)
+                except GptImageError as exc:  # what was sent is collected all the same
+                    self._logger.error("Could not send every request: %s", exc)
+                    error = exc
+        for key in unsent:
+            if error is not None and jobs.batch_of(key) is None:
+                self.batch.generation_failed(key, error, NO_CHARGES)
+
+    def _collect(self, jobs: BatchJobs, deadline: float, slots: threading.BoundedSemaphore) -> None:
+        """The collector thread: the batches' answers, as events for the run loop."""
+        try:
+            for event in jobs.collect(deadline):
+                if isinstance(event, Collected):
+                    slots.acquire()
+                key = event.key if not isinstance(event, Progress) else ""
+                self._events.put(("batch", key, event))
+        except Exception as exc:
+            self._events.put(("collector failed", "", exc))
+
     def _submit_generations(self) -> None:
         max_concurrency = self._limits.max_concurrency or 1
         window = 2 * max_concurrency if self._in_process else max_concurrency
@@ -220,10 +346,19 @@ class BatchRunner:
                 self._stop(error)
             return
         cached = future.state.name == "Cached"
-        batch.generated(key, outcome, cached=cached)
         if not cached:  # paid for: it must be kept somewhere before it is reported
             uploads.submit(self._keep, key, outcome)
-        for variant in outcome.variants():
+        self._generated(key, outcome, uploads, cached=cached)
+
+    def _generated(
+        self, key: str, image: GeneratedImage, uploads: ThreadPoolExecutor, *, cached: bool
+    ) -> list[Future[Any]]:
+        """Record `key`'s image, and store an object for each of its prompts; returns the
+        uploads."""
+        batch = self.batch
+        batch.generated(key, image, cached=cached)
+        futures: list[Future[Any]] = []
+        for variant in image.variants():
             for index in batch.uploads(key):
                 store = partial(
                     store_image,
@@ -233,7 +368,9 @@ class BatchRunner:
                     batch.requests[index],
                     check_existing=cached,
                 )
-                self._watch("upload", index, uploads.submit(self._store, store))
+                futures.append(uploads.submit(self._store, store))
+                self._watch("upload", index, futures[-1])
+        return futures
 
     def _store(self, store: Callable[[], tuple[StoredImage, bool]]) -> tuple[StoredImage, bool]:
         stored = call_with_retries(store)
@@ -256,8 +393,15 @@ class BatchRunner:
     def _watch(self, stage: str, tag: Any, future: PrefectFuture[Any] | Future[Any]) -> None:
         future.add_done_callback(lambda done: self._events.put((stage, tag, done)))
 
-    def _keep(self, key: str, image: GeneratedImage) -> None:
-        if not ensure_kept(self._cache, self._fallback, key, image):
+    def _keep(self, key: str, image: GeneratedImage, *, written: bool = True) -> None:
+        """Make sure the cache holds a paid image: the one its task run `written`, or one
+        the Batch API made, which no task run wrote."""
+        if written:
+            kept = ensure_kept(self._cache, self._fallback, key, image)
+        else:
+            expiration = self._generate.cache_expiration
+            kept = remember(self._cache, key, image, expiration, fallback=self._fallback)
+        if not kept:
             self._logger.warning(
                 "The cache storage could not keep the image of %r; it is kept in local "
                 "result storage instead, so the next run on this machine does not pay for "
@@ -274,3 +418,20 @@ class BatchRunner:
         except StorageError as exc:
             self._logger.warning("Could not list %s (%s); uploading every image", prefix, exc)
             return {}
+
+
+def _when_all_done(futures: Sequence[Future[Any]], callback: Callable[[], object]) -> None:
+    """Call `callback` once every one of `futures` is done."""
+    left = len(futures)
+    lock = threading.Lock()
+
+    def one_done(_: Future[Any]) -> None:
+        nonlocal left
+        with lock:
+            left -= 1
+            last = left == 0
+        if last:
+            callback()
+
+    for future in futures:
+        future.add_done_callback(one_done)

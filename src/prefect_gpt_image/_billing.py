@@ -4,6 +4,7 @@ A call's cost is the provider's usage priced at the model's token prices, when t
 reports usage; otherwise the model's price for that quality and size, times the images;
 otherwise the route's flat price (a route with one describes its model that way).
 Budgets price a request at its worst case: `auto` quality as high, every image asked for.
+OpenAI's Batch API charges half of all that.
 """
 
 from __future__ import annotations
@@ -24,13 +25,29 @@ if TYPE_CHECKING:
 
 PROMPT_CHARS_PER_TOKEN_AT_LEAST = 2
 """A prompt has at most one text token per this many characters: the worst case's bound."""
+BATCH_PRICE_FACTOR = 0.5
+"""What OpenAI's Batch API charges, as a share of the synchronous price."""
 INPUT_IMAGE_TOKENS_AT_MOST = 6_240
 """The most image tokens one input of an edit (or its mask) is counted as, at high input
 fidelity on the largest sizes: the worst case's bound."""
 
 
-def call_cost(spec: ModelSpec, request: ImageRequest, images: int, usage: Usage | None) -> float:
-    """What one answered call cost, in USD."""
+def call_cost(
+    spec: ModelSpec, request: ImageRequest, images: int, usage: Usage | None, *, batch: bool = False
+) -> float:
+    """What one answered call cost, in USD; `batch`: answered through the Batch API."""
+    cost = _synchronous_cost(spec, request, images, usage)
+    return round(cost * BATCH_PRICE_FACTOR, 6) if batch else cost
+
+
+def synchronous_cost(batch_cost: float) -> float:
+    """What an answer the Batch API charged `batch_cost` for costs synchronously."""
+    return round(batch_cost / BATCH_PRICE_FACTOR, 6)
+
+
+def _synchronous_cost(
+    spec: ModelSpec, request: ImageRequest, images: int, usage: Usage | None
+) -> float:
     if usage is not None and spec.token_prices is not None and spec.flat_price_usd is None:
         prices = spec.token_prices
         text, image = usage.text_input_tokens, usage.image_input_tokens
@@ -59,11 +76,15 @@ def worst_case_cost(spec: ModelSpec, request: ImageRequest) -> float:
     return round(images + (tokens * prices.text_input + inputs * prices.image_input) / 1e6, 6)
 
 
-def worst_case_over_routes(request: ImageRequest, routes: Sequence[GptImageRoute]) -> float:
-    """The most `request` can cost on whichever of `routes` serves it."""
-    return max(
+def worst_case_over_routes(
+    request: ImageRequest, routes: Sequence[GptImageRoute], *, batch: bool = False
+) -> float:
+    """The most `request` can cost on whichever of `routes` serves it; `batch`: through the
+    Batch API."""
+    worst = max(
         worst_case_cost(route.model_spec(), request) for route in serving_routes(request, routes)
     )
+    return round(worst * BATCH_PRICE_FACTOR, 6) if batch else worst
 
 
 class RoutePrice(BaseModel):
@@ -74,6 +95,10 @@ class RoutePrice(BaseModel):
     requests: int = Field(description="Requests the route can serve.")
     images: int = Field(description="Images those requests ask for.")
     worst_case_usd: float = Field(description="Their cost at worst: auto quality as high.")
+    batch_worst_case_usd: float | None = Field(
+        default=None,
+        description="The same through OpenAI's Batch API, where the route has it.",
+    )
     refused: list[str] = Field(
         default_factory=list, description="Why the route cannot serve the others."
     )
@@ -91,11 +116,13 @@ def price_on_route(requests: Sequence[ImageRequest], route: GptImageRoute) -> Ro
             refused.append(str(exc))
         else:
             served.append(request)
+    worst = round(sum(worst_case_cost(spec, request) for request in served), 6)
     return RoutePrice(
         route=route.route_name,
         model=route.model,
         requests=len(served),
         images=sum(request.n for request in served),
-        worst_case_usd=round(sum(worst_case_cost(spec, request) for request in served), 6),
+        worst_case_usd=worst,
+        batch_worst_case_usd=round(worst * BATCH_PRICE_FACTOR, 6) if route.has_batch_api else None,
         refused=refused,
     )

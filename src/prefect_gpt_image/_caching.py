@@ -145,14 +145,26 @@ def find_cached(store: ResultStore, keys: Sequence[str]) -> GeneratedImage | Non
 
 
 def remember(
-    store: ResultStore, key: str, image: GeneratedImage, expiration: timedelta | None
-) -> None:
-    """Cache `image` under `key` as well: the key of the route that made it."""
+    store: ResultStore,
+    key: str,
+    image: GeneratedImage,
+    expiration: timedelta | None,
+    fallback: ResultStore | None = None,
+) -> bool:
+    """Cache `image` under `key`, where no task run did: under the key of the route that
+    made it, or an image the Batch API made. Whether `store` took it; if it did not,
+    `fallback` (if given) keeps it instead."""
     until = datetime.now(timezone.utc) + expiration if expiration is not None else None
     try:
         store.write(image, key=key, expiration=until)  # type: ignore[arg-type]
-    except Exception as exc:  # the task's own record is written by Prefect; this is a bonus
-        logger.warning("Could not cache the image under its route's key %s: %s", key, exc)
+        return True
+    except Exception as exc:
+        if fallback is None:  # the task's own record is written by Prefect: this is a bonus
+            logger.warning("Could not cache the image under its route's key %s: %s", key, exc)
+            return False
+        logger.debug("Could not cache the image under %s: %s", key, exc)
+    fallback.write(image, key=key)
+    return False
 
 
 def fallback_store() -> ResultStore:

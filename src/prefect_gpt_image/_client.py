@@ -19,6 +19,7 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from prefect_gpt_image._billing import call_cost, worst_case_cost
 from prefect_gpt_image._budget import Budget
+from prefect_gpt_image._charges import Charges
 from prefect_gpt_image._edits import InputFile, input_files
 from prefect_gpt_image._images import inspect_image, media_type_label
 from prefect_gpt_image._request_bodies import openai_body, rapidapi_body
@@ -185,7 +186,7 @@ class GenerationClient(ABC):
         """The error a non-2xx answer means."""
 
     def _images(
-        self, payload: object, request: ImageRequest, usage: Usage | None
+        self, payload: object, request: ImageRequest, usage: Usage | None, *, batch: bool = False
     ) -> GeneratedImage:
         route = self._route
         files = [self._file(reference) for reference in find_images(payload)]
@@ -197,7 +198,7 @@ class GenerationClient(ABC):
             route=route.route_name,
             source_url=first_url(payload),
             generated_at=datetime.now(timezone.utc),
-            cost_usd=call_cost(self._spec, request, len(files), usage),
+            cost_usd=call_cost(self._spec, request, len(files), usage, batch=batch),
             usage=usage,
             more_images=more,
         )
@@ -454,10 +455,10 @@ class OpenAIClient(GenerationClient):
             "model": body.pop("model"),
             "prompt": body.pop("prompt"),
             "extra_body": body,
-            "extra_headers": _auth_headers(route),
+            "extra_headers": auth_headers(route),
             "timeout": route.timeout_seconds,
         }
-        images = _openai_client(route).images.with_raw_response
+        images = openai_client(route).images.with_raw_response
         try:
             if files is None:
                 raw = images.generate(**options)
@@ -479,12 +480,23 @@ class OpenAIClient(GenerationClient):
     def _error(self, status: int, headers: httpx.Headers, body: bytes) -> APIError:
         return error_for_openai_response(status, headers, body, self._route.model)
 
+    def batch_image(self, payload: object, request: ImageRequest) -> GeneratedImage:
+        """The image of an answer the Batch API gave, checked as a synchronous answer's
+        is, and priced at the batch price. The answer is paid for even if it is unusable."""
+        usage = usage_of(payload)
+        try:
+            return self._images(payload, request, usage, batch=True)
+        except GptImageError as exc:
+            cost = call_cost(self._spec, request, request.n, usage, batch=True)
+            exc.charges = Charges(calls=1, usd=cost)
+            raise
+
 
 _openai_clients: dict[tuple[str, ...], openai.OpenAI] = {}
 _openai_clients_lock = threading.Lock()
 
 
-def _openai_client(route: OpenAICredentials) -> openai.OpenAI:
+def openai_client(route: OpenAICredentials) -> openai.OpenAI:
     """One `openai.OpenAI` per endpoint, key and billing account: one pool each."""
     import openai
 
@@ -510,7 +522,7 @@ def _openai_client(route: OpenAICredentials) -> openai.OpenAI:
         return client
 
 
-def _auth_headers(route: OpenAICredentials) -> dict[str, Any]:
+def auth_headers(route: OpenAICredentials) -> dict[str, Any]:
     """Azure OpenAI's `api-key` header instead of the bearer token, where asked."""
     import openai
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -27,6 +29,26 @@ except ImportError:  # Windows
 
 POLL_SECONDS = 0.05
 """How often a waiting run checks whether the lock is free."""
+
+
+@contextmanager
+def held(manager: LockManager | None, key: str, timeout: float) -> Iterator[bool]:
+    """Hold `key` in `manager` for the block's duration; yields whether it is held (False
+    when it was not freed within `timeout` seconds). A lock that only expiry frees (in
+    Redis) expires after `timeout` too: its holder is stuck or dead."""
+    if manager is None:
+        yield True
+        return
+    holder = uuid.uuid4().hex
+    hold = None if isinstance(manager, OSFileLockManager) else timeout  # freed by the OS
+    if not manager.acquire_lock(key, holder, acquire_timeout=timeout, hold_timeout=hold):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        if manager.is_lock_holder(key, holder):
+            manager.release_lock(key, holder)
 
 
 def file_lock_manager(directory: Path) -> LockManager:

@@ -3,6 +3,7 @@ every image is paid for, is found before the first call."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from prefect.client.orchestration import get_client
@@ -11,8 +12,10 @@ from prefect_aws import S3Bucket
 
 from prefect_gpt_image._object_keys import check_key_room, join_key
 from prefect_gpt_image._storage import check_writable
-from prefect_gpt_image.errors import ConfigurationError
-from prefect_gpt_image.models import ApiLimits
+from prefect_gpt_image.blocks._route import GptImageRoute
+from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+from prefect_gpt_image.errors import ConfigurationError, InvalidRequestError
+from prefect_gpt_image.models import ApiLimits, ImageRequest
 
 
 def check_global_limits(limits: ApiLimits) -> None:
@@ -35,6 +38,25 @@ def check_global_limits(limits: ApiLimits) -> None:
                     f"The global concurrency limit {name!r} has no slot decay, so it cannot "
                     "limit a rate: give it one, or pass it as global_concurrency_limit."
                 )
+
+
+def batch_api_route(
+    routes: Sequence[GptImageRoute], requests: Sequence[ImageRequest]
+) -> OpenAICredentials:
+    """The route a `mode="batch"` run sends through: OpenAI's Batch API is the first
+    route's, which must speak the OpenAI protocol; batches hold generations only."""
+    route = routes[0]
+    if not (route.has_batch_api and isinstance(route, OpenAICredentials)):
+        raise ConfigurationError(
+            f"mode='batch' sends through OpenAI's Batch API, which the route "
+            f"{route.route_name} does not have: give an OpenAICredentials block as the "
+            "first credentials, or use mode='sync'."
+        )
+    if any(request.is_edit for request in requests):
+        raise InvalidRequestError(
+            "mode='batch' sends generations only: run the edits with mode='sync'."
+        )
+    return route
 
 
 def check_redis(url: str) -> None:

@@ -5,6 +5,8 @@
   `call_with_retries`.
 - A paid image's download is retried within its generation attempt: the API gives no
   way to fetch it again later.
+- The Batch API's own calls (files, batches) are free and made outside task runs: they
+  follow `call_with_retries` too. The requests inside a batch are the API's to retry.
 - Each S3 request is also retried by botocore itself, for throttling and lost
   connections, beneath the upload's own retries.
 - Prefect fixes a task's delays when it is defined, so a server's Retry-After (parsed in
@@ -24,8 +26,10 @@ from prefect.tasks import exponential_backoff
 T = TypeVar("T")
 
 GENERATION_RETRIES = 4
-GENERATION_RETRY_DELAYS = exponential_backoff(backoff_factor=2)(GENERATION_RETRIES)
-"""2, 4, 8 and 16 seconds, spread by the jitter below."""
+GENERATION_RETRY_DELAYS = [1.0, 4.0, 8.0, 16.0]
+"""Seconds before each retry, spread by the jitter below: the first soon, for the odd 429 or
+5xx of a busy API (a batch's slowest prompts are the ones that wait); the others doubling,
+for an outage, which they ride out for about half a minute in all."""
 
 UPLOAD_RETRIES = 3
 UPLOAD_RETRY_DELAYS = exponential_backoff(backoff_factor=1)(UPLOAD_RETRIES)
@@ -39,6 +43,10 @@ MAX_SERVER_WAIT_SECONDS = 60.0
 DOWNLOAD_RETRY_DELAYS = (1.0, 2.0)
 """Waits before the second and third try of a paid image's download."""
 DOWNLOAD_ATTEMPTS = len(DOWNLOAD_RETRY_DELAYS) + 1
+
+BATCH_API_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
+"""Waits between tries of a Batch API call (upload, create, retrieve, download): made
+outside a task run, and free, unlike a generation."""
 
 S3_ATTEMPTS_PER_REQUEST = 4
 """botocore's tries of one S3 request, in its standard retry mode."""

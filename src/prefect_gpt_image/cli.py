@@ -83,6 +83,27 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--refresh-cache", action="store_true", help="generate again even where cached (pays)"
     )
+    generate.add_argument(
+        "--mode",
+        choices=("sync", "batch"),
+        default="sync",
+        help="batch: through OpenAI's Batch API, at half price, within 24 hours; run the "
+        "same command again to collect what is ready",
+    )
+    generate.add_argument(
+        "--batch-wait-minutes",
+        type=_amount(at_least=0, at_most=1440),
+        default=10,
+        metavar="M",
+        help="with --mode batch: how long to wait for the batches before leaving them to a "
+        "later run",
+    )
+    generate.add_argument(
+        "--cancel-batches",
+        action="store_true",
+        help="with --mode batch: cancel these prompts' batches, store what they answered, "
+        "send nothing new",
+    )
     generate.set_defaults(command=_generate)
 
     price = commands.add_parser(
@@ -264,6 +285,9 @@ def _generate(args: argparse.Namespace) -> int:
                 max_cost_usd=args.max_cost_usd,
                 allow_failures=args.allow_failures,
                 refresh_cache=args.refresh_cache,
+                mode=args.mode,
+                batch_wait_minutes=args.batch_wait_minutes,
+                cancel_batches=args.cancel_batches,
             )
     except BatchFailedError as exc:
         print_report(exc.report)
@@ -294,6 +318,8 @@ def _price(args: argparse.Namespace) -> int:
         where = f"{price.route} {price.model}".ljust(width)
         cost = f"${price.worst_case_usd:,.2f}".rjust(10)
         line = f"  {where}  {cost}  for {price.images} images"
+        if price.batch_worst_case_usd is not None:
+            line += f" (${price.batch_worst_case_usd:,.2f} through the Batch API)"
         if price.refused:
             line += f"; {len(price.refused)} requests refused, e.g. {price.refused[0]}"
         print(line)

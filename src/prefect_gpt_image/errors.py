@@ -178,6 +178,13 @@ class InvalidImageError(GptImageError):
     """The downloaded bytes are not a PNG, JPEG or WebP image, or are too large."""
 
 
+class BatchNotDoneError(GptImageError):
+    """An OpenAI batch ended (expired, cancelled, refused) without answering the request.
+
+    The next run sends it again: nothing was charged for it.
+    """
+
+
 class UnsafeImageURLError(GptImageError):
     """The API pointed at an address this machine should not fetch from.
 

@@ -414,6 +414,15 @@ class PromptFailure(BaseModel):
     )
 
 
+class WaitingPrompt(BaseModel):
+    """A prompt sent through OpenAI's Batch API whose batch was still running when the run
+    stopped waiting: the next run with the same prompts collects it, and pays nothing more."""
+
+    prompt: str
+    name: str | None = None
+    batch_id: str = Field(description="The batch that holds it.")
+
+
 class BatchReport(BaseModel):
     """What a `generate_images` run produced and what it cost."""
 
@@ -429,6 +438,14 @@ class BatchReport(BaseModel):
         description="What calls that timed out after they were sent may have cost, apart "
         "from `cost_usd`: the provider may have billed them.",
     )
+    waiting: list[WaitingPrompt] = Field(
+        default_factory=list,
+        description="Prompts still in running OpenAI batches: a later run collects them.",
+    )
+    synchronous_cost_usd: float | None = Field(
+        default=None,
+        description="Through the Batch API: what the same images would have cost synchronously.",
+    )
 
     def summary(self) -> str:
         possibly = (
@@ -436,8 +453,18 @@ class BatchReport(BaseModel):
             if self.possibly_charged_usd
             else ""
         )
+        waiting = (
+            f", {len(self.waiting)} waiting in OpenAI batches (run again to collect them)"
+            if self.waiting
+            else ""
+        )
+        price = (
+            f" at the batch price (${self.synchronous_cost_usd:.2f} synchronously)"
+            if self.synchronous_cost_usd is not None
+            else ""
+        )
         return (
-            f"{len(self.images)} stored, {len(self.failures)} failed; "
+            f"{len(self.images)} stored, {len(self.failures)} failed{waiting}; "
             f"{self.generated} generated, {self.from_cache} from cache; "
-            f"cost ${self.cost_usd:.2f}{possibly}"
+            f"cost ${self.cost_usd:.2f}{price}{possibly}"
         )

@@ -1,7 +1,8 @@
 """A loopback HTTP server that speaks two GPT Image protocols: NexaAPI's endpoint on
 RapidAPI (`POST /generate`) and OpenAI's Images API (`POST .../images/generations`, and
 `POST .../images/edits` for edits of uploaded images, as OpenAI, gateways and Azure OpenAI's
-v1 endpoint serve it).
+v1 endpoint serve it), with OpenAI's Files and Batch APIs (`.../files`, `.../batches`) for
+generations and edits submitted in bulk.
 
 Tests, demos and benchmarks cannot reach (or pay for) the real APIs, so this server answers
 the same requests with the same status codes and bodies, draws a fresh image per generation
@@ -9,6 +10,8 @@ or edit (captioned with the prompt's first words), records every call, with the 
 each uploaded image, and can inject the failures a real deployment meets. It can also
 enforce a requests-per-second limit, pad images to a realistic size and, run as its own
 process (`python -m prefect_gpt_image.testing.emulator`), report its counters over HTTP.
+A batch answers its request lines with the same code as synchronous calls, on a thread of
+its own, and writes its output and error files to disk (see `_batch_api`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -43,10 +47,13 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, MappingProxyType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from prefect_gpt_image.testing._batch_api import BatchApi
 
 __all__ = ["OPENAI_MODELS", "RESPONSE_SHAPES", "Fault", "GptImageEmulator", "RecordedCall", "main"]
 
@@ -91,6 +98,9 @@ _TOO_MANY = "Too many requests"
 _PADDING_CHUNK = b"prVt"
 """Ancillary, private, reserved bit clear, safe to copy (the case rules of PNG chunk types):
 every decoder skips it, so it can carry filler that makes an image as big as a real one."""
+
+_STREAM_CHUNK = 1024**2
+"""Bytes per write of a file sent from disk."""
 
 _STATS_PATH = "/__emulator__/stats"
 _RESET_PATH = "/__emulator__/reset"
@@ -322,7 +332,9 @@ class RecordedCall:
     OpenAI-route answer 200. An edit's `body` holds its text fields; its files are recorded as
     hex SHA-256 digests, `inputs` in the order sent and `mask`, so a test can tell which bytes
     were edited; `input_fidelity` is as the API resolved it ("low" unless asked otherwise).
-    A refused edit records neither.
+    A refused edit records neither. A request line of a batch is recorded in `batch_calls`,
+    never in `calls`, with its batch's `batch_id` and its own `custom_id`, and `path` the
+    line's url.
     """
 
     prompt: str | None
@@ -339,6 +351,8 @@ class RecordedCall:
     inputs: list[str] = dataclasses.field(default_factory=list)
     mask: str | None = None
     input_fidelity: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
 
 
 @dataclass
@@ -355,10 +369,14 @@ class _QueuedFault:
 
 @dataclass(frozen=True)
 class _Reply:
+    """An answer to send; `stream`, when set, is an open file sent in chunks instead of `body`
+    (a batch's output file, which may hold a thousand images) and closed once sent."""
+
     status: int
     body: bytes
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    stream: BinaryIO | None = None
 
 
 @dataclass(frozen=True)
@@ -1173,6 +1191,22 @@ class GptImageEmulator:
     pads each PNG to at least that size. `keep_images=False` keeps only hashes of served
     images and drops each image once downloaded, so a long benchmark runs in bounded memory.
 
+    The same prefixes serve OpenAI's Files and Batch APIs (see `_batch_api`), so that
+    `client.files` and `client.batches` work too. `POST .../files` uploads a file (a batch's
+    requests as JSONL with `purpose="batch"`, at most `batch_max_file_bytes`), which
+    `GET .../files/{id}`, `GET .../files/{id}/content` and `DELETE .../files/{id}` describe,
+    download and delete; contents are kept on disk, in a directory removed by `stop()`.
+    `POST .../batches` runs a file against `/v1/images/generations` or `/v1/images/edits`
+    (JSON bodies, images as data URLs or file ids); `GET .../batches[/{id}]` lists or polls
+    batches and `POST .../batches/{id}/cancel` cancels one. A batch checks its file (at most
+    `batch_max_requests` lines) and moves from `validating` through `in_progress` and
+    `finalizing` to `completed` over about `batch_processing_seconds`, answering each line as
+    a synchronous call to its endpoint would be answered (refusals, queued faults, images and
+    usage alike, but no rate limit or latency), into an output file and an error file. With
+    `batch_expire_after` set, a batch expires once that many requests are processed. Lines
+    are recorded in `batch_calls`, never in `calls`; `batches` lists every batch as the API
+    describes it.
+
     Besides the API, the server answers `GET /__emulator__/stats` (the counters as JSON) and
     `POST /__emulator__/reset` (calls `reset()`) without a key: they are test controls on
     loopback, for a benchmark that runs the emulator as its own process.
@@ -1195,6 +1229,9 @@ class GptImageEmulator:
         image_bytes: int | None = None,
         keep_images: bool = True,
         models: Mapping[str, Sequence[str] | None] = OPENAI_MODELS,
+        batch_processing_seconds: float = 1.0,
+        batch_max_requests: int = 50_000,
+        batch_max_file_bytes: int = 200 * 1024**2,
     ) -> None:
         if shape not in (*RESPONSE_SHAPES, "cycle"):
             raise ValueError(f"unknown shape {shape!r}; use one of {RESPONSE_SHAPES} or 'cycle'")
@@ -1205,6 +1242,12 @@ class GptImageEmulator:
                 raise ValueError(f"image_bytes must be a positive integer, got {image_bytes!r}")
             if image_format != "png":
                 raise ValueError("image_bytes pads PNG images only; use image_format='png'")
+        for name, limit in (
+            ("batch_max_requests", batch_max_requests),
+            ("batch_max_file_bytes", batch_max_file_bytes),
+        ):
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ValueError(f"{name} must be a positive integer, got {limit!r}")
         for model, sizes in models.items():
             for size in sizes or ():
                 dimensions = _dimensions(size)
@@ -1242,11 +1285,20 @@ class GptImageEmulator:
         self._origin = ""
         self._epoch = 0
         self._in_flight = 0
+        self.batch_processing_seconds = batch_processing_seconds
+        self.batch_expire_after = None
+        self.batch_max_requests = batch_max_requests
+        self.batch_max_file_bytes = batch_max_file_bytes
+        # imported here: the module builds on this one's helpers
+        from prefect_gpt_image.testing._batch_api import BatchApi
+
+        self._batch_api: BatchApi = BatchApi(self)
         self._clear()
 
     def _clear(self) -> None:
         self._epoch += 1  # calls still in flight across a reset are not recorded
         self._calls: list[tuple[int, RecordedCall]] = []
+        self._batch_calls: list[RecordedCall] = []
         self._faults: list[_QueuedFault] = []
         self._blobs: dict[str, _Reply] = {}
         self._once: set[str] = set()  # blobs to drop once downloaded, when not keep_images
@@ -1279,6 +1331,34 @@ class GptImageEmulator:
         with self._lock:
             self._bucket = _Bucket.full(value) if value is not None else None
 
+    @property
+    def batch_processing_seconds(self) -> float:
+        """About how long a batch takes, from `validating` to `completed`, when drawing its
+        images takes less: a tenth validating, most of it spread over its requests, a tenth
+        finalizing. Read when a batch is created, so setting it affects new batches only;
+        0 runs them as fast as the images are drawn."""
+        return self._batch_seconds
+
+    @batch_processing_seconds.setter
+    def batch_processing_seconds(self, value: float) -> None:
+        if isinstance(value, bool) or not (0 <= value < math.inf):
+            raise ValueError(f"batch_processing_seconds must be a number >= 0, got {value!r}")
+        self._batch_seconds = float(value)
+
+    @property
+    def batch_expire_after(self) -> int | None:
+        """None, or the requests a new batch processes before it expires, as a batch does
+        when its 24 hours run out: the rest go to its error file as `batch_expired`."""
+        return self._batch_expire_after
+
+    @batch_expire_after.setter
+    def batch_expire_after(self, value: int | None) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise ValueError(f"batch_expire_after must be None or an integer >= 0, got {value!r}")
+        self._batch_expire_after = value
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> GptImageEmulator:
@@ -1297,7 +1377,8 @@ class GptImageEmulator:
         return self
 
     def stop(self) -> None:
-        """Stop serving and drop open connections; safe to call twice."""
+        """Stop serving, drop open connections, stop batches and delete the files uploaded
+        or written; safe to call twice."""
         server, self._server = self._server, None
         if server is None:
             return
@@ -1307,6 +1388,7 @@ class GptImageEmulator:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        self._batch_api.clear()
 
     def __enter__(self) -> GptImageEmulator:
         return self.start()
@@ -1391,6 +1473,18 @@ class GptImageEmulator:
         return sum(call.fault == "rate_limit" for call in self.calls)
 
     @property
+    def batch_calls(self) -> list[RecordedCall]:
+        """Request lines that batches processed, in the order processed; `calls` has none."""
+        with self._lock:
+            return list(self._batch_calls)
+
+    @property
+    def batches(self) -> list[dict[str, Any]]:
+        """Every batch created since the last reset, oldest first, as `GET .../batches/{id}`
+        describes it now."""
+        return self._batch_api.batches()
+
+    @property
     def stats(self) -> dict[str, int]:
         """The counters `GET /__emulator__/stats` reports."""
         return {
@@ -1399,12 +1493,15 @@ class GptImageEmulator:
             "rate_limited": self.rate_limited,
             "peak_concurrency": self.peak_concurrency,
             "image_downloads": self.image_downloads,
+            "batch_requests": len(self.batch_calls),
+            "batches_created": len(self.batches),
         }
 
     def reset(self) -> None:
-        """Forget calls, images and faults between tests and refill the rate limit's bucket;
-        configuration such as `rate_limit`, `latency` and `models` (a retired model stays
-        retired), and image uniqueness, are kept."""
+        """Forget calls, images, faults, batches and files between tests and refill the rate
+        limit's bucket; configuration such as `rate_limit`, `latency`, `models` (a retired
+        model stays retired) and the `batch_*` settings, and image uniqueness, are kept."""
+        self._batch_api.clear()  # first: batches take the lock to draw and record
         with self._lock:
             self._clear()
 
@@ -1446,13 +1543,13 @@ class GptImageEmulator:
 
     def _handle_post(self, path: str, raw: bytes, headers: dict[str, str]) -> _Reply:
         """Route a POST: RapidAPI's protocol at `self.path`, OpenAI's at any other path ending
-        in `/images/generations` or `/images/edits`, 404 elsewhere."""
+        in `/images/generations` or `/images/edits`, then Files and Batches, 404 elsewhere."""
         if path == self.path:
             answer = self._answer_generate
         elif path.endswith((_GENERATIONS_SUFFIX, _EDITS_SUFFIX)):
             answer = self._answer_openai
         else:
-            return _not_found(path)
+            return self._handle_api("POST", path, headers, raw)
         with self._lock:
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
@@ -1506,39 +1603,69 @@ class GptImageEmulator:
         reply = self._openai_gatekeep(headers)
         if reply is None:
             refusal, limit_headers = self._take_token(openai=True, model=request.model)
-            fault = self._take_fault(request.prompt) if refusal is None else None
             if refusal is not None:
                 kind, reply = "rate_limit", refusal
-            elif fault is not None:
-                kind, reply = fault.kind, self._openai_fault_reply(fault, request)
             else:
-                reply = self._generate_openai(request)
+                kind, reply = self._respond_openai(request)
             reply = _with_headers(reply, limit_headers)
-        reply = _with_headers(reply, (("x-request-id", f"req_{secrets.token_hex(16)}"),))
+        reply = _with_headers(reply, (("x-request-id", _request_id()),))
+        self._record(arrival, epoch, self._openai_call(path, request, reply.status, kind, headers))
+        return reply
+
+    def _respond_openai(
+        self, request: _ImageRequest, latency: float | None = None
+    ) -> tuple[str | None, _Reply]:
+        """The answer to an admitted OpenAI-protocol request, and the kind of fault injected
+        into it, if any; `latency` overrides `self.latency` (a batch's requests have none)."""
+        fault = self._take_fault(request.prompt)
+        if fault is not None:
+            return fault.kind, self._openai_fault_reply(fault, request, latency)
+        return None, self._generate_openai(request, latency)
+
+    def _openai_call(
+        self,
+        path: str,
+        request: _ImageRequest,
+        status: int,
+        kind: str | None,
+        headers: Mapping[str, str],
+    ) -> RecordedCall:
+        """The record of `request` answered `status`, billed (with usage) when 200."""
         images = 0 if kind == "no_image" else request.n
-        call = RecordedCall(
+        return RecordedCall(
             request.prompt,
             request.width,
             request.height,
             request.body,
-            reply.status,
+            status,
             kind,
             _redacted(headers),
             path,
             request.model,
             request.n,
-            request.usage(images) if reply.status == 200 else None,
+            request.usage(images) if status == 200 else None,
             [upload.sha256 for upload in request.uploads],
             request.mask,
             request.input_fidelity,
         )
-        self._record(arrival, epoch, call)
-        return reply
 
     def _record(self, arrival: int, epoch: int, call: RecordedCall) -> None:
         with self._lock:
             if epoch == self._epoch:
                 bisect.insort(self._calls, (arrival, call), key=lambda item: item[0])
+
+    def _record_batch(self, epoch: int, call: RecordedCall) -> None:
+        """Record a batch's request line, unless the emulator was reset since `epoch`."""
+        with self._lock:
+            if epoch == self._epoch:
+                self._batch_calls.append(call)
+
+    def _handle_api(
+        self, method: str, path: str, headers: Mapping[str, str], raw: bytes = b"", query: str = ""
+    ) -> _Reply:
+        """A request to the Files or Batches API (see `_batch_api`), or 404 for any other path."""
+        reply = self._batch_api.handle(method, path, headers, raw, query)
+        return reply if reply is not None else _not_found(path)
 
     def _gatekeep(self, headers: Mapping[str, str]) -> _Reply | None:
         key = headers.get("x-rapidapi-key")
@@ -1610,7 +1737,7 @@ class GptImageEmulator:
             time.sleep(left)
         return self._link(path, blob, inline=data, advance=True, once=not self.keep_images)
 
-    def _generate_openai(self, request: _ImageRequest) -> _Reply:
+    def _generate_openai(self, request: _ImageRequest, latency: float | None = None) -> _Reply:
         if request.refusal is not None:
             return request.refusal
         prompt = request.prompt or ""
@@ -1622,7 +1749,8 @@ class GptImageEmulator:
             self._draw(prompt, *request.size, request.output_format, transparent=transparent)
             for _ in range(request.n)
         ]
-        if (left := started + self.latency - time.monotonic()) > 0:
+        latency = self.latency if latency is None else latency
+        if (left := started + latency - time.monotonic()) > 0:
             time.sleep(left)
         return _json(200, request.answer([{"b64_json": _b64(data)} for data in images]))
 
@@ -1687,13 +1815,15 @@ class GptImageEmulator:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
         return self._link(self._new_path("png"), _Reply(200, data, "image/png"), inline=data)
 
-    def _openai_fault_reply(self, fault: Fault, request: _ImageRequest) -> _Reply:
+    def _openai_fault_reply(
+        self, fault: Fault, request: _ImageRequest, latency: float | None = None
+    ) -> _Reply:
         """`fault` in OpenAI's words; images travel inline, so URL faults become links or
         broken inline images, and a slow download a slow answer."""
         kind = fault.kind
         if kind in ("stall", "slow_download"):
             time.sleep(fault.seconds or 0.0)
-            return self._generate_openai(request)
+            return self._generate_openai(request, latency)
         if kind == "rate_limited":
             return _openai_rate_limited(fault, request.model)
         if kind in ("quota_exceeded", "insufficient_quota"):
@@ -1864,7 +1994,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(emulator._handle_post(path, raw, headers))
 
     def do_GET(self) -> None:
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
         emulator = self.server.emulator
         control = emulator._control("GET", path)
         if control is not None:
@@ -1875,16 +2006,33 @@ class _Handler(BaseHTTPRequestHandler):
             if last:
                 emulator._forget(path)
         else:
-            self._send(_not_found(path))
+            self._send(emulator._handle_api("GET", path, self._headers(), query=url.query))
+
+    def do_DELETE(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = urlsplit(self.path).path
+        self._send(self.server.emulator._handle_api("DELETE", path, self._headers()))
+
+    def _headers(self) -> dict[str, str]:
+        return {name.lower(): value for name, value in self.headers.items()}
 
     def _send(self, reply: _Reply) -> None:
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(reply.body)
+        stream = reply.stream
+        try:
+            length = len(reply.body) if stream is None else os.fstat(stream.fileno()).st_size
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(length))
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.end_headers()
+            if stream is None:
+                self.wfile.write(reply.body)
+            else:
+                shutil.copyfileobj(stream, self.wfile, _STREAM_CHUNK)
+        finally:
+            if stream is not None:
+                stream.close()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: a test run makes thousands of requests."""
@@ -1892,6 +2040,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _not_found(path: str) -> _Reply:
     return _message(404, f"Endpoint '{path}' does not exist")
+
+
+def _request_id() -> str:
+    """An `x-request-id` as OpenAI writes it."""
+    return f"req_{secrets.token_hex(16)}"
 
 
 def _b64(data: bytes) -> str:
@@ -1986,7 +2139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m prefect_gpt_image.testing.emulator",
         description=(
             "Serve a local stand-in for the GPT Image API: NexaAPI's on RapidAPI at /generate, "
-            "and OpenAI's Images API at /v1/images/generations and /v1/images/edits."
+            "and OpenAI's Images API at /v1/images/generations and /v1/images/edits, with its "
+            "Files and Batch APIs at /v1/files and /v1/batches."
         ),
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -2011,6 +2165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--image-bytes", type=int, default=None, help="pad each PNG to at least this many bytes"
     )
     parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=1.0,
+        dest="batch_processing_seconds",
+        help="about how long a batch takes from validating to completed",
+    )
+    parser.add_argument(
         "--keep-images",
         action="store_true",
         help="keep every image in memory (by default only hashes, for long runs)",
@@ -2029,6 +2190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate_limit_headers=args.rate_limit_headers,
             image_bytes=args.image_bytes,
             keep_images=args.keep_images,
+            batch_processing_seconds=args.batch_processing_seconds,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -1,0 +1,323 @@
+"""A run's requests on OpenAI's Batch API: which are in a batch already, sending the rest,
+and reading each batch's answers once it ends.
+
+Every request sent is recorded under its cache key (a `BatchPointer`, kept where the
+generation cache is) before its batch is created and again after, so that a run stopped
+at any point and started again finds its batches instead of paying for new ones. Once a
+batch ends, its images go to the cache like any other, so that the cache, not the
+pointer, answers for them next time; a request the batch did not answer is marked
+settled, and the next run sends it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prefect.results import ResultStore
+from pydantic import BaseModel, Field
+
+from prefect_gpt_image._batch_api import (
+    BatchAnswer,
+    BatchApiClient,
+    BatchStatus,
+    request_line,
+    split_lines,
+)
+from prefect_gpt_image._request_bodies import openai_body
+from prefect_gpt_image._responses import error_for_openai_response
+from prefect_gpt_image.errors import (
+    BatchNotDoneError,
+    EndpointNotFoundError,
+    GptImageError,
+    InvalidResponseError,
+)
+from prefect_gpt_image.models import GeneratedImage, ImageRequest
+
+if TYPE_CHECKING:
+    from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+
+logger = logging.getLogger(__name__)
+
+POLL_DELAYS = (1.0, 2.0, 5.0, 10.0, 20.0)
+"""Waits between looks at a run's batches: quick at first (a small batch may end in
+seconds), then every `POLL_EVERY_SECONDS`."""
+POLL_EVERY_SECONDS = 30.0
+LISTED_BATCH_ERRORS = 5
+
+
+class BatchPointer(BaseModel):
+    """Where a request was sent: its input file, then its batch."""
+
+    request: ImageRequest = Field(
+        description="The request, so that its image is kept even by a run that did not ask for it."
+    )
+    input_file_id: str
+    batch_id: str | None = Field(
+        default=None, description="None between the file's upload and the batch's creation."
+    )
+    settled: bool = Field(
+        default=False, description="The batch ended without answering it: send it again."
+    )
+
+
+def pointer_key(cache_key: str) -> str:
+    return f"{cache_key}-batch"
+
+
+def sending_lock_key(route: OpenAICredentials) -> str:
+    """The lock a run holds while it finds and sends its batches through `route`."""
+    identity = json.dumps(route.cache_identity(), sort_keys=True).encode()
+    return "gpt-image-batches-" + hashlib.sha256(identity).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Collected:
+    """A request's image, read from its batch's output. `asked` is False for a request of
+    an earlier run's batch that this run did not ask for: it is paid for, so it is cached
+    all the same."""
+
+    key: str
+    image: GeneratedImage
+    asked: bool = True
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """A request its batch refused, failed, or ended without."""
+
+    key: str
+    error: GptImageError
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A request whose batch is still running when the run stops waiting for it."""
+
+    key: str
+    batch_id: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Requests answered so far in the batches still running."""
+
+    completed: int
+
+
+BatchEvent = Collected | Unanswered | Waiting | Progress
+
+ReadImage = Callable[[object, ImageRequest], GeneratedImage]
+"""Reads an answer's body into a checked image priced at the batch price."""
+
+
+class BatchJobs:
+    """The batches that answer `requests` (by cache key) through one route."""
+
+    def __init__(
+        self,
+        route: OpenAICredentials,
+        store: ResultStore,
+        requests: Mapping[str, ImageRequest],
+        read_image: ReadImage,
+    ) -> None:
+        self._route = route
+        self._api = BatchApiClient(route)
+        self._store = store
+        self._requests = dict(requests)
+        self._read_image = read_image
+        self._batches: dict[str, list[str]] = {}
+        """Batch id -> the keys of this run it answers."""
+        self.created: list[str] = []
+        """The batches this run created."""
+
+    @property
+    def batch_ids(self) -> list[str]:
+        return list(self._batches)
+
+    def batch_of(self, key: str) -> str | None:
+        """The batch that answers `key`, if it is in one."""
+        return next((batch for batch, keys in self._batches.items() if key in keys), None)
+
+    # --- plan ------------------------------------------------------------------------------
+
+    def attach(self, *, create: bool = True) -> list[str]:
+        """Find the batches the requests are in already (creating, if `create`, the batch of
+        an input file a stopped run uploaded but did not start); returns the keys in none."""
+        unsent: list[str] = []
+        unstarted: dict[str, list[str]] = {}
+        for key in self._requests:
+            pointer = self._pointer(key)
+            if pointer is None or pointer.settled:
+                unsent.append(key)
+            elif pointer.batch_id is None:
+                unstarted.setdefault(pointer.input_file_id, []).append(key)
+            else:
+                self._batches.setdefault(pointer.batch_id, []).append(key)
+        for file_id, keys in unstarted.items():
+            status = self._api.find(file_id) or (self._create(file_id) if create else None)
+            if status is None:
+                unsent += keys
+                continue
+            self._record(keys, file_id, status.id)
+            self._batches.setdefault(status.id, []).extend(keys)
+        return unsent
+
+    def submit(self, keys: Sequence[str]) -> None:
+        """Send `keys` in as few batches as the route's limits allow."""
+        route = self._route
+        lines = [
+            request_line(key, openai_body(self._requests[key], route.model, route.default_extras))
+            for key in keys
+        ]
+        start = 0
+        for end in split_lines(lines, route.batch_max_requests, route.batch_max_file_bytes):
+            chunk = list(keys[start:end])
+            file_id = self._api.upload(lines[start:end], name=f"{chunk[0]}.jsonl")
+            self._record(chunk, file_id, None)  # found again, should the run stop here
+            status = self._create(file_id)
+            self._record(chunk, file_id, status.id)
+            self._batches[status.id] = chunk
+            start = end
+
+    def cancel(self) -> None:
+        """Ask the API to stop the run's batches: what they answered is still collected."""
+        for batch_id in self._batches:
+            status = self._api.retrieve(batch_id)
+            if not status.ended:
+                self._api.cancel(batch_id)
+                logger.info("Cancelling batch %s", batch_id)
+
+    # --- run -------------------------------------------------------------------------------
+
+    def collect(self, deadline: float) -> Iterator[BatchEvent]:
+        """Look at the batches until each has ended or `deadline` (a `time.monotonic()`)
+        passes, reading each one's answers as it ends."""
+        live = dict(self._batches)
+        delays = itertools.chain(POLL_DELAYS, itertools.repeat(POLL_EVERY_SECONDS))
+        while live:
+            completed = 0
+            for batch_id in list(live):
+                try:
+                    status = self._api.retrieve(batch_id)
+                except EndpointNotFoundError:  # deleted, or another account's: gone
+                    yield from self._gone(batch_id, live.pop(batch_id))
+                    continue
+                if status.ended:
+                    yield from self._answers(status, live.pop(batch_id))
+                else:
+                    completed += status.completed
+            yield Progress(completed)
+            left = deadline - time.monotonic()
+            if live and left <= 0:
+                for batch_id, keys in live.items():
+                    yield from (Waiting(key, batch_id) for key in keys)
+                return
+            if live:
+                time.sleep(min(next(delays), left))
+
+    def _answers(self, status: BatchStatus, keys: list[str]) -> Iterator[BatchEvent]:
+        asked = set(keys)
+        seen: set[str] = set()
+        for file_id in (status.output_file_id, status.error_file_id):
+            if file_id is None:
+                continue
+            for answer in self._api.answers(file_id):
+                key = answer.custom_id
+                request = self._requests.get(key) or self._stray_request(key)
+                if request is None or key in seen:
+                    continue
+                seen.add(key)
+                event = self._event(answer, request, asked=key in asked)
+                if isinstance(event, Unanswered):
+                    self._settle(key)
+                if event.key in asked or isinstance(event, Collected):
+                    yield event
+        for key in keys:
+            if key not in seen:
+                self._settle(key)
+                yield Unanswered(key, _not_done(status))
+
+    def _gone(self, batch_id: str, keys: list[str]) -> Iterator[BatchEvent]:
+        for key in keys:
+            self._settle(key)
+            yield Unanswered(
+                key,
+                BatchNotDoneError(
+                    f"The API no longer knows batch {batch_id}; the next run sends the "
+                    "request again."
+                ),
+            )
+
+    def _event(
+        self, answer: BatchAnswer, request: ImageRequest, *, asked: bool
+    ) -> Collected | Unanswered:
+        key = answer.custom_id
+        if not answer.answered:
+            return Unanswered(key, self._refusal(answer))
+        try:
+            return Collected(key, self._read_image(answer.body, request), asked=asked)
+        except GptImageError as exc:
+            return Unanswered(key, exc)
+        except Exception as exc:  # an answer no reader expects: still the API's fault
+            unreadable = f"The batch's answer could not be read ({type(exc).__name__})."
+            return Unanswered(key, InvalidResponseError(unreadable))
+
+    def _refusal(self, answer: BatchAnswer) -> GptImageError:
+        if answer.status_code is not None:
+            body = json.dumps(answer.body).encode()
+            return error_for_openai_response(answer.status_code, {}, body, self._route.model)
+        return BatchNotDoneError(
+            f"The batch did not answer the request ({answer.error_code}): "
+            f"{answer.error_message or 'no reason given'}. The next run sends it again."
+        )
+
+    # --- pointers --------------------------------------------------------------------------
+
+    def _create(self, file_id: str) -> BatchStatus:
+        status = self._api.create(file_id)
+        self.created.append(status.id)
+        logger.info("Created batch %s from %s", status.id, file_id)
+        return status
+
+    def _pointer(self, key: str) -> BatchPointer | None:
+        try:
+            result = self._store.read(pointer_key(key)).result
+        except Exception:  # none yet, or unreadable: either way the request is unsent
+            return None
+        return result if isinstance(result, BatchPointer) else None
+
+    def _stray_request(self, key: str) -> ImageRequest | None:
+        pointer = self._pointer(key)
+        return pointer.request if pointer is not None else None
+
+    def _record(self, keys: Sequence[str], file_id: str, batch_id: str | None) -> None:
+        for key in keys:
+            pointer = BatchPointer(
+                request=self._requests[key], input_file_id=file_id, batch_id=batch_id
+            )
+            self._store.write(pointer, key=pointer_key(key))
+
+    def _settle(self, key: str) -> None:
+        pointer = self._pointer(key)
+        if pointer is not None and not pointer.settled:
+            settled = pointer.model_copy(update={"settled": True})
+            self._store.write(settled, key=pointer_key(key))
+
+
+def _not_done(status: BatchStatus) -> BatchNotDoneError:
+    if status.status == "failed" and status.errors:
+        listed = "; ".join(status.errors[:LISTED_BATCH_ERRORS])
+        return BatchNotDoneError(
+            f"OpenAI refused batch {status.id}: {listed}. The next run sends the requests again."
+        )
+    return BatchNotDoneError(
+        f"Batch {status.id} ended {status.status} before answering the request; it was not "
+        "charged, and the next run sends it again."
+    )
