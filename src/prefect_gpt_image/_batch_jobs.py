@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,7 @@ POLL_DELAYS = (1.0, 2.0, 5.0, 10.0, 20.0)
 seconds), then every `POLL_EVERY_SECONDS`."""
 POLL_EVERY_SECONDS = 30.0
 LISTED_BATCH_ERRORS = 5
+POINTER_WRITERS = 8
 
 
 class BatchPointer(BaseModel):
@@ -134,6 +136,7 @@ class BatchJobs:
         self._read_image = read_image
         self._batches: dict[str, list[str]] = {}
         """Batch id -> the keys of this run it answers."""
+        self._batch_of: dict[str, str] = {}
         self.created: list[str] = []
         """The batches this run created."""
 
@@ -143,7 +146,11 @@ class BatchJobs:
 
     def batch_of(self, key: str) -> str | None:
         """The batch that answers `key`, if it is in one."""
-        return next((batch for batch, keys in self._batches.items() if key in keys), None)
+        return self._batch_of.get(key)
+
+    def _add(self, batch_id: str, keys: Sequence[str]) -> None:
+        self._batches.setdefault(batch_id, []).extend(keys)
+        self._batch_of.update(dict.fromkeys(keys, batch_id))
 
     # --- plan ------------------------------------------------------------------------------
 
@@ -159,14 +166,14 @@ class BatchJobs:
             elif pointer.batch_id is None:
                 unstarted.setdefault(pointer.input_file_id, []).append(key)
             else:
-                self._batches.setdefault(pointer.batch_id, []).append(key)
+                self._add(pointer.batch_id, [key])
         for file_id, keys in unstarted.items():
             status = self._api.find(file_id) or (self._create(file_id) if create else None)
             if status is None:
                 unsent += keys
                 continue
             self._record(keys, file_id, status.id)
-            self._batches.setdefault(status.id, []).extend(keys)
+            self._add(status.id, keys)
         return unsent
 
     def submit(self, keys: Sequence[str]) -> None:
@@ -183,7 +190,7 @@ class BatchJobs:
             self._record(chunk, file_id, None)  # found again, should the run stop here
             status = self._create(file_id)
             self._record(chunk, file_id, status.id)
-            self._batches[status.id] = chunk
+            self._add(status.id, chunk)
             start = end
 
     def cancel(self) -> None:
@@ -298,11 +305,17 @@ class BatchJobs:
         return pointer.request if pointer is not None else None
 
     def _record(self, keys: Sequence[str], file_id: str, batch_id: str | None) -> None:
-        for key in keys:
+        """Point each of `keys` at `file_id` and `batch_id`, a few writes at a time: the
+        storage may be S3, where each is a round trip."""
+
+        def write(key: str) -> None:
             pointer = BatchPointer(
                 request=self._requests[key], input_file_id=file_id, batch_id=batch_id
             )
             self._store.write(pointer, key=pointer_key(key))
+
+        with ThreadPoolExecutor(POINTER_WRITERS, thread_name_prefix="batch-pointer") as pool:
+            list(pool.map(write, keys))
 
     def _settle(self, key: str) -> None:
         pointer = self._pointer(key)
