@@ -43,6 +43,7 @@ from prefect_gpt_image._caching import (
     find_cached,
     is_fallback,
     remember,
+    stored_keys,
 )
 from prefect_gpt_image._charges import NO_CHARGES
 from prefect_gpt_image._locking import held
@@ -99,6 +100,7 @@ class BatchRunner:
         self._folder = folder
         self._max_cost_usd = max_cost_usd
         self._cache, self._fallback = cache_store(generate), fallback_store()
+        self._cache_is_fallback = is_fallback(self._cache)
         self._uncached = {key for key in batch.groups if not batch.settled(key)}
         self._waiting: deque[str] = deque()
         self._in_flight: set[str] = set()
@@ -116,12 +118,15 @@ class BatchRunner:
         are in the bucket too: a re-run then costs a cache read per image, not a task run.
         One image is in memory at a time."""
         batch, bucket = self.batch, self._bucket
-        fallback = None if is_fallback(self._cache) else self._fallback
+        fallback = None if self._cache_is_fallback else self._fallback
         in_bucket: dict[str, int] | None = None
+        present = stored_keys(self._cache)
         for key in batch.groups:
             if batch.settled(key):  # refused before anything was sent
                 continue
             keys = batch.lookup_keys(key)
+            if present is not None and fallback is None and present.isdisjoint(keys):
+                continue  # not in the cache: no need to try reading it
             if (image := find_cached(self._cache, keys)) is None:
                 if fallback is None or (image := find_cached(fallback, keys)) is None:
                     continue
@@ -396,6 +401,8 @@ class BatchRunner:
     def _keep(self, key: str, image: GeneratedImage, *, written: bool = True) -> None:
         """Make sure the cache holds a paid image: the one its task run `written`, or one
         the Batch API made, which no task run wrote."""
+        if written and self._cache_is_fallback:
+            return  # the task run kept it where the fallback would: there is no other place
         if written:
             kept = ensure_kept(self._cache, self._fallback, key, image)
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -165,6 +166,24 @@ def remember(
         logger.debug("Could not cache the image under %s: %s", key, exc)
     fallback.write(image, key=key)
     return False
+
+
+def stored_keys(store: ResultStore) -> set[str] | None:
+    """The keys `store` holds, where that is one directory listing away (local storage):
+    a batch then reads only the records that exist. None where it is not."""
+    from prefect.filesystems import LocalFileSystem
+
+    storage = store.result_storage
+    if not isinstance(storage, LocalFileSystem) or not storage.basepath:
+        return None
+    if store.metadata_storage is not None:
+        return None
+    try:
+        return set(os.listdir(Path(storage.basepath).expanduser()))
+    except FileNotFoundError:
+        return set()
+    except OSError:  # unreadable: let each read say what is wrong
+        return None
 
 
 def fallback_store() -> ResultStore:

@@ -37,6 +37,11 @@ METADATA_PROMPT_BYTES = 1024
 """S3 allows 2 KB of user metadata in all; the prompt gets at most this much of it."""
 
 _clients: dict[int, Any] = {}
+_clients_by_object: dict[int, tuple[Any, Any]] = {}
+"""The same clients by the credentials object's identity, for the objects seen last: hashing
+the block's fields on every request costs more than signing it. A block is not changed in
+place once used; a changed copy is another object."""
+_KNOWN_OBJECTS = 64
 _clients_lock = threading.Lock()
 
 _CREDENTIAL_ERRORS = {
@@ -51,6 +56,9 @@ _CREDENTIAL_ERRORS = {
 def s3_client(bucket: S3Bucket) -> Any:
     """The process-wide boto3 client for this bucket's credentials."""
     credentials = bucket.credentials
+    known = _clients_by_object.get(id(credentials))
+    if known is not None and known[0] is credentials:
+        return known[1]
     cache_key = hash(credentials)
     with _clients_lock:
         if (client := _clients.get(cache_key)) is None:
@@ -62,6 +70,9 @@ def s3_client(bucket: S3Bucket) -> Any:
                 "s3", region_name=credentials.region_name, config=config, **params
             )
             _clients[cache_key] = client
+        if len(_clients_by_object) >= _KNOWN_OBJECTS:
+            _clients_by_object.clear()
+        _clients_by_object[id(credentials)] = (credentials, client)
         return client
 
 
