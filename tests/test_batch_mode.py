@@ -322,3 +322,15 @@ def test_a_run_stopped_between_upload_and_batch_creation_starts_that_file_once(
     stopped._record(keys, file_id, None)  # as if killed again, after the creation
     assert second.attach() == [] and batch_api.stats["batches_created"] == 1
     assert second.batch_ids == first.batch_ids
+
+
+def test_refresh_cache_pays_for_a_new_batch_instead_of_collecting_the_last_one(
+    batch_api: GptImageEmulator, openai_credentials: OpenAICredentials, bucket: S3Bucket
+) -> None:
+    texts = prompts(2)
+    run(openai_credentials, bucket, texts)
+
+    again = run(openai_credentials, bucket, texts, refresh_cache=True)
+
+    assert again.generated == 2 and again.cost_usd > 0
+    assert batch_api.stats["batches_created"] == 2 and len(batch_api.batch_calls) == 4

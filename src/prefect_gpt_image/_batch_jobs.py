@@ -141,6 +141,10 @@ class BatchJobs:
         """The batches this run created."""
 
     @property
+    def keys(self) -> list[str]:
+        return list(self._requests)
+
+    @property
     def batch_ids(self) -> list[str]:
         return list(self._batches)
 

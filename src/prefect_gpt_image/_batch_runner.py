@@ -269,7 +269,10 @@ class BatchRunner:
                     f"{SENDING_LOCK_SECONDS / 60:.0f} minutes: nothing was sent. Run again "
                     "once it is done; it finds what that run sent."
                 )
-            unsent = jobs.attach(create=not cancel)
+            if self._generate.refresh_cache and not cancel:  # pay again: look for no batch
+                unsent = jobs.keys
+            else:
+                unsent = jobs.attach(create=not cancel)
             error: GptImageError | None = None
             if cancel:
                 jobs.cancel()
