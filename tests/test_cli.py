@@ -161,6 +161,35 @@ def test_credentials_repeat_for_fallback_routes(
     ]
 
 
+def test_generate_in_batch_mode_sends_one_batch_and_cancel_stops_it(
+    tmp_path: Path,
+    user_env: dict[str, str],
+    api: GptImageEmulator,
+    openai_credentials: OpenAICredentials,
+    s3_server: LocalS3Server,
+) -> None:
+    name = f"cli-batch-{uuid.uuid4().hex[:6]}"
+    openai_credentials.save(name)
+    bucket = f"cli-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a batched badger\na batched bittern\n", "utf-8")
+    command = ["generate", str(prompts), "--bucket", f"s3://{bucket}", "--credentials", name]
+    api.batch_processing_seconds = 120
+
+    sent = run([*command, "--mode", "batch", "--batch-wait-minutes", "0"], user_env)
+
+    assert sent.returncode == 0, sent.stderr
+    assert "2 waiting in OpenAI batches" in sent.stdout + sent.stderr
+    assert api.calls == [] and [b["status"] for b in api.batches] != ["cancelled"]
+
+    cancelled = run([*command, "--mode", "batch", "--cancel-batches"], user_env)
+
+    assert cancelled.returncode == 1  # the prompts were not made
+    assert [b["status"] for b in api.batches] == ["cancelled"]
+    assert api.calls == [] and api.stats["batches_created"] == 1
+
+
 def test_generate_edits_a_folder_of_photos_with_every_prompt(
     tmp_path: Path,
     user_env: dict[str, str],

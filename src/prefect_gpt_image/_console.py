@@ -27,6 +27,8 @@ def print_report(report: BatchReport) -> None:
         print(f"  ... and {len(report.images) - REPORT_MAX_IMAGES} more")
     for failure in report.failures:
         print(f"  FAILED {failure.prompt[:60]!r}: {failure.error}")
+    for waiting in report.waiting[:REPORT_MAX_IMAGES]:
+        print(f"  WAITING {waiting.prompt[:60]!r} in OpenAI batch {waiting.batch_id}")
     print(report.summary())
     if report.manifest_uri:
         print(f"Manifest: {report.manifest_uri}")
