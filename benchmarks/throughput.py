@@ -546,7 +546,7 @@ def batch_api(bench: Bench, n: int, image_bytes: int) -> list[str]:
     from pydantic import SecretStr
 
     from prefect_gpt_image import RapidAPICredentials
-    from prefect_gpt_image._billing import BATCH_PRICE_FACTOR
+    from prefect_gpt_image._billing import batch_price
     from prefect_gpt_image.model_table import MODELS
 
     with emulator(0.0, image_bytes=image_bytes) as api:
@@ -564,7 +564,7 @@ def batch_api(bench: Bench, n: int, image_bytes: int) -> list[str]:
     for model in ("gpt-image-1.5", "gpt-image-2"):
         price = MODELS[model].price_per_image("medium", 1024, 1024) or 0.0
         lines.append(f"| OpenAI {model}, synchronous | {1000 * price:.2f} |")
-        lines.append(f"| OpenAI {model}, Batch API | {1000 * price * BATCH_PRICE_FACTOR:.2f} |")
+        lines.append(f"| OpenAI {model}, Batch API | {batch_price(1000 * price):.2f} |")
     lines += [
         "",
         f"Measured: the run was billed ${1000 * r['cost_usd'] / n:.2f} per 1,000 images "

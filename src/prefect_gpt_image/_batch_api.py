@@ -178,9 +178,7 @@ class BatchApiClient:
     def _call(self, call: Callable[[], T]) -> T:
         """`call`, with `_retry_policy`'s retries, and the API's errors in the product's
         words (a key, quota or rate-limit problem reads as on the synchronous path)."""
-        return call_with_retries(
-            lambda: self._translated(call), BATCH_API_RETRY_DELAYS, retry_if=_retryable
-        )
+        return call_with_retries(lambda: self._translated(call), BATCH_API_RETRY_DELAYS)
 
     def _translated(self, call: Callable[[], T]) -> T:
         import openai
@@ -196,10 +194,6 @@ class BatchApiClient:
             raise APIConnectionError(
                 f"Could not reach {self._route.base_url}: {exc.__cause__ or exc}"
             ) from None
-
-
-def _retryable(exc: Exception) -> bool:
-    return bool(getattr(exc, "retryable", False))
 
 
 def _status(batch: openai.types.Batch) -> BatchStatus:

@@ -183,12 +183,9 @@ class BatchRunner:
                     self._in_flight.discard(tag)
                     self._generation_done(tag, future, uploads)
                     self._submit_generations()
-                elif (error := future.exception()) is None:
-                    batch.stored(tag, future.result()[0])
                 else:
-                    batch.upload_failed(tag, error)
-                progress.update(batch.done)
-                progress_listeners.report(batch.done, len(batch.requests))
+                    self._upload_done(tag, future)
+                self._report(progress)
 
     def run_batch_api(
         self,
@@ -249,12 +246,9 @@ class BatchRunner:
                     for key in keys:
                         if not batch.settled(key) and (batch_id := jobs.batch_of(key)):
                             batch.wait(key, batch_id)
-                elif (error := payload.exception()) is None:
-                    batch.stored(tag, payload.result()[0])
                 else:
-                    batch.upload_failed(tag, error)
-                progress.update(batch.done + in_batches)
-                progress_listeners.report(batch.done, len(batch.requests))
+                    self._upload_done(tag, payload)
+                self._report(progress, in_batches)
 
     def _send(self, jobs: BatchJobs, route: OpenAICredentials, *, cancel: bool) -> None:
         """Find the batches the requests are in, and send the rest (or, to `cancel`, cancel
@@ -297,6 +291,17 @@ class BatchRunner:
                 self._events.put(("batch", key, event))
         except Exception as exc:
             self._events.put(("collector failed", "", exc))
+
+    def _upload_done(self, index: int, future: Future[tuple[StoredImage, bool]]) -> None:
+        if (error := future.exception()) is None:
+            self.batch.stored(index, future.result()[0])
+        else:
+            self.batch.upload_failed(index, error)
+
+    def _report(self, progress: ProgressArtifact, in_batches: int = 0) -> None:
+        """Progress: prompts done, and requests OpenAI's batches have answered meanwhile."""
+        progress.update(self.batch.done + in_batches)
+        progress_listeners.report(self.batch.done, len(self.batch.requests))
 
     def _submit_generations(self) -> None:
         max_concurrency = self._limits.max_concurrency or 1

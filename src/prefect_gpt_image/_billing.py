@@ -37,7 +37,12 @@ def call_cost(
 ) -> float:
     """What one answered call cost, in USD; `batch`: answered through the Batch API."""
     cost = _synchronous_cost(spec, request, images, usage)
-    return round(cost * BATCH_PRICE_FACTOR, 6) if batch else cost
+    return batch_price(cost) if batch else cost
+
+
+def batch_price(usd: float) -> float:
+    """What the Batch API charges for what costs `usd` synchronously."""
+    return round(usd * BATCH_PRICE_FACTOR, 6)
 
 
 def synchronous_cost(batch_cost: float) -> float:
@@ -84,7 +89,7 @@ def worst_case_over_routes(
     worst = max(
         worst_case_cost(route.model_spec(), request) for route in serving_routes(request, routes)
     )
-    return round(worst * BATCH_PRICE_FACTOR, 6) if batch else worst
+    return batch_price(worst) if batch else worst
 
 
 class RoutePrice(BaseModel):
@@ -123,6 +128,6 @@ def price_on_route(requests: Sequence[ImageRequest], route: GptImageRoute) -> Ro
         requests=len(served),
         images=sum(request.n for request in served),
         worst_case_usd=worst,
-        batch_worst_case_usd=round(worst * BATCH_PRICE_FACTOR, 6) if route.has_batch_api else None,
+        batch_worst_case_usd=batch_price(worst) if route.has_batch_api else None,
         refused=refused,
     )

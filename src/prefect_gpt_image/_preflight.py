@@ -46,7 +46,7 @@ def batch_api_route(
     """The route a `mode="batch"` run sends through: OpenAI's Batch API is the first
     route's, which must speak the OpenAI protocol; batches hold generations only."""
     route = routes[0]
-    if not (route.has_batch_api and isinstance(route, OpenAICredentials)):
+    if not isinstance(route, OpenAICredentials):
         raise ConfigurationError(
             f"mode='batch' sends through OpenAI's Batch API, which the route "
             f"{route.route_name} does not have: give an OpenAICredentials block as the "

@@ -1990,8 +1990,7 @@ class _Handler(BaseHTTPRequestHandler):
         if control is not None:
             self._send(control)
         else:
-            headers = {name.lower(): value for name, value in self.headers.items()}
-            self._send(emulator._handle_post(path, raw, headers))
+            self._send(emulator._handle_post(path, raw, self._headers()))
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
