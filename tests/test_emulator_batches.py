@@ -320,6 +320,62 @@ def test_a_cancelled_batch_stops_and_keeps_what_completed(
     assert client.batches.cancel(batch.id).status == "cancelled"  # cancelling again is no error
 
 
+def test_output_faults_write_answer_lines_wrong_and_the_requests_are_billed_all_the_same(
+    client: openai.OpenAI, api: GptImageEmulator
+) -> None:
+    api.add_batch_output_fault("not_json", prompt_contains="html")
+    api.add_batch_output_fault("truncated", prompt_contains="cut")
+    api.add_batch_output_fault("no_custom_id", prompt_contains="anonymous")
+    api.add_batch_output_fault("stray", prompt_contains="copied", custom_id="someone-else")
+    api.add_batch_output_fault("truncated", prompt_contains="[reject]")
+    lines = [
+        generation("html", "an html page"),
+        generation("cut", "a cut line"),
+        generation("anonymous", "an anonymous line"),
+        generation("copied", "a copied line"),
+        generation("fine", "a fine line"),
+        generation("refused", "a [reject] line"),
+    ]
+    batch = wait(client, submit(client, lines).id)
+    assert (batch.status, counts(batch)) == ("completed", (6, 5, 1))
+
+    def raw(file_id: str | None) -> list[str]:
+        assert file_id is not None
+        with client.files.with_streaming_response.content(file_id) as response:
+            return [line for line in response.iter_lines() if line]
+
+    output, errors = raw(batch.output_file_id), raw(batch.error_file_id)
+    assert len(output) == 6 and len(errors) == 1
+    readable: list[Line] = []
+    broken: list[str] = []
+    for line in [*output, *errors]:
+        try:
+            readable.append(json.loads(line))
+        except ValueError:
+            broken.append(line)
+    assert any(line.startswith("<html>") for line in broken)
+    cut = sorted(line for line in broken if line.startswith("{"))
+    assert len(cut) == 2 and all(not line.endswith("}") for line in cut)
+    assert {'"custom_id": "cut"' in line or '"custom_id": "refused"' in line for line in cut} == {
+        True
+    }
+    assert sorted(str(line.get("custom_id")) for line in readable) == [
+        "None",
+        "copied",
+        "fine",
+        "someone-else",
+    ]
+    answers = {line.get("custom_id"): line for line in readable}
+    stray, copied = answers["someone-else"], answers["copied"]
+    assert stray["response"] == copied["response"] and stray["id"] != copied["id"]
+    assert len(api.batch_calls) == 6  # every request was answered, and billed if an image
+
+    with pytest.raises(ValueError, match="custom_id"):
+        api.add_batch_output_fault("stray")
+    with pytest.raises(ValueError, match="unknown output fault"):
+        api.add_batch_output_fault("garbled")
+
+
 # -- what the API refuses -----------------------------------------------------------------------
 
 

@@ -11,6 +11,11 @@ small state machine, run by a thread of its own:
     in_progress -> expired                    after `batch_expire_after` requests
     validating | in_progress -> cancelling -> cancelled
 
+`GptImageEmulator.add_batch_output_fault` spoils the answer lines a batch writes, as a
+faulty service or a file damaged in storage would: a line that is not JSON, one cut short,
+one without its `custom_id`, or a stray copy of an answer that carries another request's
+`custom_id`.
+
 Each request line is answered by the emulator's own code for a synchronous call (the same
 checks, queued faults, images and usage) without its rate limit or latency, and recorded
 apart, in `batch_calls`. File contents live in a temporary directory that the emulator owns
@@ -51,16 +56,18 @@ from prefect_gpt_image.testing.emulator import (
     _openai_error,
     _parse_openai,
     _Part,
+    _QueuedFault,
     _read_edit,
     _Refused,
     _Reply,
     _request_id,
     _string,
+    _take_queued,
     _with_headers,
 )
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.testing.emulator import GptImageEmulator
+    from prefect_gpt_image.testing.emulator import Fault, GptImageEmulator
 
 _ROUTE = re.compile(
     r"(?:/[^/]+)*?/(?P<kind>files|batches)(?:/(?P<id>[^/]+)(?:/(?P<action>[^/]+))?)?"
@@ -114,6 +121,7 @@ _NOT_RUN = {
 }
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
 _ALPHANUMERIC = string.ascii_letters + string.digits
+_NOT_JSON = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 
 
 def _now() -> int:
@@ -245,15 +253,30 @@ class _Sink:
         self.lines = 0
         self._handle: BinaryIO | None = None
 
-    def write(self, line: dict[str, Any]) -> None:
-        if self._handle is None:
-            self._handle = self.path.open("wb")
-        self._handle.write(json.dumps(line).encode() + b"\n")
-        self.lines += 1
+    def write(self, line: dict[str, Any], fault: Fault | None = None) -> None:
+        """Write `line`, or what the output `fault` makes of it."""
+        for data in [json.dumps(line).encode()] if fault is None else _spoiled(line, fault):
+            if self._handle is None:
+                self._handle = self.path.open("wb")
+            self._handle.write(data + b"\n")
+            self.lines += 1
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
+
+
+def _spoiled(line: dict[str, Any], fault: Fault) -> list[bytes]:
+    """The lines written instead of `line` under an output fault."""
+    encoded = json.dumps(line).encode()
+    if fault.kind == "not_json":
+        return [_NOT_JSON]
+    if fault.kind == "truncated":  # cut inside its image's base64, as by a partial write
+        return [encoded[: len(encoded) // 2]]
+    if fault.kind == "no_custom_id":
+        return [json.dumps({k: v for k, v in line.items() if k != "custom_id"}).encode()]
+    stray = {**line, "id": f"batch_req_{secrets.token_hex(16)}", "custom_id": fault.message}
+    return [encoded, json.dumps(stray).encode()]
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -346,8 +369,19 @@ class BatchApi:
         self._files = _Files()
         self._lock = threading.Lock()
         self._batches: dict[str, _Batch] = {}
+        self._output_faults: list[_QueuedFault] = []
 
     # -- the emulator's side ----------------------------------------------------------------
+
+    def add_output_fault(self, queued: _QueuedFault) -> None:
+        """Queue an output fault (see `GptImageEmulator.add_batch_output_fault`): it spoils
+        the answer line, in whichever file it goes to."""
+        with self._lock:
+            self._output_faults.append(queued)
+
+    def _take_output_fault(self, prompt: object) -> Fault | None:
+        with self._lock:
+            return _take_queued(self._output_faults, prompt if isinstance(prompt, str) else None)
 
     def batches(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -358,6 +392,7 @@ class BatchApi:
         (on `reset()` and `stop()`)."""
         with self._lock:
             batches, self._batches = list(self._batches.values()), {}
+            self._output_faults = []
             for batch in batches:
                 batch.halted = True
                 batch.wake.set()
@@ -633,7 +668,10 @@ class BatchApi:
             source.seek(line.offset)
             request = json.loads(source.readline())
             status, answer, usage = self._answer(batch, line.custom_id, request)
-            (output if status == 200 else failures).write(_output_line(line.custom_id, answer))
+            fault = self._take_output_fault((request.get("body") or {}).get("prompt"))
+            (output if status == 200 else failures).write(
+                _output_line(line.custom_id, answer), fault
+            )
             with self._lock:
                 if status == 200:
                     batch.completed += 1

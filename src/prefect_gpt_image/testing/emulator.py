@@ -212,6 +212,10 @@ _CAPTION_SIZES = (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112
 """Font sizes captions use: a short ladder, so that cached glyphs are reused across images."""
 
 
+BATCH_OUTPUT_FAULTS = ("not_json", "truncated", "no_custom_id", "stray")
+"""Ways a batch's answer line can be written wrong (see `add_batch_output_fault`)."""
+
+
 @dataclass(frozen=True)
 class Fault:
     """A misbehaviour to inject into the emulator's next answers; build it with a classmethod.
@@ -365,6 +369,18 @@ class _QueuedFault:
         if self.prompt_contains is None:
             return True
         return prompt is not None and self.prompt_contains in prompt
+
+
+def _take_queued(queue: list[_QueuedFault], prompt: str | None) -> Fault | None:
+    """The fault of the first of `queue` that matches `prompt`, counted down and dropped
+    once spent (call with the queue's lock held)."""
+    for queued in queue:
+        if queued.matches(prompt):
+            queued.remaining -= 1
+            if queued.remaining == 0:
+                queue.remove(queued)
+            return queued.fault
+    return None
 
 
 @dataclass(frozen=True)
@@ -1203,9 +1219,9 @@ class GptImageEmulator:
     `finalizing` to `completed` over about `batch_processing_seconds`, answering each line as
     a synchronous call to its endpoint would be answered (refusals, queued faults, images and
     usage alike, but no rate limit or latency), into an output file and an error file. With
-    `batch_expire_after` set, a batch expires once that many requests are processed. Lines
-    are recorded in `batch_calls`, never in `calls`; `batches` lists every batch as the API
-    describes it.
+    `batch_expire_after` set, a batch expires once that many requests are processed;
+    `add_batch_output_fault` writes some of its answer lines wrong. Lines are recorded in
+    `batch_calls`, never in `calls`; `batches` lists every batch as the API describes it.
 
     Besides the API, the server answers `GET /__emulator__/stats` (the counters as JSON) and
     `POST /__emulator__/reset` (calls `reset()`) without a key: they are test controls on
@@ -1527,14 +1543,32 @@ class GptImageEmulator:
             self.random_faults = tuple(faults)
             self._rng = random.Random(seed)
 
+    def add_batch_output_fault(
+        self,
+        kind: str,
+        *,
+        prompt_contains: str | None = None,
+        custom_id: str | None = None,
+        times: int = 1,
+    ) -> None:
+        """Write a batch's answer lines wrong for the next `times` requests whose prompt
+        contains `prompt_contains`; the requests are answered (and billed) all the same.
+        `kind` is "not_json" (an HTML error page instead of the line), "truncated" (the line
+        cut in half), "no_custom_id" (the line without its `custom_id`) or "stray" (the
+        line, then a copy of it carrying `custom_id`, another request's)."""
+        if kind not in BATCH_OUTPUT_FAULTS:
+            raise ValueError(f"unknown output fault {kind!r}; use one of {BATCH_OUTPUT_FAULTS}")
+        if (kind == "stray") != (custom_id is not None):
+            raise ValueError("a stray line, and only a stray line, needs the custom_id it carries")
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ValueError(f"times must be a positive integer, got {times!r}")
+        fault = Fault(kind, message=custom_id)
+        self._batch_api.add_output_fault(_QueuedFault(fault, times, prompt_contains))
+
     def _take_fault(self, prompt: str | None) -> Fault | None:
         with self._lock:
-            for queued in self._faults:
-                if queued.matches(prompt):
-                    queued.remaining -= 1
-                    if queued.remaining == 0:
-                        self._faults.remove(queued)
-                    return queued.fault
+            if (fault := _take_queued(self._faults, prompt)) is not None:
+                return fault
             if self.random_faults and self.fault_rate > 0 and self._rng.random() < self.fault_rate:
                 return self._rng.choice(self.random_faults)
         return None
