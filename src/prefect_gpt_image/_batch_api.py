@@ -4,7 +4,8 @@ hours, at half the synchronous price.
 A batch is a JSON Lines file of requests, each with a `custom_id` (here, the request's
 cache key), uploaded through the Files API and run with `completion_window="24h"`. Its
 answers come back as another file, one line per request, in any order, each holding its
-images in base64: that file is read line by line, never whole. The calls go through the
+images in base64: that file is read line by line, never whole, and a line that cannot be
+read is reported as such, never allowed to stop the reading of the rest. The calls go through the
 official `openai` package with its retries off; those made here follow `_retry_policy`.
 """
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from prefect_gpt_image._responses import error_for_openai_response
 from prefect_gpt_image._retry_policy import BATCH_API_RETRY_DELAYS, call_with_retries
@@ -33,6 +35,10 @@ COMPLETION_WINDOW: Final = "24h"
 BATCHES_SEARCHED = 1_000
 """How many of the account's latest batches are searched for one a stopped run created."""
 BATCH_METADATA = {"created_by": "prefect-gpt-image"}
+_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]{1,512})"')
+"""A line's `custom_id`, as it reads in a line that is not whole JSON."""
+_CUSTOM_ID_REACH = 4096
+"""How far into a broken line its `custom_id` is looked for: it comes before the answer."""
 
 BatchState = Literal[
     "validating",
@@ -80,6 +86,35 @@ class BatchAnswer(BaseModel):
     @property
     def answered(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
+
+
+class _LineResponse(BaseModel):
+    status_code: int
+    body: Any = None
+
+
+class _LineError(BaseModel):
+    code: str | None = None
+    message: str | None = None
+
+
+class _OutputLine(BaseModel):
+    """A line of an output or error file, as the API documents it (BatchRequestOutput)."""
+
+    custom_id: str = Field(min_length=1)
+    response: _LineResponse | None = None
+    error: _LineError | None = None
+
+
+class UnreadableLine(BaseModel):
+    """A line of an output or error file that is not an answer: not JSON, cut short, or
+    without a `custom_id`."""
+
+    number: int = Field(description="Its line number in the file, from 1.")
+    reason: str
+    custom_id: str | None = Field(
+        default=None, description="The `custom_id` it seems to carry, where one can be read."
+    )
 
 
 def request_line(custom_id: str, body: Mapping[str, Any]) -> bytes:
@@ -163,15 +198,15 @@ class BatchApiClient:
             self._call(lambda: self._openai.batches.cancel(batch_id, extra_headers=self._headers))
         )
 
-    def answers(self, file_id: str) -> Iterator[BatchAnswer]:
+    def answers(self, file_id: str) -> Iterator[BatchAnswer | UnreadableLine]:
         """The lines of an output or error file, streamed: one image's base64 at a time."""
         content = self._openai.files.with_streaming_response.content
         # Entered inside the retried call: the request is sent when the stream is opened.
         response = self._call(lambda: content(file_id, extra_headers=self._headers).__enter__())
         try:
-            for line in response.iter_lines():
+            for number, line in enumerate(response.iter_lines(), start=1):
                 if line.strip():
-                    yield _answer(line)
+                    yield _answer(number, line)
         finally:
             response.close()
 
@@ -217,16 +252,29 @@ def _line_error(line: int | None, code: str | None, message: str | None) -> str:
     return f"{where}{message or code or 'refused'}"
 
 
-def _answer(line: str) -> BatchAnswer:
-    """A line of an output or error file: `{custom_id, response: {status_code, body},
-    error: {code, message}}`."""
-    record = json.loads(line)
-    response = record.get("response") or {}
-    error = record.get("error") or {}
+def _answer(number: int, line: str) -> BatchAnswer | UnreadableLine:
+    """Line `number` of an output or error file: `{custom_id, response: {status_code,
+    body}, error: {code, message}}`, or why it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        text = line.strip()
+        cut = text.startswith("{") and not text.endswith("}")
+        seen = _CUSTOM_ID.search(line, 0, _CUSTOM_ID_REACH)
+        reason = "cut short" if cut else "not JSON"
+        return UnreadableLine(number=number, reason=reason, custom_id=seen[1] if seen else None)
+    try:
+        parsed = _OutputLine.model_validate(record)
+    except ValidationError:
+        custom_id = record.get("custom_id") if isinstance(record, dict) else None
+        if not isinstance(custom_id, str) or not custom_id:
+            return UnreadableLine(number=number, reason="no custom_id")
+        return UnreadableLine(number=number, reason="not an answer", custom_id=custom_id)
+    response, error = parsed.response, parsed.error
     return BatchAnswer(
-        custom_id=record["custom_id"],
-        status_code=response.get("status_code"),
-        body=response.get("body"),
-        error_code=error.get("code"),
-        error_message=error.get("message"),
+        custom_id=parsed.custom_id,
+        status_code=response.status_code if response else None,
+        body=response.body if response else None,
+        error_code=error.code if error else None,
+        error_message=error.message if error else None,
     )

@@ -5,8 +5,12 @@ Every request sent is recorded under its cache key (a `BatchPointer`, kept where
 generation cache is) before its batch is created and again after, so that a run stopped
 at any point and started again finds its batches instead of paying for new ones. Once a
 batch ends, its images go to the cache like any other, so that the cache, not the
-pointer, answers for them next time; a request the batch did not answer is marked
-settled, and the next run sends it again.
+pointer, answers for them next time. A line of its output is taken only for a request that
+batch was sent; a line that cannot be read fails its request (where it can be told) and
+no other. A request the API refused is an answer too: the refusal is kept in its pointer,
+and the request is not sent again until it changes (a new cache key) or `refresh_cache`
+asks. A request the batch did not answer otherwise is marked settled, and the next run
+sends it again.
 """
 
 from __future__ import annotations
@@ -24,16 +28,21 @@ from typing import TYPE_CHECKING
 from prefect.results import ResultStore
 from pydantic import BaseModel, Field
 
+from prefect_gpt_image import errors as error_types
 from prefect_gpt_image._batch_api import (
     BatchAnswer,
     BatchApiClient,
     BatchStatus,
+    UnreadableLine,
     request_line,
     split_lines,
 )
+from prefect_gpt_image._redaction import scrub
 from prefect_gpt_image._request_bodies import openai_body
 from prefect_gpt_image._responses import error_for_openai_response
 from prefect_gpt_image.errors import (
+    APIError,
+    BadRequestError,
     BatchNotDoneError,
     EndpointNotFoundError,
     GptImageError,
@@ -52,6 +61,31 @@ seconds), then every `POLL_EVERY_SECONDS`."""
 POLL_EVERY_SECONDS = 30.0
 LISTED_BATCH_ERRORS = 5
 POINTER_WRITERS = 8
+NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})
+"""Why a batch lists a request it never ran, and so never charged for."""
+
+
+class Refusal(BaseModel):
+    """The API's refusal of a request in a batch: its answer, kept so that the request is
+    not paid for again while it stays the same."""
+
+    error_type: str = Field(description="The error's class, in `prefect_gpt_image.errors`.")
+    message: str
+    status_code: int
+    batch_id: str
+
+    def error(self) -> GptImageError:
+        """The error the refusal was read as, saying it is not sent again."""
+        kind = getattr(error_types, self.error_type, None)
+        if not (isinstance(kind, type) and issubclass(kind, APIError)):
+            kind = BadRequestError
+        if kind.__init__ is not APIError.__init__:  # one that takes other fields
+            kind = BadRequestError
+        return kind(
+            f"{self.message} (Refused in batch {self.batch_id}: it is not sent again until "
+            "the request changes, or refresh_cache=True.)",
+            status_code=self.status_code,
+        )
 
 
 class BatchPointer(BaseModel):
@@ -66,6 +100,9 @@ class BatchPointer(BaseModel):
     )
     settled: bool = Field(
         default=False, description="The batch ended without answering it: send it again."
+    )
+    refusal: Refusal | None = Field(
+        default=None, description="The API refused it: do not send it again."
     )
 
 
@@ -137,6 +174,8 @@ class BatchJobs:
         self._batches: dict[str, list[str]] = {}
         """Batch id -> the keys of this run it answers."""
         self._batch_of: dict[str, str] = {}
+        self._refused: dict[str, GptImageError] = {}
+        """The requests the API refused in an earlier batch: not sent again."""
         self.created: list[str] = []
         """The batches this run created."""
 
@@ -165,7 +204,9 @@ class BatchJobs:
         unstarted: dict[str, list[str]] = {}
         for key in self._requests:
             pointer = self._pointer(key)
-            if pointer is None or pointer.settled:
+            if pointer is not None and pointer.refusal is not None:
+                self._refused[key] = pointer.refusal.error()
+            elif pointer is None or pointer.settled:
                 unsent.append(key)
             elif pointer.batch_id is None:
                 unstarted.setdefault(pointer.input_file_id, []).append(key)
@@ -209,7 +250,8 @@ class BatchJobs:
 
     def collect(self, deadline: float) -> Iterator[BatchEvent]:
         """Look at the batches until each has ended or `deadline` (a `time.monotonic()`)
-        passes, reading each one's answers as it ends."""
+        passes, reading each one's answers as it ends; first, the refusals `attach` found."""
+        yield from (Unanswered(key, error) for key, error in self._refused.items())
         live = dict(self._batches)
         delays = itertools.chain(POLL_DELAYS, itertools.repeat(POLL_EVERY_SECONDS))
         while live:
@@ -236,24 +278,54 @@ class BatchJobs:
     def _answers(self, status: BatchStatus, keys: list[str]) -> Iterator[BatchEvent]:
         asked = set(keys)
         seen: set[str] = set()
-        for file_id in (status.output_file_id, status.error_file_id):
+        unreadable: list[str] = []  # unreadable lines whose request cannot be told
+        for kind, file_id in (("output", status.output_file_id), ("error", status.error_file_id)):
             if file_id is None:
                 continue
             for answer in self._api.answers(file_id):
                 key = answer.custom_id
-                request = self._requests.get(key) or self._stray_request(key)
-                if request is None or key in seen:
+                if key is not None and key in seen:  # the first answer counts
+                    continue
+                request = self._sent(status.id, key, asked)
+                if isinstance(answer, UnreadableLine):
+                    where = f"line {answer.number} of its {kind} file: {answer.reason}"
+                    logger.warning("Batch %s: %s", status.id, where)
+                    if key is None or request is None:
+                        unreadable.append(where)
+                        continue
+                    seen.add(key)
+                    self._settle(key)
+                    if key in asked:
+                        yield Unanswered(key, _unreadable(status, [where]))
+                    continue
+                if key is None or request is None:
+                    logger.warning(
+                        "Batch %s answered %s, a request it was not sent: ignored.", status.id, key
+                    )
                     continue
                 seen.add(key)
                 event = self._event(answer, request, asked=key in asked)
                 if isinstance(event, Unanswered):
-                    self._settle(key)
+                    self._settle(key, self._refusal_record(answer, event.error, status.id))
                 if event.key in asked or isinstance(event, Collected):
                     yield event
         for key in keys:
             if key not in seen:
                 self._settle(key)
-                yield Unanswered(key, _not_done(status))
+                error = _unreadable(status, unreadable) if unreadable else _not_done(status)
+                yield Unanswered(key, error)
+
+    def _sent(self, batch_id: str, key: str | None, asked: set[str]) -> ImageRequest | None:
+        """The request `key` names, if it was sent in batch `batch_id`: by this run, or by
+        an earlier run that this run did not ask for it (it is paid for all the same)."""
+        if key is None:
+            return None
+        if key in asked:
+            return self._requests[key]
+        pointer = self._pointer(key)
+        if pointer is None or pointer.batch_id != batch_id or pointer.settled:
+            return None
+        return pointer.request
 
     def _gone(self, batch_id: str, keys: list[str]) -> Iterator[BatchEvent]:
         for key in keys:
@@ -284,9 +356,28 @@ class BatchJobs:
         if answer.status_code is not None:
             body = json.dumps(answer.body).encode()
             return error_for_openai_response(answer.status_code, {}, body, self._route.model)
+        reason = (answer.error_message or "no reason given").strip().rstrip(".")
+        charged = "it was not charged, and " if answer.error_code in NOT_RUN else ""
         return BatchNotDoneError(
-            f"The batch did not answer the request ({answer.error_code}): "
-            f"{answer.error_message or 'no reason given'}. The next run sends it again."
+            f"The batch did not run the request ({answer.error_code}: {reason}); "
+            f"{charged}the next run sends it again."
+        )
+
+    def _refusal_record(
+        self, answer: BatchAnswer, error: GptImageError, batch_id: str
+    ) -> Refusal | None:
+        """What to keep of `error`, where the API refused the request itself: another
+        batch would refuse it again. An error of the moment (a rate limit, a server error)
+        or of the route (a key, a quota, a model) is not kept: the request is sent again."""
+        if answer.status_code is None or not isinstance(error, APIError):
+            return None
+        if error.retryable or error.drops_route or error.stops_batch:
+            return None
+        return Refusal(
+            error_type=type(error).__name__,
+            message=scrub(str(error), self._route.api_key.get_secret_value()),
+            status_code=answer.status_code,
+            batch_id=batch_id,
         )
 
     # --- pointers --------------------------------------------------------------------------
@@ -304,10 +395,6 @@ class BatchJobs:
             return None
         return result if isinstance(result, BatchPointer) else None
 
-    def _stray_request(self, key: str) -> ImageRequest | None:
-        pointer = self._pointer(key)
-        return pointer.request if pointer is not None else None
-
     def _record(self, keys: Sequence[str], file_id: str, batch_id: str | None) -> None:
         """Point each of `keys` at `file_id` and `batch_id`, a few writes at a time: the
         storage may be S3, where each is a round trip."""
@@ -321,11 +408,26 @@ class BatchJobs:
         with ThreadPoolExecutor(POINTER_WRITERS, thread_name_prefix="batch-pointer") as pool:
             list(pool.map(write, keys))
 
-    def _settle(self, key: str) -> None:
+    def _settle(self, key: str, refusal: Refusal | None = None) -> None:
+        """Mark `key` as answered by its batch without an image: to be sent again, or not,
+        if the API refused it (`refusal`)."""
         pointer = self._pointer(key)
-        if pointer is not None and not pointer.settled:
-            settled = pointer.model_copy(update={"settled": True})
+        if pointer is not None and (not pointer.settled or refusal is not None):
+            settled = pointer.model_copy(update={"settled": True, "refusal": refusal})
             self._store.write(settled, key=pointer_key(key))
+
+
+def _unreadable(status: BatchStatus, lines: Sequence[str]) -> InvalidResponseError:
+    """The error of a request whose answer may be in an unreadable line of `status`'s
+    files: it may have been charged, and the next run sends it again."""
+    listed = "; ".join(lines[:LISTED_BATCH_ERRORS])
+    more = (
+        f" and {len(lines) - LISTED_BATCH_ERRORS} more" if len(lines) > LISTED_BATCH_ERRORS else ""
+    )
+    return InvalidResponseError(
+        f"Batch {status.id} ended {status.status}, but its answer to the request could not "
+        f"be read ({listed}{more}); it may have been charged. The next run sends it again."
+    )
 
 
 def _not_done(status: BatchStatus) -> BatchNotDoneError:

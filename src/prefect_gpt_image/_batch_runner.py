@@ -228,7 +228,10 @@ class BatchRunner:
             while not batch.finished:
                 stage, tag, payload = self._events.get()
                 if isinstance(payload, Collected):
-                    futures = [uploads.submit(self._keep, tag, payload.image, written=False)]
+                    # What this run paid to refresh replaces the cached image; nothing else.
+                    replace = bool(self._generate.refresh_cache) and payload.asked
+                    keep = partial(self._keep, written=False, replace=replace)
+                    futures = [uploads.submit(keep, tag, payload.image)]
                     if payload.asked and not batch.settled(tag):
                         futures += self._generated(tag, payload.image, uploads, cached=False)
                     _when_all_done(futures, slots.release)
@@ -406,16 +409,21 @@ class BatchRunner:
     def _watch(self, stage: str, tag: Any, future: PrefectFuture[Any] | Future[Any]) -> None:
         future.add_done_callback(lambda done: self._events.put((stage, tag, done)))
 
-    def _keep(self, key: str, image: GeneratedImage, *, written: bool = True) -> None:
+    def _keep(
+        self, key: str, image: GeneratedImage, *, written: bool = True, replace: bool = False
+    ) -> None:
         """Make sure the cache holds a paid image: the one its task run `written`, or one
-        the Batch API made, which no task run wrote."""
+        the Batch API made, which no task run wrote (and which `replace`s a different one
+        cached already only when asked)."""
         if written and self._cache_is_fallback:
             return  # the task run kept it where the fallback would: there is no other place
         if written:
             kept = ensure_kept(self._cache, self._fallback, key, image)
         else:
             expiration = self._generate.cache_expiration
-            kept = remember(self._cache, key, image, expiration, fallback=self._fallback)
+            kept = remember(
+                self._cache, key, image, expiration, fallback=self._fallback, replace=replace
+            )
         if not kept:
             self._logger.warning(
                 "The cache storage could not keep the image of %r; it is kept in local "

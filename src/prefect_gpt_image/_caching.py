@@ -151,10 +151,23 @@ def remember(
     image: GeneratedImage,
     expiration: timedelta | None,
     fallback: ResultStore | None = None,
+    *,
+    replace: bool = False,
 ) -> bool:
     """Cache `image` under `key`, where no task run did: under the key of the route that
-    made it, or an image the Batch API made. Whether `store` took it; if it did not,
-    `fallback` (if given) keeps it instead."""
+    made it, or an image the Batch API made. Whether `store` holds an image under `key`
+    now; if it did not take it, `fallback` (if given) keeps it instead.
+
+    A different image already cached there stays, unless `replace` (`refresh_cache`):
+    whoever was served it, and stored it, is served it again."""
+    cached = None if replace else cached_image(store, key)
+    if cached is not None and cached.sha256 != image.sha256:
+        logger.warning(
+            "Another image of %r is cached under %s already: it is kept, not replaced.",
+            image.request.label,
+            key,
+        )
+        return True
     until = datetime.now(timezone.utc) + expiration if expiration is not None else None
     try:
         store.write(image, key=key, expiration=until)  # type: ignore[arg-type]
