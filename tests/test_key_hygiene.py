@@ -38,6 +38,7 @@ from prefect_gpt_image import (
     generate_image,
     generate_images,
 )
+from prefect_gpt_image._batch_api import BatchApiClient
 from prefect_gpt_image._charges import Charges
 from prefect_gpt_image._redaction import scrub, scrub_error
 from prefect_gpt_image.blocks._route import GptImageRoute
@@ -304,6 +305,30 @@ def test_a_key_a_gateway_quotes_in_its_401_is_masked_on_every_path(
     written = _everything_written(state, bucket, s3_server, session_dir, debug_logs)
     for where, text in written.items():
         assert not leaked(text, wrong_key), f"the rejected key leaked into {where}"
+
+
+def test_a_batch_file_line_quoting_the_key_comes_out_masked(
+    api: GptImageEmulator, openai_credentials: OpenAICredentials, api_key: str
+) -> None:
+    """A line of a batch's error file is an answer too, read through the same boundary: a
+    refusal's body and a request-not-run's message lose the key; an image is not searched."""
+    batch_api = BatchApiClient(openai_credentials)
+    lines = [
+        {
+            "custom_id": "refused",
+            "response": {
+                "status_code": 401,
+                "body": {"error": {"message": f"Bearer {api_key} was refused", "code": "401"}},
+            },
+        },
+        {"custom_id": "not run", "error": {"code": "failed", "message": f"{api_key} revoked"}},
+    ]
+    file_id = batch_api.upload([json.dumps(line).encode() + b"\n" for line in lines], "e.jsonl")
+
+    refused, not_run = batch_api.answers(file_id)
+
+    assert refused.body["error"]["message"] == "Bearer *** was refused"
+    assert not_run.error_message == "*** revoked"
 
 
 # --- scrub ---------------------------------------------------------------------------------
