@@ -1624,11 +1624,11 @@ class GptImageEmulator:
             else:
                 kind, reply = self._respond_openai(request)
             reply = _with_headers(reply, limit_headers)
-        reply = _with_headers(self.through_gateway(reply), (("x-request-id", _request_id()),))
+        reply = _with_headers(self._through_gateway(reply), (("x-request-id", _request_id()),))
         self._record(arrival, epoch, self._openai_call(path, request, reply.status, kind, headers))
         return reply
 
-    def through_gateway(self, reply: _Reply) -> _Reply:
+    def _through_gateway(self, reply: _Reply) -> _Reply:
         """`reply` as `gateway` words it: an OpenAI-protocol error rewritten in its shape."""
         if self.gateway is None or reply.status < 400 or reply.stream is not None:
             return reply
