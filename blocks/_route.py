@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from prefect.blocks.abstract import CredentialsBlock
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from prefect_gpt_image.model_table import ModelSpec, model_spec
+from prefect_gpt_image.errors import ConfigurationError
+from prefect_gpt_image.model_table import MODELS, ModelSpec, model_spec
 from prefect_gpt_image.settings import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_TIMEOUT_SECONDS
 
 if TYPE_CHECKING:
@@ -77,6 +78,14 @@ class GptImageRoute(CredentialsBlock, ABC):
             "table's entries (sizes, qualities, formats, prices)."
         ),
     )
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Which table entry a model name this endpoint uses is, for a gateway that names "
+            "a model its own way: {'openai/gpt-image-2': 'gpt-image-2'}. The name is sent and "
+            "recorded as given; the entry says what it accepts and costs."
+        ),
+    )
 
     # Pydantic runs "before" validators last-defined first: `_screen_api_key` runs first
     # and hands `_refuse_api_key` either the clean key or a `_RefusedKey`, so that an
@@ -124,9 +133,31 @@ class GptImageRoute(CredentialsBlock, ABC):
         """How reports name this route: the saved block's name, else the endpoint's host."""
         return self._block_document_name or urlsplit(self.endpoint_url).netloc
 
+    @model_validator(mode="after")
+    def _aliases_name_entries(self) -> GptImageRoute:
+        """An alias must name an entry that exists: a typo is refused when the block is
+        made, not when a batch is about to be paid for."""
+        for name, entry in self.model_aliases.items():
+            try:
+                model_spec(entry, self.models)
+            except ConfigurationError:
+                raise ValueError(
+                    f"model_aliases maps {name!r} to {entry!r}, which is not in the model "
+                    f"table ({', '.join(MODELS)}) or the block's `models`."
+                ) from None
+        return self
+
     def model_spec(self) -> ModelSpec:
-        """What the model accepts and costs on this route."""
-        return model_spec(self.model, self.models)
+        """What the model accepts and costs on this route: its own entry, or the entry its
+        alias names (`model_aliases`)."""
+        try:
+            return model_spec(self.model_aliases.get(self.model, self.model), self.models)
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"{exc} If {self.model!r} is this endpoint's name for a model in the table, "
+                f"say which in `model_aliases`, e.g. model_aliases={{{self.model!r}: "
+                "'gpt-image-2'}."
+            ) from None
 
     def check_request(self, request: ImageRequest) -> None:
         """Refuse, before any paid call, a request this route's model cannot serve."""

@@ -24,7 +24,6 @@ from prefect_gpt_image._caching import (
 )
 from prefect_gpt_image._edits import checked_edit
 from prefect_gpt_image._object_keys import slugify
-from prefect_gpt_image._redaction import scrub_error
 from prefect_gpt_image._retry_policy import (
     GENERATION_RETRIES,
     GENERATION_RETRY_DELAYS,
@@ -176,17 +175,12 @@ def _generate(
                 charged_to=run_id,
                 input_bucket=input_bucket,
             )
-        except GptImageError as exc:
-            # Whatever wrote the text (httpx quotes a header it refuses), no key leaves here.
-            scrub_error(exc, route.api_key.get_secret_value())
+        except GptImageError as exc:  # its text holds no key: the client is `keyless`
             if book.failed(route, exc, fallback=number + 1 < len(live)):
                 get_run_logger().warning(
                     "Dropped the route %s for this run: %s", route.route_name, exc
                 )
                 continue
-            raise
-        except Exception as exc:  # not ours, so not retried; and its text holds no key either
-            scrub_error(exc, route.api_key.get_secret_value())
             raise
         book.succeeded(route)
         # Every attempt's charges: a broken answer is paid, and so is the retry after it.

@@ -77,6 +77,7 @@ def api(emulator: GptImageEmulator) -> Iterator[GptImageEmulator]:
     emulator.reset()
     emulator.shape, emulator.latency, emulator.subscribed = "url", 0.0, True
     emulator.rate_limit, emulator.rate_limit_headers = None, True
+    emulator.gateway, emulator.echo_keys = None, False
     models = dict(emulator.models)
     yield emulator
     emulator.reset()

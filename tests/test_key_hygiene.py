@@ -16,6 +16,7 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -27,6 +28,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.objects import State
 from prefect_aws import S3Bucket
 from pydantic import SecretStr, ValidationError
 
@@ -36,10 +38,16 @@ from prefect_gpt_image import (
     generate_image,
     generate_images,
 )
+from prefect_gpt_image._batch_api import BatchApiClient
 from prefect_gpt_image._charges import Charges
 from prefect_gpt_image._redaction import scrub, scrub_error
 from prefect_gpt_image.blocks._route import GptImageRoute
-from prefect_gpt_image.errors import APIConnectionError, ConfigurationError, ServerError
+from prefect_gpt_image.errors import (
+    APIConnectionError,
+    BatchFailedError,
+    ConfigurationError,
+    ServerError,
+)
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 
 LOGGERS = ("", "prefect", "prefect_gpt_image", "httpx", "openai", "botocore")
@@ -257,22 +265,70 @@ def test_the_key_appears_nowhere_on_either_route(
     assert state.is_failed()  # the refused prompt, after every other image is stored
     exc = state.result(raise_on_failure=False)
     assert len(exc.report.images) == 5, exc.report.failures
-    written = _what_prefect_stored(state.state_details.flow_run_id, "batch")
-    written["log"] = "\n".join(debug_logs.lines)
-    written["error"] = "".join(traceback.format_exception(exc)) + repr(exc)
-    written["state"] = f"{state!r} {state.message}"
-    written["report"] = exc.report.model_dump_json()
-    written["manifest"] = (
-        s3_server.boto3_client()
-        .get_object(Bucket=bucket.bucket_name, Key=exc.report.manifest_key)["Body"]
-        .read()
-        .decode()
-    )
-    written.update(_prefect_home(session_dir))
+    written = _everything_written(state, bucket, s3_server, session_dir, debug_logs)
     for where, text in written.items():
         assert not leaked(text, api_key), f"the API key leaked into {where}"
     # httpx did quote the key, and it was masked.
     assert any("Illegal header value" in line and "***'" in line for line in debug_logs.lines)
+
+
+@pytest.mark.parametrize("mode", ["sync", "batch"])
+def test_a_key_a_gateway_quotes_in_its_401_is_masked_on_every_path(
+    mode: str,
+    api: GptImageEmulator,
+    openai_credentials: OpenAICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+    session_dir: Path,
+    debug_logs: Everything,
+) -> None:
+    """A gateway that rejects a key quotes it whole: the synchronous path and the Batch API
+    path cross the same boundary, so neither lets it into the error, the report, the
+    manifest, the logs or what Prefect stores."""
+    api.gateway, api.echo_keys = "litellm", True
+    wrong_key = f"sk-gateway-rejects-{uuid.uuid4().hex}"
+    route = with_key(openai_credentials, wrong_key)
+
+    state = generate_images(
+        [f"a quoted quail #{n}" for n in range(2)],
+        bucket=bucket,
+        credentials=route,
+        mode=mode,
+        batch_wait_minutes=1,
+        return_state=True,
+    )
+
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, BatchFailedError), exc
+    assert {failure.error_type for failure in exc.report.failures} == {"AuthenticationError"}
+    assert all("***" in failure.error for failure in exc.report.failures)  # quoted, masked
+    written = _everything_written(state, bucket, s3_server, session_dir, debug_logs)
+    for where, text in written.items():
+        assert not leaked(text, wrong_key), f"the rejected key leaked into {where}"
+
+
+def test_a_batch_file_line_quoting_the_key_comes_out_masked(
+    api: GptImageEmulator, openai_credentials: OpenAICredentials, api_key: str
+) -> None:
+    """A line of a batch's error file is an answer too, read through the same boundary: a
+    refusal's body and a request-not-run's message lose the key; an image is not searched."""
+    batch_api = BatchApiClient(openai_credentials)
+    lines = [
+        {
+            "custom_id": "refused",
+            "response": {
+                "status_code": 401,
+                "body": {"error": {"message": f"Bearer {api_key} was refused", "code": "401"}},
+            },
+        },
+        {"custom_id": "not run", "error": {"code": "failed", "message": f"{api_key} revoked"}},
+    ]
+    file_id = batch_api.upload([json.dumps(line).encode() + b"\n" for line in lines], "e.jsonl")
+
+    refused, not_run = batch_api.answers(file_id)
+
+    assert refused.body["error"]["message"] == "Bearer *** was refused"
+    assert not_run.error_message == "*** revoked"
 
 
 # --- scrub ---------------------------------------------------------------------------------
@@ -309,6 +365,31 @@ def test_scrub_error_keeps_type_fields_and_traceback() -> None:
 
 
 # --- Reading back what Prefect stored ------------------------------------------------------
+
+
+def _everything_written(
+    state: State[Any],
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+    session_dir: Path,
+    debug_logs: Everything,
+) -> dict[str, str]:
+    """What a failed batch flow run left behind: Prefect's records, the logs, the error,
+    the report, the manifest in the bucket, and the files under Prefect's home."""
+    exc = state.result(raise_on_failure=False)
+    written = _what_prefect_stored(state.state_details.flow_run_id, "batch")
+    written["log"] = "\n".join(debug_logs.lines)
+    written["error"] = "".join(traceback.format_exception(exc)) + repr(exc)
+    written["state"] = f"{state!r} {state.message}"
+    written["report"] = exc.report.model_dump_json()
+    written["manifest"] = (
+        s3_server.boto3_client()
+        .get_object(Bucket=bucket.bucket_name, Key=exc.report.manifest_key)["Body"]
+        .read()
+        .decode()
+    )
+    written.update(_prefect_home(session_dir))
+    return written
 
 
 def _what_prefect_stored(flow_run_id: object, name: str) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from typing import Any
@@ -10,7 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
-from prefect_gpt_image._responses import ImageReference, error_for_response, find_image, parse_json
+from prefect_gpt_image._responses import (
+    ImageReference,
+    error_for_openai_response,
+    error_for_response,
+    find_image,
+    parse_json,
+)
 from prefect_gpt_image._retry_policy import is_retryable
 from prefect_gpt_image.errors import (
     APIError,
@@ -18,6 +25,7 @@ from prefect_gpt_image.errors import (
     BadRequestError,
     EndpointNotFoundError,
     InvalidResponseError,
+    ModelNotFoundError,
     NotSubscribedError,
     PromptRejectedError,
     QuotaExceededError,
@@ -214,3 +222,165 @@ def test_server_error_carries_retry_after() -> None:
     error = error_for_response(503, httpx.Headers({"Retry-After": "2"}), b"")
     assert isinstance(error, ServerError)
     assert error.retry_after == 2.0
+
+
+# --- The OpenAI protocol: OpenAI's shapes, Azure OpenAI's and gateways' --------------------
+
+
+def _openai_body(code: object, message: str, kind: object = None, **more: Any) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "code": code, **more}}).encode()
+
+
+_LITELLM_QUOTA = (
+    "litellm.RateLimitError: RateLimitError: OpenAIException - You exceeded your current "
+    "quota, please check your plan and billing details."
+)
+_AZURE_RATE_LIMIT = (
+    "Requests to the ImageGenerations_Create Operation under Azure OpenAI API version "
+    "2025-04-01-preview have exceeded call rate limit of your current OpenAI S0 pricing tier. "
+    "Please retry after 6 seconds. Please go here: https://aka.ms/oai/quotaincrease if you "
+    "would like to further increase the default rate limit."
+)
+_AZURE_FILTER = {"code": "ResponsibleAIPolicyViolation", "content_filter_results": {}}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error_type"),
+    [
+        # OpenAI
+        (
+            429,
+            _openai_body("insufficient_quota", "You exceeded your current quota."),
+            QuotaExceededError,
+        ),
+        (
+            429,
+            _openai_body("rate_limit_exceeded", "Rate limit reached.", "requests"),
+            RateLimitedError,
+        ),
+        (
+            400,
+            _openai_body("moderation_blocked", "Rejected.", "image_generation_user_error"),
+            PromptRejectedError,
+        ),
+        (404, _openai_body("model_not_found", "The model `x` does not exist."), ModelNotFoundError),
+        (
+            401,
+            _openai_body("invalid_api_key", "Incorrect API key provided: sk-***."),
+            AuthenticationError,
+        ),
+        (
+            400,
+            _openai_body("invalid_value", "Invalid size '13x13'.", param="size"),
+            BadRequestError,
+        ),
+        # Azure OpenAI
+        (
+            400,
+            _openai_body(
+                "contentFilter",
+                "Your task failed as a result of our safety system.",
+                inner_error=_AZURE_FILTER,
+            ),
+            PromptRejectedError,
+        ),
+        (400, _openai_body(None, "Filtered.", innererror=_AZURE_FILTER), PromptRejectedError),
+        (
+            400,
+            _openai_body(
+                "content_filter",
+                "The response was filtered due to the prompt triggering Azure OpenAI's content "
+                "management policy.",
+            ),
+            PromptRejectedError,
+        ),
+        (
+            404,
+            _openai_body(
+                "DeploymentNotFound", "The API deployment for this resource does not exist."
+            ),
+            ModelNotFoundError,
+        ),
+        (429, _openai_body("429", _AZURE_RATE_LIMIT), RateLimitedError),
+        (
+            401,
+            _openai_body("401", "Access denied due to invalid subscription key."),
+            AuthenticationError,
+        ),
+        # LiteLLM: code is the status, type its own, the message OpenAI's behind a prefix
+        (429, _openai_body("429", _LITELLM_QUOTA, "throttling_error"), QuotaExceededError),
+        (
+            429,
+            _openai_body(
+                "429",
+                "No deployments available for selected model, Try again in 5 seconds. Passed "
+                "model=gpt-image-2",
+                "None",
+            ),
+            RateLimitedError,
+        ),
+        (
+            400,
+            _openai_body(
+                "400",
+                "{'error': '/images/generations: Invalid model name passed in model=image-gen.'}",
+                "None",
+            ),
+            ModelNotFoundError,
+        ),
+        (
+            400,
+            _openai_body("400", "Authentication Error, No connected db.", "None"),
+            AuthenticationError,
+        ),
+        (
+            401,
+            _openai_body(
+                "401", "Authentication Error, Invalid proxy server token passed.", "auth_error"
+            ),
+            AuthenticationError,
+        ),
+        (
+            400,
+            _openai_body(
+                "400",
+                "litellm.ContentPolicyViolationError: litellm.ContentPolicyViolationError: "
+                "OpenAIException - Your request was rejected by the safety system.",
+                "None",
+            ),
+            PromptRejectedError,
+        ),
+        (
+            400,
+            _openai_body(
+                "400",
+                "Budget has been exceeded! Current cost: 10.2, Max budget: 10.0",
+                "budget_exceeded",
+            ),
+            QuotaExceededError,
+        ),
+        (
+            400,
+            _openai_body("400", "litellm.BadRequestError: OpenAIException - Invalid size.", "None"),
+            BadRequestError,
+        ),
+    ],
+)
+def test_openai_protocol_errors_are_read_from_every_signal(
+    status: int, body: bytes, error_type: type[APIError]
+) -> None:
+    error = error_for_openai_response(status, httpx.Headers(), body, "gpt-image-2")
+    assert type(error) is error_type, str(error)
+    assert f"({status}, {status})" not in str(error)  # a gateway's code is only the status
+
+
+def test_a_wait_named_only_in_the_message_is_honoured() -> None:
+    litellm = _openai_body(
+        "429", "No deployments available for selected model, Try again in 5 seconds."
+    )
+    azure = _openai_body("429", _AZURE_RATE_LIMIT)
+    for body, wait in ((litellm, 5.0), (azure, 6.0)):
+        error = error_for_openai_response(429, httpx.Headers(), body, "gpt-image-2")
+        assert isinstance(error, RateLimitedError) and error.retry_after == wait
+    with_header = error_for_openai_response(429, httpx.Headers({"retry-after": "2"}), azure, "m")
+    assert isinstance(with_header, RateLimitedError) and with_header.retry_after == 2.0

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
+from prefect_gpt_image._redaction import keyless, scrub
 from prefect_gpt_image._responses import error_for_openai_response
 from prefect_gpt_image._retry_policy import BATCH_API_RETRY_DELAYS, call_with_retries
 from prefect_gpt_image.errors import APIConnectionError, InvalidRequestError
@@ -152,6 +153,7 @@ class BatchApiClient:
         self._route = route
         self._openai = openai_client(route)
         self._headers = auth_headers(route)
+        self._key = route.api_key.get_secret_value()
 
     def upload(self, lines: Sequence[bytes], name: str) -> str:
         """Upload an input file; returns its id."""
@@ -167,7 +169,7 @@ class BatchApiClient:
 
     def create(self, input_file_id: str) -> BatchStatus:
         """Start a batch of the requests in `input_file_id`."""
-        return _status(
+        return self._status(
             self._call(
                 lambda: self._openai.batches.create(
                     input_file_id=input_file_id,
@@ -185,35 +187,54 @@ class BatchApiClient:
         page = self._call(lambda: self._openai.batches.list(limit=100, extra_headers=self._headers))
         for batch in itertools.islice(page, BATCHES_SEARCHED):  # newest first, page by page
             if batch.input_file_id == input_file_id:
-                return _status(batch)
+                return self._status(batch)
         return None
 
     def retrieve(self, batch_id: str) -> BatchStatus:
-        return _status(
+        return self._status(
             self._call(lambda: self._openai.batches.retrieve(batch_id, extra_headers=self._headers))
         )
 
     def cancel(self, batch_id: str) -> BatchStatus:
-        return _status(
+        return self._status(
             self._call(lambda: self._openai.batches.cancel(batch_id, extra_headers=self._headers))
         )
 
     def answers(self, file_id: str) -> Iterator[BatchAnswer | UnreadableLine]:
-        """The lines of an output or error file, streamed: one image's base64 at a time."""
+        """The lines of an output or error file, streamed: one image's base64 at a time. A
+        line that is no answer (a refusal, a request not run) is an answer from the API all
+        the same, and comes out with no form of the key in it, as an error would."""
         content = self._openai.files.with_streaming_response.content
         # Entered inside the retried call: the request is sent when the stream is opened.
         response = self._call(lambda: content(file_id, extra_headers=self._headers).__enter__())
         try:
-            for number, line in enumerate(response.iter_lines(), start=1):
-                if line.strip():
-                    yield _answer(number, line)
+            with keyless(self._key):
+                for number, line in enumerate(response.iter_lines(), start=1):
+                    if line.strip():
+                        yield self._keyless(_answer(number, line))
         finally:
             response.close()
 
     def _call(self, call: Callable[[], T]) -> T:
         """`call`, with `_retry_policy`'s retries, and the API's errors in the product's
-        words (a key, quota or rate-limit problem reads as on the synchronous path)."""
-        return call_with_retries(lambda: self._translated(call), BATCH_API_RETRY_DELAYS)
+        words, read as on the synchronous path (`_responses`), and `keyless` as there."""
+        with keyless(self._key):
+            return call_with_retries(lambda: self._translated(call), BATCH_API_RETRY_DELAYS)
+
+    def _status(self, batch: openai.types.Batch) -> BatchStatus:
+        status = _status(batch)
+        if status.errors:  # the API's own words about the file, which may quote anything
+            status.errors = [scrub(error, self._key) for error in status.errors]
+        return status
+
+    def _keyless(self, answer: BatchAnswer | UnreadableLine) -> BatchAnswer | UnreadableLine:
+        """`answer`, a refusal's text scrubbed of the key; an image's is not searched, and
+        an unreadable line carries only its number and why."""
+        if isinstance(answer, UnreadableLine) or answer.answered:
+            return answer
+        body = json.loads(scrub(json.dumps(answer.body), self._key))
+        message = scrub(answer.error_message, self._key) if answer.error_message else None
+        return answer.model_copy(update={"body": body, "error_message": message})
 
     def _translated(self, call: Callable[[], T]) -> T:
         import openai

@@ -37,7 +37,6 @@ from prefect_gpt_image._batch_api import (
     request_line,
     split_lines,
 )
-from prefect_gpt_image._redaction import scrub
 from prefect_gpt_image._request_bodies import openai_body
 from prefect_gpt_image._responses import error_for_openai_response
 from prefect_gpt_image.errors import (
@@ -375,7 +374,7 @@ class BatchJobs:
             return None
         return Refusal(
             error_type=type(error).__name__,
-            message=scrub(str(error), self._route.api_key.get_secret_value()),
+            message=str(error),  # the line was read keyless (`BatchApiClient.answers`)
             status_code=answer.status_code,
             batch_id=batch_id,
         )

@@ -22,6 +22,7 @@ from prefect_gpt_image._budget import Budget
 from prefect_gpt_image._charges import Charges
 from prefect_gpt_image._edits import InputFile, input_files
 from prefect_gpt_image._images import inspect_image, media_type_label
+from prefect_gpt_image._redaction import keyless
 from prefect_gpt_image._request_bodies import openai_body, rapidapi_body
 from prefect_gpt_image._responses import (
     ImageReference,
@@ -117,7 +118,29 @@ class GenerationClient(ABC):
         request waited is not called. `budget` holds the call's worst case before it is
         sent, and refuses it if that could pass the cap (see `prefect_gpt_image._budget`), and
         records what it was charged for `charged_to` (a task run). An edit's inputs are read
-        once its turn has come, `s3://` ones through `input_bucket` where it holds them."""
+        once its turn has come, `s3://` ones through `input_bucket` where it holds them.
+
+        Whatever fails leaves without the route's key in its text (`_redaction.keyless`)."""
+        with keyless(self._route.api_key.get_secret_value()):
+            return self._generate(
+                request,
+                limits,
+                still_live=still_live,
+                budget=budget,
+                charged_to=charged_to,
+                input_bucket=input_bucket,
+            )
+
+    def _generate(
+        self,
+        request: ImageRequest,
+        limits: ApiLimits | None,
+        *,
+        still_live: Callable[[], bool] | None,
+        budget: Budget | None,
+        charged_to: str | None,
+        input_bucket: S3Bucket | None,
+    ) -> GeneratedImage:
         route = self._route
         with self._throttle.admit(limits) as admission:
             if still_live is not None and not still_live():
@@ -485,7 +508,8 @@ class OpenAIClient(GenerationClient):
         is, and priced at the batch price. The answer is paid for even if it is unusable."""
         usage = usage_of(payload)
         try:
-            return self._images(payload, request, usage, batch=True)
+            with keyless(self._route.api_key.get_secret_value()):
+                return self._images(payload, request, usage, batch=True)
         except GptImageError as exc:
             cost = call_cost(self._spec, request, request.n, usage, batch=True)
             exc.charges = Charges(calls=1, usd=cost)

@@ -1,14 +1,29 @@
 """Keeping API keys out of error text.
 
 The credentials blocks refuse keys that cannot be sent (see `blocks._route`), so no
-product message should ever hold one. This is the second line: where an error leaves a
-task, its text is scrubbed of the key of the route that raised it, whatever library
-wrote that text (httpx quotes a header it refuses, key and all).
+product message should ever hold one. This is the second line, and one boundary that every
+call to a route's API crosses, synchronous or through the Batch API: `keyless`. An error
+that leaves it is scrubbed of the route's key, whoever wrote its text (httpx quotes a header
+it refuses, key and all; a gateway may quote the key it rejected in its answer), before
+anything records it: the task's state, the report, the manifest, the logs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 MASK = "***"
+
+
+@contextmanager
+def keyless(secret: str) -> Iterator[None]:
+    """Every error raised inside leaves scrubbed of `secret` (see `scrub_error`)."""
+    try:
+        yield
+    except BaseException as exc:
+        scrub_error(exc, secret)
+        raise
 
 
 def scrub(text: str, secret: str) -> str:

@@ -345,38 +345,50 @@ def _field_name(key: object) -> str:
 def error_for_openai_response(
     status: int, headers: Mapping[str, str], body: bytes, model: str
 ) -> APIError:
-    """The error an OpenAI-protocol answer means, read from its `error.code` first."""
-    code = _error_code(body)
+    """The error an OpenAI-protocol answer means, read from every signal it carries.
+
+    OpenAI names the problem in `error.code`; Azure OpenAI names some in its own codes
+    (`contentFilter`, `DeploymentNotFound`, an `inner_error`), and gateways such as LiteLLM
+    keep OpenAI's message but set `code` to the HTTP status and `type` to their own
+    (`throttling_error`). So the status, every code, the type and the message are read
+    together: a spent quota is a spent quota whichever of them says so.
+    """
+    said_by = _signals(body)
     detail = _error_detail(body)
     said = f" The API said: {detail}" if detail else ""
-    if status == 401:
+    shown = f"({status}{_code(said_by.code)})"
+    if said_by.rejects_key(status):
         return AuthenticationError(
-            f"The API rejected the key ({status}{_code(code)}). Check api_key in the "
-            "OpenAICredentials block, and auth_header ('api-key' for Azure OpenAI)." + said,
+            f"The API rejected the key {shown}. Check api_key in the OpenAICredentials "
+            "block, and auth_header ('api-key' for Azure OpenAI)." + said,
             status_code=status,
         )
     if status == 403:
         return AccessDeniedError(
-            f"The key may not use this API or model ({status}{_code(code)})." + said,
-            status_code=status,
+            f"The key may not use this API or model {shown}." + said, status_code=status
         )
-    if status in (404, 410) or code == "model_not_found":
+    if status in (404, 410) or said_by.has_no_model():
         return ModelNotFoundError(
-            f"This route does not serve {model} ({status}{_code(code)}): the model is "
-            "retired, misspelt, or not deployed here. Set `model` in the credentials block "
-            "to its successor, or give a fallback route." + said,
+            f"This route does not serve {model} {shown}: the model is retired, misspelt, or "
+            "not deployed here. Set `model` in the credentials block to its successor (or to "
+            "the name this endpoint gives it), or give a fallback route." + said,
             status_code=status,
         )
-    if status == 402 or code == "insufficient_quota":
+    if status == 402 or said_by.spent_quota():
         return QuotaExceededError(
-            f"The account's quota or credit is spent ({status}{_code(code)}). Retrying "
-            "cannot help: check the plan and billing details." + said,
+            f"The account's quota or credit is spent {shown}. Retrying cannot help: check "
+            "the plan and billing details." + said,
+            status_code=status,
+        )
+    if status < 500 and status != 429 and said_by.refuses_content():
+        return PromptRejectedError(
+            f"The model refused the prompt {shown}. Rephrase it." + said,
             status_code=status,
         )
     if status == 429:
         return RateLimitedError(
-            f"Rate limited ({status}{_code(code)})." + said,
-            retry_after=retry_after_seconds(headers),
+            f"Rate limited {shown}." + said,
+            retry_after=retry_after_seconds(headers) or said_by.retry_after(),
         )
     if status >= 500:
         return ServerError(
@@ -384,26 +396,112 @@ def error_for_openai_response(
             status_code=status,
             retry_after=retry_after_seconds(headers),
         )
-    if code in ("moderation_blocked", "content_policy_violation"):
-        return PromptRejectedError(
-            f"The model refused the prompt ({status}{_code(code)}). Rephrase it." + said,
-            status_code=status,
+    return BadRequestError(f"The API refused the request {shown}." + said, status_code=status)
+
+
+_KEY_REJECTED_CODES = frozenset({"invalid_api_key", "invalid_key", "unauthorized"})
+_KEY_REJECTED_TYPES = frozenset({"auth_error", "authentication_error"})
+_KEY_REJECTED_WORDS = (
+    "incorrect api key",  # OpenAI
+    "invalid subscription key",  # Azure
+    "invalid proxy server token",  # LiteLLM with a key database
+    "no connected db",  # LiteLLM without one: a virtual key it cannot check, as 400
+    "authentication error",  # LiteLLM
+)
+_NO_MODEL_CODES = frozenset({"model_not_found", "deploymentnotfound"})
+_NO_MODEL_WORDS = (
+    "invalid model name passed in model=",  # LiteLLM: a model it does not host, as 400
+    "does not exist or you do not have access to it",  # OpenAI
+    "deployment for this resource does not exist",  # Azure
+)
+_QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "budget_exceeded"})
+_QUOTA_WORDS = (
+    "exceeded your current quota",  # OpenAI's message, kept by gateways
+    "insufficient_quota",  # a gateway that quotes the upstream error's code
+    "billing hard limit",
+    "budget has been exceeded",  # LiteLLM: the key's or team's budget is spent
+)
+_REFUSAL_CODES = frozenset(
+    {"moderation_blocked", "content_policy_violation", "content_filter", "contentfilter"}
+)
+_REFUSAL_INNER_CODES = frozenset({"responsibleaipolicyviolation"})
+_REFUSAL_WORDS = (
+    "rejected by the safety system",  # OpenAI, and LiteLLM passing it on
+    "as a result of our safety system",  # Azure
+    "content management policy",  # Azure
+    "contentpolicyviolationerror",  # LiteLLM's name for it
+    "content_policy_violation",
+)
+_RETRY_IN = re.compile(r"(?:try again|retry after) (?:in )?([0-9]+(?:\.[0-9]+)?) ?s", re.IGNORECASE)
+"""A wait named in the message: LiteLLM's "Try again in 5 seconds", Azure's "Please retry
+after 6 seconds"."""
+
+
+@dataclass(frozen=True)
+class _Signals:
+    """What an error answer says, besides its status: its codes, type and message."""
+
+    code: str | None = None
+    """`error.code` as sent (a gateway's may be the status itself)."""
+    codes: frozenset[str] = frozenset()
+    """Every code, lowercased: `error.code`, Azure's inner error's, and `type`."""
+    message: str = ""
+    """The message, lowercased and whole."""
+
+    def rejects_key(self, status: int) -> bool:
+        return (
+            status == 401
+            or bool(self.codes & (_KEY_REJECTED_CODES | _KEY_REJECTED_TYPES))
+            or _says(self.message, _KEY_REJECTED_WORDS)
         )
-    return BadRequestError(
-        f"The API refused the request ({status}{_code(code)})." + said,
-        status_code=status,
-    )
+
+    def has_no_model(self) -> bool:
+        return bool(self.codes & _NO_MODEL_CODES) or _says(self.message, _NO_MODEL_WORDS)
+
+    def spent_quota(self) -> bool:
+        return bool(self.codes & _QUOTA_CODES) or _says(self.message, _QUOTA_WORDS)
+
+    def refuses_content(self) -> bool:
+        return bool(self.codes & (_REFUSAL_CODES | _REFUSAL_INNER_CODES)) or _says(
+            self.message, _REFUSAL_WORDS
+        )
+
+    def retry_after(self) -> float | None:
+        found = _RETRY_IN.search(self.message)
+        return float(found.group(1)) if found else None
 
 
-def _error_code(body: bytes) -> str | None:
+def _says(message: str, words: tuple[str, ...]) -> bool:
+    return any(word in message for word in words)
+
+
+def _signals(body: bytes) -> _Signals:
+    """The codes, type and message of an error body in OpenAI's shape, Azure's or a
+    gateway's; nothing for a body in none of them."""
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
-        return None
+        return _Signals(message=body[:2000].decode("utf-8", "replace").lower())
     error = payload.get("error") if isinstance(payload, Mapping) else None
-    code = error.get("code") if isinstance(error, Mapping) else None
-    return code if isinstance(code, str) else None
+    if isinstance(error, str):
+        return _Signals(message=error.lower())
+    if not isinstance(error, Mapping):
+        message = payload.get("message") if isinstance(payload, Mapping) else None
+        return _Signals(message=message.lower() if isinstance(message, str) else "")
+    inner = error.get("inner_error") or error.get("innererror")
+    fields = [error.get("code"), error.get("type")]
+    if isinstance(inner, Mapping):
+        fields.append(inner.get("code"))
+    code = error.get("code")
+    message = error.get("message")
+    return _Signals(
+        code=str(code) if isinstance(code, (str, int)) and code != "" else None,
+        codes=frozenset(str(f).lower() for f in fields if isinstance(f, (str, int))),
+        message=message.lower() if isinstance(message, str) else "",
+    )
 
 
 def _code(code: str | None) -> str:
-    return f", {code}" if code else ""
+    """`, code` for a code that says more than the status; a gateway's code is often
+    only the status again."""
+    return f", {code}" if code and not code.isdigit() else ""

@@ -414,6 +414,7 @@ class BatchApi:
                 reply = self._dispatch(method, path, route, headers, raw, _query(query))
             except _Refused as refused:
                 reply = refused.reply
+        reply = self._emulator._through_gateway(reply)
         return _with_headers(reply, (("x-request-id", _request_id()),))
 
     def _dispatch(
@@ -704,6 +705,7 @@ class BatchApi:
             reply = _openai_error(404, f"Invalid URL (POST {url})")
         else:
             kind, reply = emulator._respond_openai(request, latency=0.0)
+        reply = emulator._through_gateway(reply)  # an error line is an answer, in its words
         try:
             payload = json.loads(reply.body)
         except (ValueError, UnicodeDecodeError):

@@ -52,6 +52,8 @@ from urllib.parse import urlsplit
 
 from PIL import Image, ImageDraw, ImageFont
 
+from prefect_gpt_image.testing._gateways import GATEWAYS, as_gateway
+
 if TYPE_CHECKING:
     from prefect_gpt_image.testing._batch_api import BatchApi
 
@@ -1223,6 +1225,14 @@ class GptImageEmulator:
     `add_batch_output_fault` writes some of its answer lines wrong. Lines are recorded in
     `batch_calls`, never in `calls`; `batches` lists every batch as the API describes it.
 
+    `gateway` words every OpenAI-protocol error (synchronous answers, the Files and Batches
+    APIs, and a batch's error lines) as a gateway in front of the API would: "litellm" sets
+    `code` to the status and `type` to its own, prefixes the message, and answers a model
+    it does not host with 400 "Invalid model name passed in model=..."; "azure" answers as
+    Azure OpenAI (`contentFilter` with an `inner_error`, `DeploymentNotFound`, the status as
+    the code of a rate limit or a wrong key); see `_gateways`. `echo_keys` quotes a rejected
+    key whole in the 401's message, as some gateways do. Both are plain attributes.
+
     Besides the API, the server answers `GET /__emulator__/stats` (the counters as JSON) and
     `POST /__emulator__/reset` (calls `reset()`) without a key: they are test controls on
     loopback, for a benchmark that runs the emulator as its own process.
@@ -1248,9 +1258,13 @@ class GptImageEmulator:
         batch_processing_seconds: float = 1.0,
         batch_max_requests: int = 50_000,
         batch_max_file_bytes: int = 200 * 1024**2,
+        gateway: str | None = None,
+        echo_keys: bool = False,
     ) -> None:
         if shape not in (*RESPONSE_SHAPES, "cycle"):
             raise ValueError(f"unknown shape {shape!r}; use one of {RESPONSE_SHAPES} or 'cycle'")
+        if gateway is not None and gateway not in GATEWAYS:
+            raise ValueError(f"unknown gateway {gateway!r}; use one of {GATEWAYS} or None")
         if image_format not in _FORMATS:
             raise ValueError(f"unknown image_format {image_format!r}; use png, jpeg or webp")
         if image_bytes is not None:
@@ -1285,6 +1299,8 @@ class GptImageEmulator:
         self.rate_limit_headers = rate_limit_headers
         self.image_bytes = image_bytes
         self.keep_images = keep_images
+        self.gateway = gateway
+        self.echo_keys = echo_keys
         self.models: dict[str, Sequence[str] | None] = {
             model: None if sizes is None else tuple(sizes) for model, sizes in models.items()
         }
@@ -1642,9 +1658,20 @@ class GptImageEmulator:
             else:
                 kind, reply = self._respond_openai(request)
             reply = _with_headers(reply, limit_headers)
-        reply = _with_headers(reply, (("x-request-id", _request_id()),))
+        reply = _with_headers(self._through_gateway(reply), (("x-request-id", _request_id()),))
         self._record(arrival, epoch, self._openai_call(path, request, reply.status, kind, headers))
         return reply
+
+    def _through_gateway(self, reply: _Reply) -> _Reply:
+        """`reply` as `gateway` words it: an OpenAI-protocol error rewritten in its shape."""
+        if self.gateway is None or reply.status < 400 or reply.stream is not None:
+            return reply
+        try:
+            payload = json.loads(reply.body)
+        except (ValueError, UnicodeDecodeError):
+            return reply  # a page, not an error in OpenAI's shape
+        status, payload = as_gateway(self.gateway, reply.status, payload)
+        return dataclasses.replace(reply, status=status, body=json.dumps(payload).encode())
 
     def _respond_openai(
         self, request: _ImageRequest, latency: float | None = None
@@ -1722,7 +1749,8 @@ class GptImageEmulator:
             return _openai_error(401, _NO_KEY, code="invalid_api_key")
         wrong = [key for key in keys if key != self.api_key]
         if wrong:
-            return _openai_error(401, _incorrect_key(wrong[0]), code="invalid_api_key")
+            shown = _incorrect_key(wrong[0], whole=self.echo_keys)
+            return _openai_error(401, shown, code="invalid_api_key")
         if not self.subscribed:
             return _openai_error(403, _NOT_VERIFIED)
         return None
@@ -2099,10 +2127,13 @@ def _redirect(fault: Fault) -> _Reply:
     return _Reply(302, b"", "text/plain", (("Location", fault.message or "/"),))
 
 
-def _incorrect_key(key: str | None) -> str:
-    """OpenAI's message for a wrong key, which shows only the key's ends."""
+def _incorrect_key(key: str | None, *, whole: bool = False) -> str:
+    """OpenAI's message for a wrong key, which shows only the key's ends (or, `whole`, the
+    key as sent, as a gateway that echoes what it refused does)."""
     shown = ""
-    if key is not None:
+    if key is not None and whole:
+        shown = f": {key}"
+    elif key is not None:
         shown = f": {key[:3]}{'*' * (len(key) - 7)}{key[-4:]}" if len(key) > 10 else ": ***"
     return (
         f"Incorrect API key provided{shown}. You can find your API key at "
