@@ -263,10 +263,8 @@ class BatchRunner:
                     f"{SENDING_LOCK_SECONDS / 60:.0f} minutes: nothing was sent. Run again "
                     "once it is done; it finds what that run sent."
                 )
-            if self._generate.refresh_cache and not cancel:  # pay again: look for no batch
-                unsent = jobs.keys
-            else:
-                unsent = jobs.attach(create=not cancel)
+            refresh = bool(self._generate.refresh_cache) and not cancel  # pay again
+            unsent = jobs.attach(create=not cancel, refresh=refresh)
             error: GptImageError | None = None
             if cancel:
                 jobs.cancel()
