@@ -258,3 +258,28 @@ def test_the_emulator_answers_404_once_for_a_batch_it_knows_and_scopes_batches_b
         with pytest.raises(openai.NotFoundError):
             theirs.batches.retrieve(created.id)
         assert [batch.id for batch in theirs.batches.list()] == []
+
+
+# -- one rule for "sent", on the synchronous path too -----------------------------------------
+
+
+def test_a_synchronous_run_does_not_pay_for_prompts_a_batch_is_answering(
+    batch_api: GptImageEmulator,
+    openai_credentials: OpenAICredentials,
+    bucket: S3Bucket,
+) -> None:
+    batch_api.batch_processing_seconds = 2
+    texts = prompts(3)
+    first = run(openai_credentials, bucket, texts, batch_wait_minutes=0)
+    assert len(first.waiting) == 3
+
+    with pytest.raises(BatchFailedError) as held_back:
+        run(openai_credentials, bucket, [*texts, "a fourth kite, not in any batch"], mode="sync")
+
+    report = held_back.value.report
+    assert len(report.images) == 1 and len(report.failures) == 3
+    assert 'mode="batch" to collect it' in report.failures[0].error
+    assert len(batch_api.calls) == 1  # only the prompt no batch holds was paid for
+    collected = run(openai_credentials, bucket, texts)
+    assert len(collected.images) == 3
+    assert batch_api.stats["batches_created"] == 1 and len(batch_api.batch_calls) == 3

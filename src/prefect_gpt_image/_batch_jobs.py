@@ -114,17 +114,21 @@ class Sent(Enum):
 
 
 def sent(
-    pointer: BatchPointer | UnreadableRecord | None, owner: BatchOwner, *, refresh: bool = False
+    pointer: BatchPointer | UnreadableRecord | None,
+    owner: BatchOwner | None,
+    *,
+    refresh: bool = False,
 ) -> Sent:
     """The one rule for whether a request was sent, from its record (or the error reading it),
-    for a route of `owner`. `refresh` (refresh_cache) pays again, whatever was sent."""
+    for a route of `owner` (None: any, for a synchronous run, which collects no batch).
+    `refresh` (refresh_cache) pays again, whatever was sent."""
     if refresh:
         return Sent.NO
     if isinstance(pointer, UnreadableRecord):
         return Sent.UNKNOWN
     if pointer is None or pointer.settled:
         return Sent.NO
-    if pointer.owner is not None and pointer.owner != owner:
+    if owner is not None and pointer.owner is not None and pointer.owner != owner:
         return Sent.ELSEWHERE
     if pointer.batch_id is None:
         return Sent.UPLOADED
@@ -133,6 +137,36 @@ def sent(
 
 def pointer_key(cache_key: str) -> str:
     return f"{cache_key}-batch"
+
+
+def read_pointer(store: ResultStore, key: str) -> BatchPointer | UnreadableRecord | None:
+    """The record of where request `key` was sent, None if it has none, or the error reading
+    it."""
+    try:
+        record = read_record(store, pointer_key(key))
+    except UnreadableRecord as exc:
+        logger.warning("%s", exc)
+        return exc
+    if record is None or isinstance(record, BatchPointer):
+        return record
+    return UnreadableRecord(f"the record {pointer_key(key)} is not a batch pointer")
+
+
+def in_a_batch(store: ResultStore, keys: Sequence[str]) -> BatchNotDoneError | None:
+    """Why a synchronous run must not pay for a request (cached under any of `keys`): a
+    batch-mode run sent it, or may have, and its batch answers it at half the price."""
+    for key in keys:
+        pointer = read_pointer(store, key)
+        if sent(pointer, None) is Sent.NO:
+            continue
+        where = pointer.batch_id if isinstance(pointer, BatchPointer) else None
+        return BatchNotDoneError(
+            f"It was sent in an OpenAI batch{f' ({where})' if where else ''} by a run with "
+            'mode="batch", or may have been: not generated again, so that it is not paid for '
+            'twice. Run with mode="batch" to collect it, or set refresh_cache=True to pay '
+            "for it anew."
+        )
+    return None
 
 
 def sending_lock_key(route: OpenAICredentials) -> str:
@@ -400,15 +434,7 @@ class BatchJobs:
         return status
 
     def _pointer(self, key: str) -> BatchPointer | UnreadableRecord | None:
-        """`key`'s record, None if it has none, or the error reading it."""
-        try:
-            record = read_record(self._store, pointer_key(key))
-        except UnreadableRecord as exc:
-            logger.warning("%s", exc)
-            return exc
-        if record is None or isinstance(record, BatchPointer):
-            return record
-        return UnreadableRecord(f"the record {pointer_key(key)} is not a batch pointer")
+        return read_pointer(self._store, key)
 
     def _stray_request(self, key: str) -> ImageRequest | None:
         pointer = self._pointer(key)

@@ -33,6 +33,8 @@ from prefect_gpt_image._batch_jobs import (
     Progress,
     Unanswered,
     Waiting,
+    in_a_batch,
+    pointer_key,
     sending_lock_key,
 )
 from prefect_gpt_image._budget import run_budget
@@ -171,6 +173,8 @@ class BatchRunner:
     def run(self, progress: ProgressArtifact) -> None:
         """Keep the API at its limits, and upload each image as it comes."""
         batch = self.batch
+        if not self._generate.refresh_cache:
+            self._hold_back_batched()
         self._waiting.extend(key for key in batch.groups if not batch.settled(key))
         # Uploads run in the flow's own threads, not as task runs: a task run costs more CPU
         # than the upload itself, and the generation's task run already stands for the image.
@@ -186,6 +190,18 @@ class BatchRunner:
                 else:
                     self._upload_done(tag, future)
                 self._report(progress)
+
+    def _hold_back_batched(self) -> None:
+        """Fail, unpaid, the requests a batch-mode run sent (as `sent` rules): their batch
+        answers them."""
+        present = stored_keys(self._cache)
+        for key in list(self._uncached):
+            keys = self.batch.lookup_keys(key)
+            if present is not None and present.isdisjoint(map(pointer_key, keys)):
+                continue  # no record: no need to try reading one
+            if (error := in_a_batch(self._cache, keys)) is not None:
+                self.batch.generation_failed(key, error, NO_CHARGES)
+                self._uncached.discard(key)
 
     def run_batch_api(
         self,
