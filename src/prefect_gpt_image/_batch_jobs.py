@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING
 
 from prefect.results import ResultStore
@@ -58,6 +59,7 @@ seconds), then every `POLL_EVERY_SECONDS`."""
 POLL_EVERY_SECONDS = 30.0
 LISTED_BATCH_ERRORS = 5
 POINTER_WRITERS = 8
+"""Records read or written at a time."""
 NOT_FOUND_LOOKS = 3
 """Looks, at the polls' pace, at a batch the API answers 404 for before its requests are
 reported not found: one answer (a proxy's, a lagging replica's) is not proof."""
@@ -152,7 +154,17 @@ def read_pointer(store: ResultStore, key: str) -> BatchPointer | UnreadableRecor
     return UnreadableRecord(f"the record {pointer_key(key)} is not a batch pointer")
 
 
-def in_a_batch(store: ResultStore, keys: Sequence[str]) -> BatchNotDoneError | None:
+def in_batches(
+    store: ResultStore, requests: Mapping[str, Sequence[str]]
+) -> dict[str, BatchNotDoneError]:
+    """Of `requests` (each a key, and the keys it may be recorded under), those a synchronous
+    run must not pay for, and why. Read a few at a time: the storage may be S3."""
+    with ThreadPoolExecutor(POINTER_WRITERS, thread_name_prefix="batch-pointer") as pool:
+        errors = list(pool.map(partial(_in_a_batch, store), requests.values()))
+    return {key: error for key, error in zip(requests, errors, strict=True) if error is not None}
+
+
+def _in_a_batch(store: ResultStore, keys: Sequence[str]) -> BatchNotDoneError | None:
     """Why a synchronous run must not pay for a request (cached under any of `keys`): a
     batch-mode run sent it, or may have, and its batch answers it at half the price."""
     for key in keys:

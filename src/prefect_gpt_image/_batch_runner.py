@@ -33,7 +33,7 @@ from prefect_gpt_image._batch_jobs import (
     Progress,
     Unanswered,
     Waiting,
-    in_a_batch,
+    in_batches,
     pointer_key,
     sending_lock_key,
 )
@@ -195,13 +195,16 @@ class BatchRunner:
         """Fail, unpaid, the requests a batch-mode run sent (as `sent` rules): their batch
         answers them."""
         present = stored_keys(self._cache)
-        for key in list(self._uncached):
-            keys = self.batch.lookup_keys(key)
-            if present is not None and present.isdisjoint(map(pointer_key, keys)):
-                continue  # no record: no need to try reading one
-            if (error := in_a_batch(self._cache, keys)) is not None:
-                self.batch.generation_failed(key, error, NO_CHARGES)
-                self._uncached.discard(key)
+        candidates = {key: self.batch.lookup_keys(key) for key in self._uncached}
+        if present is not None:  # only those with a record: no need to try reading the rest
+            candidates = {
+                key: keys
+                for key, keys in candidates.items()
+                if not present.isdisjoint(map(pointer_key, keys))
+            }
+        for key, error in in_batches(self._cache, candidates).items():
+            self.batch.generation_failed(key, error, NO_CHARGES)
+            self._uncached.discard(key)
 
     def run_batch_api(
         self,
