@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
 from prefect_gpt_image._redaction import keyless, scrub
 from prefect_gpt_image._responses import error_for_openai_response
-from prefect_gpt_image._retry_policy import BATCH_API_RETRY_DELAYS, call_with_retries
-from prefect_gpt_image.errors import APIConnectionError, InvalidRequestError
+from prefect_gpt_image._retry_policy import BATCH_API_RETRY_DELAYS, call_with_retries, is_retryable
+from prefect_gpt_image.errors import (
+    APIConnectionError,
+    EndpointNotFoundError,
+    GptImageError,
+    InvalidRequestError,
+)
 
 if TYPE_CHECKING:
     import openai
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
     from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 GENERATIONS_ENDPOINT: Final = "/v1/images/generations"
 COMPLETION_WINDOW: Final = "24h"
@@ -168,18 +176,39 @@ class BatchApiClient:
         return uploaded.id
 
     def create(self, input_file_id: str) -> BatchStatus:
-        """Start a batch of the requests in `input_file_id`."""
-        return self._status(
-            self._call(
-                lambda: self._openai.batches.create(
-                    input_file_id=input_file_id,
-                    endpoint=GENERATIONS_ENDPOINT,
-                    completion_window=COMPLETION_WINDOW,
-                    metadata=BATCH_METADATA,
-                    extra_headers=self._headers,
+        """Start a batch of the requests in `input_file_id`, once.
+
+        Creating is not idempotent: an answer lost after the API acted (a proxy's 502, a
+        dropped connection) may hide a batch that runs, and bills, all the same. So after
+        any unclear answer the batch is looked for by its input file before another try.
+        """
+
+        def create_once() -> BatchStatus:
+            try:
+                return self._status(
+                    self._translated(
+                        lambda: self._openai.batches.create(
+                            input_file_id=input_file_id,
+                            endpoint=GENERATIONS_ENDPOINT,
+                            completion_window=COMPLETION_WINDOW,
+                            metadata=BATCH_METADATA,
+                            extra_headers=self._headers,
+                        )
+                    )
                 )
-            )
-        )
+            except GptImageError as exc:
+                if not is_retryable(exc):  # a clear refusal: nothing was created
+                    raise
+                found = self.find(input_file_id)
+                if found is None:
+                    raise
+                logger.info(
+                    "The answer to creating %s was lost; it runs as %s", input_file_id, found.id
+                )
+                return found
+
+        with keyless(self._key):
+            return call_with_retries(create_once, BATCH_API_RETRY_DELAYS)
 
     def find(self, input_file_id: str) -> BatchStatus | None:
         """The batch already started for `input_file_id`, if one was: a run stopped
@@ -189,6 +218,26 @@ class BatchApiClient:
             if batch.input_file_id == input_file_id:
                 return self._status(batch)
         return None
+
+    def holding(self, custom_ids: Set[str]) -> dict[str, BatchStatus]:
+        """The newest batch (of the account's latest `BATCHES_SEARCHED` this package
+        created) whose input file holds each of `custom_ids`, for requests whose own record
+        is lost: the API, not the record, says whether they were sent."""
+        found: dict[str, BatchStatus] = {}
+        page = self._call(lambda: self._openai.batches.list(limit=100, extra_headers=self._headers))
+        for batch in itertools.islice(page, BATCHES_SEARCHED):
+            if len(found) == len(custom_ids):
+                break
+            if (batch.metadata or {}).get("created_by") != BATCH_METADATA["created_by"]:
+                continue
+            try:
+                for line in self._lines(batch.input_file_id):
+                    key = json.loads(line).get("custom_id")
+                    if key in custom_ids and key not in found:
+                        found[key] = self._status(batch)
+            except EndpointNotFoundError:  # its input file expired (after 30 days): not ours
+                continue
+        return found
 
     def retrieve(self, batch_id: str) -> BatchStatus:
         return self._status(
@@ -204,14 +253,19 @@ class BatchApiClient:
         """The lines of an output or error file, streamed: one image's base64 at a time. A
         line that is no answer (a refusal, a request not run) is an answer from the API all
         the same, and comes out with no form of the key in it, as an error would."""
+        with keyless(self._key):
+            for number, line in enumerate(self._lines(file_id), start=1):
+                yield self._keyless(_answer(number, line))
+
+    def _lines(self, file_id: str) -> Iterator[str]:
+        """A file's lines, streamed, blank ones left out."""
         content = self._openai.files.with_streaming_response.content
         # Entered inside the retried call: the request is sent when the stream is opened.
         response = self._call(lambda: content(file_id, extra_headers=self._headers).__enter__())
         try:
-            with keyless(self._key):
-                for number, line in enumerate(response.iter_lines(), start=1):
-                    if line.strip():
-                        yield self._keyless(_answer(number, line))
+            for line in response.iter_lines():
+                if line.strip():
+                    yield line
         finally:
             response.close()
 

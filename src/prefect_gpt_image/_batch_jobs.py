@@ -2,15 +2,19 @@
 and reading each batch's answers once it ends.
 
 Every request sent is recorded under its cache key (a `BatchPointer`, kept where the
-generation cache is) before its batch is created and again after, so that a run stopped
-at any point and started again finds its batches instead of paying for new ones. Once a
-batch ends, its images go to the cache like any other, so that the cache, not the
-pointer, answers for them next time. A line of its output is taken only for a request that
-batch was sent; a line that cannot be read fails its request (where it can be told) and
-no other. A request the API refused is an answer too: the refusal is kept in its pointer,
-and the request is not sent again until it changes (a new cache key) or `refresh_cache`
-asks. A request the batch did not answer otherwise is marked settled, and the next run
-sends it again.
+generation cache is, each written whole) before its batch is created and again after, so
+that a run stopped at any point and started again finds its batches instead of paying for
+new ones. Once a batch ends, its images go to the cache like any other, so that the cache,
+not the pointer, answers for them next time. A line of its output is taken only for a
+request that batch was sent; a line that cannot be read fails its request (where it can be
+told) and no other. A request the API refused is an answer too: the refusal is kept in its
+pointer, and the request is not sent again until it changes (a new cache key) or
+`refresh_cache` asks. A request the batch did not answer otherwise is marked settled, and
+the next run sends it again.
+
+`sent` is the one rule for whether a request was sent. It fails closed: a record that
+cannot be read sends the question to the API, and a batch the API does not find, or one
+another project owns, is never taken as proof that nothing was sent.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING
 
 from prefect.results import ResultStore
@@ -37,6 +43,7 @@ from prefect_gpt_image._batch_api import (
     request_line,
     split_lines,
 )
+from prefect_gpt_image._caching import UnreadableRecord, read_record, write_whole
 from prefect_gpt_image._request_bodies import openai_body
 from prefect_gpt_image._responses import error_for_openai_response
 from prefect_gpt_image.errors import (
@@ -60,8 +67,28 @@ seconds), then every `POLL_EVERY_SECONDS`."""
 POLL_EVERY_SECONDS = 30.0
 LISTED_BATCH_ERRORS = 5
 POINTER_WRITERS = 8
+"""Records read or written at a time."""
 NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})
 """Why a batch lists a request it never ran, and so never charged for."""
+NOT_FOUND_LOOKS = 3
+"""Looks, at the polls' pace, at a batch the API answers 404 for before its requests are
+reported not found: one answer (a proxy's, a lagging replica's) is not proof."""
+
+
+class BatchOwner(BaseModel, frozen=True):
+    """Whose batch it is: batches belong to an OpenAI organization and project, and a route
+    for another one does not see them."""
+
+    organization: str | None = None
+    project: str | None = None
+
+    def __str__(self) -> str:
+        project = f"project {self.project}" if self.project else "the key's own project"
+        return f"organization {self.organization}, {project}" if self.organization else project
+
+
+def batch_owner(route: OpenAICredentials) -> BatchOwner:
+    return BatchOwner(organization=route.organization, project=route.project)
 
 
 class Refusal(BaseModel):
@@ -103,10 +130,100 @@ class BatchPointer(BaseModel):
     refusal: Refusal | None = Field(
         default=None, description="The API refused it: do not send it again."
     )
+    owner: BatchOwner | None = Field(
+        default=None, description="Who owns the batch; None in records made before it was kept."
+    )
+
+
+class Sent(Enum):
+    """Whether a request was sent to the Batch API, as `sent` reads its record."""
+
+    NO = "no"
+    """Nothing recorded, its batch ended without answering it, or refresh_cache: send it."""
+    UPLOADED = "uploaded"
+    """In an input file whose batch may not have been created: ask the API by that file."""
+    IN_BATCH = "in batch"
+    """In a batch: collect it from there."""
+    REFUSED = "refused"
+    """The API refused it in a batch: the refusal is its answer, not sent again."""
+    ELSEWHERE = "elsewhere"
+    """In a batch of another organization or project, which this route cannot see: not
+    sent again."""
+    UNKNOWN = "unknown"
+    """The record cannot be read: ask the API, never take it for "not sent"."""
+
+
+def sent(
+    pointer: BatchPointer | UnreadableRecord | None,
+    owner: BatchOwner | None,
+    *,
+    refresh: bool = False,
+) -> Sent:
+    """The one rule for whether a request was sent, from its record (or the error reading it),
+    for a route of `owner` (None: any, for a synchronous run, which collects no batch).
+    `refresh` (refresh_cache) pays again, whatever was sent."""
+    if refresh:
+        return Sent.NO
+    if isinstance(pointer, UnreadableRecord):
+        return Sent.UNKNOWN
+    if pointer is not None and pointer.refusal is not None:
+        return Sent.REFUSED
+    if pointer is None or pointer.settled:
+        return Sent.NO
+    if owner is not None and pointer.owner is not None and pointer.owner != owner:
+        return Sent.ELSEWHERE
+    if pointer.batch_id is None:
+        return Sent.UPLOADED
+    return Sent.IN_BATCH
 
 
 def pointer_key(cache_key: str) -> str:
     return f"{cache_key}-batch"
+
+
+def read_pointer(store: ResultStore, key: str) -> BatchPointer | UnreadableRecord | None:
+    """The record of where request `key` was sent, None if it has none, or the error reading
+    it."""
+    try:
+        record = read_record(store, pointer_key(key))
+    except UnreadableRecord as exc:
+        logger.warning("%s", exc)
+        return exc
+    if record is None or isinstance(record, BatchPointer):
+        return record
+    return UnreadableRecord(f"the record {pointer_key(key)} is not a batch pointer")
+
+
+def in_batches(
+    store: ResultStore, requests: Mapping[str, Sequence[str]]
+) -> dict[str, GptImageError]:
+    """Of `requests` (each a key, and the keys it may be recorded under), those a synchronous
+    run must not pay for, and why. Read a few at a time: the storage may be S3."""
+    with ThreadPoolExecutor(POINTER_WRITERS, thread_name_prefix="batch-pointer") as pool:
+        errors = list(pool.map(partial(_in_a_batch, store), requests.values()))
+    return {key: error for key, error in zip(requests, errors, strict=True) if error is not None}
+
+
+def _in_a_batch(store: ResultStore, keys: Sequence[str]) -> GptImageError | None:
+    """Why a synchronous run must not pay for a request (cached under any of `keys`): a
+    batch-mode run sent it, or may have, and its batch answers it at half the price; or a
+    batch's answer was a refusal."""
+    for key in keys:
+        pointer = read_pointer(store, key)
+        match sent(pointer, None):
+            case Sent.NO:
+                continue
+            case Sent.REFUSED:  # the API's answer: it would refuse it again
+                assert isinstance(pointer, BatchPointer) and pointer.refusal is not None
+                return pointer.refusal.error()
+        where = pointer.batch_id if isinstance(pointer, BatchPointer) else None
+        return BatchNotDoneError(
+            f"It was sent in an OpenAI batch{f' ({where})' if where else ''} by a run with "
+            'mode="batch", or may have been: not generated again, so that it is not paid for '
+            'twice. Run with mode="batch" to collect it, or set refresh_cache=True to pay '
+            "for it anew."
+        )
+    return None
 
 
 def sending_lock_key(route: OpenAICredentials) -> str:
@@ -166,6 +283,7 @@ class BatchJobs:
         read_image: ReadImage,
     ) -> None:
         self._route = route
+        self._owner = batch_owner(route)
         self._api = BatchApiClient(route)
         self._store = store
         self._requests = dict(requests)
@@ -173,14 +291,11 @@ class BatchJobs:
         self._batches: dict[str, list[str]] = {}
         """Batch id -> the keys of this run it answers."""
         self._batch_of: dict[str, str] = {}
-        self._refused: dict[str, GptImageError] = {}
-        """The requests the API refused in an earlier batch: not sent again."""
+        self._held_back: dict[str, GptImageError] = {}
+        """Requests this run does not send: refused in an earlier batch, or in a batch this
+        run cannot collect."""
         self.created: list[str] = []
         """The batches this run created."""
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self._requests)
 
     @property
     def batch_ids(self) -> list[str]:
@@ -196,21 +311,34 @@ class BatchJobs:
 
     # --- plan ------------------------------------------------------------------------------
 
-    def attach(self, *, create: bool = True) -> list[str]:
+    def attach(self, *, create: bool = True, refresh: bool = False) -> list[str]:
         """Find the batches the requests are in already (creating, if `create`, the batch of
-        an input file a stopped run uploaded but did not start); returns the keys in none."""
+        an input file a stopped run uploaded but did not start); returns the keys to send,
+        as `sent` rules (`refresh`: every key)."""
         unsent: list[str] = []
         unstarted: dict[str, list[str]] = {}
+        unknown: list[str] = []
         for key in self._requests:
             pointer = self._pointer(key)
-            if pointer is not None and pointer.refusal is not None:
-                self._refused[key] = pointer.refusal.error()
-            elif pointer is None or pointer.settled:
-                unsent.append(key)
-            elif pointer.batch_id is None:
-                unstarted.setdefault(pointer.input_file_id, []).append(key)
-            else:
-                self._add(pointer.batch_id, [key])
+            match sent(pointer, self._owner, refresh=refresh):
+                case Sent.NO:
+                    unsent.append(key)
+                case Sent.UNKNOWN:
+                    unknown.append(key)
+                case Sent.REFUSED:
+                    assert isinstance(pointer, BatchPointer) and pointer.refusal is not None
+                    self._held_back[key] = pointer.refusal.error()
+                case Sent.ELSEWHERE:
+                    assert isinstance(pointer, BatchPointer)
+                    self._held_back[key] = _elsewhere(pointer, self._owner)
+                case Sent.UPLOADED:
+                    assert isinstance(pointer, BatchPointer)
+                    unstarted.setdefault(pointer.input_file_id, []).append(key)
+                case Sent.IN_BATCH:
+                    assert isinstance(pointer, BatchPointer) and pointer.batch_id is not None
+                    self._add(pointer.batch_id, [key])
+        if unknown:
+            unsent += self._ask(unknown)
         for file_id, keys in unstarted.items():
             status = self._api.find(file_id) or (self._create(file_id) if create else None)
             if status is None:
@@ -218,6 +346,30 @@ class BatchJobs:
                 continue
             self._record(keys, file_id, status.id)
             self._add(status.id, keys)
+        return unsent
+
+    def _ask(self, keys: Sequence[str]) -> list[str]:
+        """Ask the API which batches hold `keys`, whose records cannot be read; returns those
+        in none. A key the API cannot be asked about is held back, not sent."""
+        try:
+            holding = self._api.holding(set(keys))
+        except GptImageError as exc:
+            for key in keys:
+                self._held_back[key] = BatchNotDoneError(
+                    f"Its batch record could not be read, and the API could not say whether "
+                    f"it was sent ({exc}). It was not sent again, so that it is not paid for "
+                    "twice; the next run asks again."
+                )
+            return []
+        unsent: list[str] = []
+        for key in keys:
+            status = holding.get(key)
+            if status is None:
+                unsent.append(key)
+                continue
+            logger.info("Found the request %s, whose record was unreadable, in %s", key, status.id)
+            self._record([key], status.input_file_id, status.id)  # mended
+            self._add(status.id, [key])
         return unsent
 
     def submit(self, keys: Sequence[str]) -> None:
@@ -249,18 +401,23 @@ class BatchJobs:
 
     def collect(self, deadline: float) -> Iterator[BatchEvent]:
         """Look at the batches until each has ended or `deadline` (a `time.monotonic()`)
-        passes, reading each one's answers as it ends; first, the refusals `attach` found."""
-        yield from (Unanswered(key, error) for key, error in self._refused.items())
+        passes, reading each one's answers as it ends; first, the requests `attach` held
+        back."""
+        yield from (Unanswered(key, error) for key, error in self._held_back.items())
         live = dict(self._batches)
+        not_found: dict[str, int] = {}
         delays = itertools.chain(POLL_DELAYS, itertools.repeat(POLL_EVERY_SECONDS))
         while live:
             completed = 0
             for batch_id in list(live):
                 try:
                     status = self._api.retrieve(batch_id)
-                except EndpointNotFoundError:  # deleted, or another account's: gone
-                    yield from self._gone(batch_id, live.pop(batch_id))
+                except EndpointNotFoundError:  # another project's, or one answer gone astray
+                    not_found[batch_id] = not_found.get(batch_id, 0) + 1
+                    if not_found[batch_id] >= NOT_FOUND_LOOKS:
+                        yield from self._not_found(batch_id, live.pop(batch_id))
                     continue
+                not_found.pop(batch_id, None)
                 if status.ended:
                     yield from self._answers(status, live.pop(batch_id))
                 else:
@@ -285,7 +442,7 @@ class BatchJobs:
                 key = answer.custom_id
                 if key is not None and key in seen:  # the first answer counts
                     continue
-                request = self._sent(status.id, key, asked)
+                request = self._request_in(status.id, key, asked)
                 if isinstance(answer, UnreadableLine):
                     where = f"line {answer.number} of its {kind} file: {answer.reason}"
                     logger.warning("Batch %s: %s", status.id, where)
@@ -314,7 +471,7 @@ class BatchJobs:
                 error = _unreadable(status, unreadable) if unreadable else _not_done(status)
                 yield Unanswered(key, error)
 
-    def _sent(self, batch_id: str, key: str | None, asked: set[str]) -> ImageRequest | None:
+    def _request_in(self, batch_id: str, key: str | None, asked: set[str]) -> ImageRequest | None:
         """The request `key` names, if it was sent in batch `batch_id`: by this run, or by
         an earlier run that this run did not ask for it (it is paid for all the same)."""
         if key is None:
@@ -322,20 +479,20 @@ class BatchJobs:
         if key in asked:
             return self._requests[key]
         pointer = self._pointer(key)
-        if pointer is None or pointer.batch_id != batch_id or pointer.settled:
+        if not isinstance(pointer, BatchPointer) or sent(pointer, None) is not Sent.IN_BATCH:
             return None
-        return pointer.request
+        return pointer.request if pointer.batch_id == batch_id else None
 
-    def _gone(self, batch_id: str, keys: list[str]) -> Iterator[BatchEvent]:
-        for key in keys:
-            self._settle(key)
-            yield Unanswered(
-                key,
-                BatchNotDoneError(
-                    f"The API no longer knows batch {batch_id}; the next run sends the "
-                    "request again."
-                ),
-            )
+    def _not_found(self, batch_id: str, keys: list[str]) -> Iterator[BatchEvent]:
+        """Requests whose batch the API kept answering 404 for: it may run, and bill, under
+        another key or project, so they are not settled and not sent again."""
+        error = BatchNotDoneError(
+            f"The API did not find batch {batch_id} in {NOT_FOUND_LOOKS} looks with this "
+            f"route's key and {self._owner}. It was not sent again, so that it is not paid for "
+            "twice: run with the key and project that created it to collect it, or set "
+            "refresh_cache=True to pay for it anew."
+        )
+        yield from (Unanswered(key, error) for key in keys)
 
     def _event(
         self, answer: BatchAnswer, request: ImageRequest, *, asked: bool
@@ -387,12 +544,8 @@ class BatchJobs:
         logger.info("Created batch %s from %s", status.id, file_id)
         return status
 
-    def _pointer(self, key: str) -> BatchPointer | None:
-        try:
-            result = self._store.read(pointer_key(key)).result
-        except Exception:  # none yet, or unreadable: either way the request is unsent
-            return None
-        return result if isinstance(result, BatchPointer) else None
+    def _pointer(self, key: str) -> BatchPointer | UnreadableRecord | None:
+        return read_pointer(self._store, key)
 
     def _record(self, keys: Sequence[str], file_id: str, batch_id: str | None) -> None:
         """Point each of `keys` at `file_id` and `batch_id`, a few writes at a time: the
@@ -400,9 +553,12 @@ class BatchJobs:
 
         def write(key: str) -> None:
             pointer = BatchPointer(
-                request=self._requests[key], input_file_id=file_id, batch_id=batch_id
+                request=self._requests[key],
+                input_file_id=file_id,
+                batch_id=batch_id,
+                owner=self._owner,
             )
-            self._store.write(pointer, key=pointer_key(key))
+            write_whole(self._store, pointer_key(key), pointer)
 
         with ThreadPoolExecutor(POINTER_WRITERS, thread_name_prefix="batch-pointer") as pool:
             list(pool.map(write, keys))
@@ -411,9 +567,18 @@ class BatchJobs:
         """Mark `key` as answered by its batch without an image: to be sent again, or not,
         if the API refused it (`refusal`)."""
         pointer = self._pointer(key)
-        if pointer is not None and (not pointer.settled or refusal is not None):
+        if isinstance(pointer, BatchPointer) and (not pointer.settled or refusal is not None):
             settled = pointer.model_copy(update={"settled": True, "refusal": refusal})
-            self._store.write(settled, key=pointer_key(key))
+            write_whole(self._store, pointer_key(key), settled)
+
+
+def _elsewhere(pointer: BatchPointer, owner: BatchOwner) -> BatchNotDoneError:
+    where = pointer.batch_id or f"the batch of {pointer.input_file_id}"
+    return BatchNotDoneError(
+        f"It was sent in {where} of {pointer.owner}, which this route ({owner}) cannot see. "
+        "It was not sent again, so that it is not paid for twice: run with that organization "
+        "and project to collect it, or set refresh_cache=True to pay for it anew."
+    )
 
 
 def _unreadable(status: BatchStatus, lines: Sequence[str]) -> InvalidResponseError:

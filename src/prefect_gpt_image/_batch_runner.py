@@ -33,6 +33,8 @@ from prefect_gpt_image._batch_jobs import (
     Progress,
     Unanswered,
     Waiting,
+    in_batches,
+    pointer_key,
     sending_lock_key,
 )
 from prefect_gpt_image._budget import run_budget
@@ -171,6 +173,8 @@ class BatchRunner:
     def run(self, progress: ProgressArtifact) -> None:
         """Keep the API at its limits, and upload each image as it comes."""
         batch = self.batch
+        if not self._generate.refresh_cache:
+            self._hold_back_batched()
         self._waiting.extend(key for key in batch.groups if not batch.settled(key))
         # Uploads run in the flow's own threads, not as task runs: a task run costs more CPU
         # than the upload itself, and the generation's task run already stands for the image.
@@ -186,6 +190,21 @@ class BatchRunner:
                 else:
                     self._upload_done(tag, future)
                 self._report(progress)
+
+    def _hold_back_batched(self) -> None:
+        """Fail, unpaid, the requests a batch-mode run sent (as `sent` rules): their batch
+        answers them."""
+        present = stored_keys(self._cache)
+        candidates = {key: self.batch.lookup_keys(key) for key in self._uncached}
+        if present is not None:  # only those with a record: no need to try reading the rest
+            candidates = {
+                key: keys
+                for key, keys in candidates.items()
+                if not present.isdisjoint(map(pointer_key, keys))
+            }
+        for key, error in in_batches(self._cache, candidates).items():
+            self.batch.generation_failed(key, error, NO_CHARGES)
+            self._uncached.discard(key)
 
     def run_batch_api(
         self,
@@ -266,10 +285,8 @@ class BatchRunner:
                     f"{SENDING_LOCK_SECONDS / 60:.0f} minutes: nothing was sent. Run again "
                     "once it is done; it finds what that run sent."
                 )
-            if self._generate.refresh_cache and not cancel:  # pay again: look for no batch
-                unsent = jobs.keys
-            else:
-                unsent = jobs.attach(create=not cancel)
+            refresh = bool(self._generate.refresh_cache) and not cancel  # pay again
+            unsent = jobs.attach(create=not cancel, refresh=refresh)
             error: GptImageError | None = None
             if cancel:
                 jobs.cancel()

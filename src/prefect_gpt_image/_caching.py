@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -179,6 +180,59 @@ def remember(
         logger.debug("Could not cache the image under %s: %s", key, exc)
     fallback.write(image, key=key)
     return False
+
+
+class UnreadableRecord(Exception):
+    """A record may be there but cannot be read: cut short, or its storage did not answer.
+    Not the same as no record."""
+
+
+def read_record(store: ResultStore, key: str) -> object | None:
+    """What is recorded under `key`, or None if nothing is; raises `UnreadableRecord` where a
+    record may be there but cannot be read."""
+    try:
+        result: object = store.read(key).result
+    except Exception as exc:
+        if _absent(store, key, exc):
+            return None
+        raise UnreadableRecord(f"the record {key} could not be read: {exc}") from exc
+    return result
+
+
+def _absent(store: ResultStore, key: str, exc: Exception) -> bool:
+    """Whether `exc`, raised reading `key`, says there is no record (rather than a broken
+    one, or a storage that did not answer)."""
+    from prefect.filesystems import LocalFileSystem
+
+    storage = store.metadata_storage or store.result_storage
+    if isinstance(storage, LocalFileSystem) and storage.basepath:
+        return not (Path(storage.basepath).expanduser() / key).exists()
+    if isinstance(exc, FileNotFoundError):
+        return True
+    response = getattr(exc, "response", None)  # botocore's ClientError, from an S3 storage
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+def write_whole(store: ResultStore, key: str, obj: object) -> None:
+    """Record `obj` under `key` so that a reader finds all of it or none of it, even if the
+    writer is killed mid-write: on local storage, written beside the record and renamed over
+    it (Prefect writes in place); an object store's put is whole already."""
+    from prefect.filesystems import LocalFileSystem
+
+    storage = store.result_storage
+    if not isinstance(storage, LocalFileSystem) or store.metadata_storage is not None:
+        store.write(obj, key=key)
+        return
+    record = store.create_result_record(obj, key=key)
+    path = Path(str(record.metadata.storage_key))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        partial.write_bytes(record.serialize())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def stored_keys(store: ResultStore) -> set[str] | None:

@@ -20,6 +20,11 @@ Each request line is answered by the emulator's own code for a synchronous call 
 checks, queued faults, images and usage) without its rate limit or latency, and recorded
 apart, in `batch_calls`. File contents live in a temporary directory that the emulator owns
 and are sent in chunks, so a thousand-image output file costs disk, not memory.
+
+Batches are scoped to the project a call names, as OpenAI scopes them. Queued faults
+(`add_fault`) stand for the path between client and API: a call carried out whose answer is
+lost (a proxy's 502, a dropped connection), a 404 for a batch that exists, a 5xx before the
+call is carried out.
 """
 
 from __future__ import annotations
@@ -45,10 +50,12 @@ from urllib.parse import parse_qs
 
 from prefect_gpt_image.testing.emulator import (
     _BAD_JSON,
+    _DROPPED,
     _checked,
     _choice,
     _form_parts,
     _form_value,
+    _gateway_page,
     _ImageRequest,
     _invalid,
     _json,
@@ -61,6 +68,7 @@ from prefect_gpt_image.testing.emulator import (
     _Refused,
     _Reply,
     _request_id,
+    _server_error,
     _string,
     _take_queued,
     _with_headers,
@@ -119,6 +127,16 @@ _NOT_RUN = {
     "batch_expired": "This request could not be executed before the completion window expired.",
     "batch_cancelled": "This request was not executed because the batch was cancelled.",
 }
+_OPERATIONS = {
+    ("POST", "files", False, None): "upload",
+    ("GET", "files", True, "content"): "content",
+    ("POST", "batches", False, None): "create",
+    ("GET", "batches", False, None): "list",
+    ("GET", "batches", True, None): "retrieve",
+    ("POST", "batches", True, "cancel"): "cancel",
+}
+"""The calls `add_batch_api_fault` can fault, by method, kind, whether an id is given, and
+action."""
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
 _ALPHANUMERIC = string.ascii_letters + string.digits
 _NOT_JSON = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
@@ -290,6 +308,9 @@ class _Batch:
     endpoint: str
     input_file_id: str
     metadata: dict[str, str] | None
+    project: str | None
+    """The project it belongs to (the `OpenAI-Project` header; None for the key's own): only
+    calls for that project see it."""
     output_lifetime: int
     seconds: float
     expire_after: int | None
@@ -370,6 +391,24 @@ class BatchApi:
         self._lock = threading.Lock()
         self._batches: dict[str, _Batch] = {}
         self._output_faults: list[_QueuedFault] = []
+        self._api_faults: dict[str, list[_QueuedFault]] = {}
+        """Faults of the Files and Batches API's calls, by operation."""
+
+    def add_fault(self, operation: str, fault: Fault, times: int) -> None:
+        if operation not in _OPERATIONS.values():
+            raise ValueError(f"unknown operation {operation!r}; use one of {_OPERATIONS.values()}")
+        if fault.kind not in ("answer_lost", "not_found", "server_error"):
+            raise ValueError(f"{fault.kind} is not a Files or Batches API fault")
+        if times < 1:
+            raise ValueError("times must be at least 1")
+        with self._lock:
+            self._api_faults.setdefault(operation, []).append(_QueuedFault(fault, times, None))
+
+    def _take_fault(self, operation: str | None) -> Fault | None:
+        if operation is None:
+            return None
+        with self._lock:
+            return _take_queued(self._api_faults.get(operation, []), None)
 
     # -- the emulator's side ----------------------------------------------------------------
 
@@ -392,7 +431,7 @@ class BatchApi:
         (on `reset()` and `stop()`)."""
         with self._lock:
             batches, self._batches = list(self._batches.values()), {}
-            self._output_faults = []
+            self._output_faults, self._api_faults = [], {}
             for batch in batches:
                 batch.halted = True
                 batch.wake.set()
@@ -410,10 +449,24 @@ class BatchApi:
             return None
         reply = self._emulator._openai_gatekeep(headers)
         if reply is None:
-            try:
-                reply = self._dispatch(method, path, route, headers, raw, _query(query))
-            except _Refused as refused:
-                reply = refused.reply
+            operation = _OPERATIONS.get(
+                (method, route["kind"], route["id"] is not None, route["action"])
+            )
+            fault = self._take_fault(operation)
+            if fault is not None and fault.kind == "server_error":
+                reply = _server_error(fault.status or 503)
+            elif fault is not None and fault.kind == "not_found":
+                what = "File object" if route["kind"] == "files" else "batch found with id"
+                reply = _openai_error(404, f"No {what} '{route['id']}'.")
+            else:
+                try:
+                    reply = self._dispatch(method, path, route, headers, raw, _query(query))
+                except _Refused as refused:
+                    reply = refused.reply
+                if fault is not None:  # answer_lost: carried out, and the answer never arrives
+                    if reply.stream is not None:
+                        reply.stream.close()
+                    return _DROPPED if fault.status is None else _gateway_page(fault.status)
         reply = self._emulator._through_gateway(reply)
         return _with_headers(reply, (("x-request-id", _request_id()),))
 
@@ -447,16 +500,21 @@ class BatchApi:
                 stream = self._files.open(file_id)
                 return _Reply(200, b"", "application/octet-stream", (disposition,), stream)
             case "POST", "batches", None, None:
-                return _json(200, self._create(raw))
+                return _json(200, self._create(raw, _project(headers)))
             case "GET", "batches", None, None:
+                project = _project(headers)
                 with self._lock:
-                    batches = [batch.describe() for batch in reversed(self._batches.values())]
+                    batches = [
+                        batch.describe()
+                        for batch in reversed(self._batches.values())
+                        if batch.project == project
+                    ]
                 return _json(200, _page(batches, query, 100, 20))
             case "GET", "batches", str(batch_id), None:
                 with self._lock:
-                    return _json(200, self._batch(batch_id).describe())
+                    return _json(200, self._batch(batch_id, _project(headers)).describe())
             case "POST", "batches", str(batch_id), "cancel":
-                return self._cancel(batch_id)
+                return self._cancel(batch_id, _project(headers))
         raise _Refused(_openai_error(404, f"Invalid URL ({method} {path})"))
 
     # -- files ------------------------------------------------------------------------------
@@ -504,14 +562,15 @@ class BatchApi:
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _batch(self, batch_id: str) -> _Batch:
-        """The batch (call with the lock held), or the API's 404 (raised as _Refused)."""
+    def _batch(self, batch_id: str, project: str | None) -> _Batch:
+        """The batch (call with the lock held), or the API's 404 (raised as _Refused), as
+        for a batch of another project."""
         batch = self._batches.get(batch_id)
-        if batch is None:
+        if batch is None or batch.project != project:
             raise _Refused(_openai_error(404, f"No batch found with id '{batch_id}'."))
         return batch
 
-    def _create(self, raw: bytes) -> dict[str, Any]:
+    def _create(self, raw: bytes, project: str | None) -> dict[str, Any]:
         """`POST .../batches`: checks the request as the API does, then starts the batch."""
         try:
             body = json.loads(raw)
@@ -547,6 +606,7 @@ class BatchApi:
             endpoint,
             file_id,
             metadata,
+            project,
             _FILE_SECONDS if lifetime is None else lifetime,
             emulator.batch_processing_seconds,
             emulator.batch_expire_after,
@@ -560,10 +620,10 @@ class BatchApi:
             batch.thread.start()
             return batch.describe()
 
-    def _cancel(self, batch_id: str) -> _Reply:
+    def _cancel(self, batch_id: str, project: str | None) -> _Reply:
         """`POST .../batches/{id}/cancel`: stop after the request under way, if not done."""
         with self._lock:
-            batch = self._batch(batch_id)
+            batch = self._batch(batch_id, project)
             if batch.status in ("validating", "in_progress"):
                 batch.cancelled = True
                 batch.move("cancelling")
@@ -790,6 +850,11 @@ class BatchApi:
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _project(headers: Mapping[str, str]) -> str | None:
+    """The project a call is for: its `OpenAI-Project` header, or None for the key's own."""
+    return headers.get("openai-project") or None
 
 
 def _query(query: str) -> dict[str, str]:

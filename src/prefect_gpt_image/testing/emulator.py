@@ -328,6 +328,21 @@ class Fault:
         """400 `moderation_blocked`: the safety system refused this prompt; not billed."""
         return cls("moderation_blocked", status=400)
 
+    @classmethod
+    def answer_lost(cls, status: int | None = 502) -> Fault:
+        """For the Files and Batches APIs (`add_batch_api_fault`): the call is carried out
+        (a batch is created), then its answer is lost on the way back: a proxy's HTML page
+        with `status`, or, with None, a connection closed without a word."""
+        if status is not None and not 500 <= status <= 599:
+            raise ValueError(f"answer_lost needs a 5xx status or None, got {status}")
+        return cls("answer_lost", status=status)
+
+    @classmethod
+    def not_found(cls) -> Fault:
+        """For the Files and Batches APIs (`add_batch_api_fault`): 404 for an object the API
+        knows, as a proxy routing to the wrong upstream or a lagging replica answers."""
+        return cls("not_found", status=404)
+
 
 @dataclass(frozen=True)
 class RecordedCall:
@@ -1089,6 +1104,10 @@ def _server_error(status: int) -> _Reply:
     return _gateway_page(status)
 
 
+_DROPPED = _Reply(0, b"")
+"""Not an answer: the connection is closed without one."""
+
+
 def _gateway_page(status: int) -> _Reply:
     """The HTML error page of the nginx in front of the API."""
     try:
@@ -1223,7 +1242,10 @@ class GptImageEmulator:
     usage alike, but no rate limit or latency), into an output file and an error file. With
     `batch_expire_after` set, a batch expires once that many requests are processed;
     `add_batch_output_fault` writes some of its answer lines wrong. Lines are recorded in
-    `batch_calls`, never in `calls`; `batches` lists every batch as the API describes it.
+    `batch_calls`, never in `calls`; `batches` lists every batch as the API describes it. A
+    batch belongs to the project its creator named (`OpenAI-Project`), and other projects'
+    calls get 404 for it. `add_batch_api_fault` makes a Files or Batches call misbehave as a
+    real path does: carried out with its answer lost, or a 404 for what exists.
 
     `gateway` words every OpenAI-protocol error (synchronous answers, the Files and Batches
     APIs, and a batch's error lines) as a gateway in front of the API would: "litellm" sets
@@ -1547,6 +1569,13 @@ class GptImageEmulator:
             raise ValueError("times must be at least 1")
         with self._lock:
             self._faults.append(_QueuedFault(fault, times, prompt_contains))
+
+    def add_batch_api_fault(self, operation: str, fault: Fault, *, times: int = 1) -> None:
+        """Inject `fault` into the next `times` calls of a Files or Batches `operation`:
+        "upload", "create", "list", "retrieve", "cancel" or "content". `Fault.answer_lost`
+        carries the call out and loses its answer, `Fault.not_found` answers 404 for what
+        exists, and `Fault.server_error` refuses the call without carrying it out."""
+        self._batch_api.add_fault(operation, fault, times)
 
     def seed_faults(self, rate: float, faults: Sequence[Fault], seed: int = 0) -> None:
         """Inject a random one of `faults` into a `rate` share of POSTs, reproducibly."""
@@ -2078,6 +2107,9 @@ class _Handler(BaseHTTPRequestHandler):
         return {name.lower(): value for name, value in self.headers.items()}
 
     def _send(self, reply: _Reply) -> None:
+        if reply is _DROPPED:  # the connection ends without an answer, as a proxy's may
+            self.close_connection = True
+            return
         stream = reply.stream
         try:
             length = len(reply.body) if stream is None else os.fstat(stream.fileno()).st_size
