@@ -139,8 +139,11 @@ def test_a_batch_answer_never_replaces_a_different_image_already_cached(
     first, second = prompts(2)
     waiting = run(openai_credentials, bucket, [first, second], batch_wait_minutes=0)
     assert len(waiting.waiting) == 2
-    # Meanwhile a synchronous run pays for `first` and stores what it was served.
-    synchronous = run(openai_credentials, bucket, [first], mode="sync", prefix="p")
+    # Meanwhile a synchronous run pays for `first` anew (a batch holds it, so only
+    # refresh_cache pays) and stores what it was served.
+    synchronous = run(
+        openai_credentials, bucket, [first], mode="sync", prefix="p", refresh_cache=True
+    )
     assert len(batch_api.calls) == 1
 
     later = run(openai_credentials, bucket, [first, second], prefix="p")
