@@ -1,4 +1,4 @@
-"""Keeping API keys out of error text.
+"""Keeping API keys, and passwords in URLs, out of error text.
 
 The credentials blocks refuse keys that cannot be sent (see `blocks._route`), so no
 product message should ever hold one. This is the second line: where an error leaves a
@@ -8,7 +8,16 @@ wrote that text (httpx quotes a header it refuses, key and all).
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 MASK = "***"
+
+
+def without_userinfo(url: str) -> str:
+    """`url` without the `user:password@` before its host, for names, messages and logs:
+    a gateway's or Redis's password given in the URL is a secret too."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def scrub(text: str, secret: str) -> str:
