@@ -15,6 +15,7 @@ from prefect.blocks.abstract import CredentialsBlock
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from prefect_gpt_image._redaction import without_userinfo
 from prefect_gpt_image.errors import ConfigurationError
 from prefect_gpt_image.model_table import MODELS, ModelSpec, model_spec
 from prefect_gpt_image.settings import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_TIMEOUT_SECONDS
@@ -129,9 +130,15 @@ class GptImageRoute(CredentialsBlock, ABC):
         """The URL generation requests are posted to."""
 
     @property
+    def shown_url(self) -> str:
+        """The endpoint's URL as messages and logs show it: without any `user:password@`."""
+        return without_userinfo(self.endpoint_url)
+
+    @property
     def route_name(self) -> str:
-        """How reports name this route: the saved block's name, else the endpoint's host."""
-        return self._block_document_name or urlsplit(self.endpoint_url).netloc
+        """How reports name this route: the saved block's name, else the endpoint's host
+        and port (never a `user:password@` before them)."""
+        return self._block_document_name or urlsplit(self.shown_url).netloc
 
     @model_validator(mode="after")
     def _aliases_name_entries(self) -> GptImageRoute:

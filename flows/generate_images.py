@@ -34,7 +34,7 @@ from prefect_gpt_image._preflight import (
     check_storage,
     saved_block,
 )
-from prefect_gpt_image._prompt_sets import expand_template, load_prompts
+from prefect_gpt_image._prompt_sets import PromptSet, expand_template, read_prompt_set
 from prefect_gpt_image._storage import object_link, object_uri, read_uri
 from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
 from prefect_gpt_image.model_table import Background, Moderation, OutputFormat, Quality
@@ -65,6 +65,7 @@ def generate_images(
     background: Background | None = None,
     moderation: Moderation | None = None,
     images: list[str] | str | None = None,
+    input_roots: list[str] | None = None,
     mask: str | None = None,
     input_fidelity: InputFidelity | None = None,
     max_concurrency: Annotated[int, Field(ge=1, le=256)] = 8,
@@ -111,6 +112,10 @@ def generate_images(
             list of paths and `s3://` URIs, or one `s3://` folder or local directory of
             them. Each input is named in its objects' keys. Prompts that name their own
             images (a CSV `image` column, a JSONL `images` list) edit those instead.
+        input_roots: Folders (local, or `s3://bucket/prefix/`) whose images a prompt file
+            may name, besides those below its own folder. A row naming an image anywhere
+            else is refused, and nothing is read for it: the file does not decide what
+            the worker reads.
         mask: For edits: a PNG the size of every input, whose transparent pixels mark
             the area to repaint.
         input_fidelity: For edits: high or low, how closely to keep the inputs' features.
@@ -183,10 +188,13 @@ def generate_images(
         "background": background,
         "moderation": moderation,
     }
-    requests = _requests(prompts, template, variables, defaults, s3)
+    prompt_set = _prompt_set(prompts, template, variables, defaults, s3, input_roots or [])
+    requests, refused = prompt_set.requests, prompt_set.refused
     if images is not None:
-        requests = _edits_of(requests, expand_inputs(images, bucket=s3), mask, input_fidelity)
-    requests, refused = check_edits(requests, bucket=s3)
+        requests, refused = _edits_of(
+            prompt_set, expand_inputs(images, bucket=s3), mask, input_fidelity
+        )
+    requests, refused = check_edits(requests, bucket=s3, refused=refused)
     batch_route = batch_api_route(routes, requests) if mode == "batch" else None
     if batch_route is not None:  # through its Batch API alone
         routes = [batch_route]
@@ -248,39 +256,46 @@ def generate_images(
     return report
 
 
-def _requests(
+def _prompt_set(
     prompts: list[str | ImageRequest] | str | None,
     template: str | None,
     variables: dict[str, list[str]] | None,
     defaults: dict[str, Any],
     bucket: S3Bucket,
-) -> list[ImageRequest]:
+    input_roots: list[str],
+) -> PromptSet:
     """The batch's requests, from a prompt set or a template; all checked, none paid for."""
     if (prompts is None) == (template is None):
         raise InvalidRequestError("Give either prompts or a template (with variables).")
     if template is not None:
-        return expand_template(template, variables or {}, defaults=defaults)
+        return PromptSet(expand_template(template, variables or {}, defaults=defaults))
     assert prompts is not None
-    return load_prompts(prompts, defaults=defaults, read_uri=partial(read_uri, bucket))
+    return read_prompt_set(
+        prompts, defaults=defaults, read_uri=partial(read_uri, bucket), input_roots=input_roots
+    )
 
 
 def _edits_of(
-    requests: list[ImageRequest],
+    prompt_set: PromptSet,
     inputs: list[InputRef],
     mask: str | None,
     input_fidelity: InputFidelity | None,
-) -> list[ImageRequest]:
-    """Every input edited with every prompt, but for prompts that name their own inputs."""
+) -> tuple[list[ImageRequest], dict[int, InvalidRequestError]]:
+    """Every input edited with every prompt, but for prompts that name their own inputs;
+    and the refused prompts (all of which name their own), at their new positions."""
     if not inputs:
         raise InvalidRequestError("images names no image to edit.")
     edits: list[ImageRequest] = []
-    for request in requests:
+    refused: dict[int, InvalidRequestError] = {}
+    for index, request in enumerate(prompt_set.requests):
         if request.is_edit:
+            if index in prompt_set.refused:
+                refused[len(edits)] = prompt_set.refused[index]
             edits.append(request)
             continue
         fields = {"mask": mask, "input_fidelity": input_fidelity or request.input_fidelity}
         edits += [request.model_copy(update={"images": (ref,), **fields}) for ref in inputs]
-    return edits
+    return edits, refused
 
 
 def _generation_task(

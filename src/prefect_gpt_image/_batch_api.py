@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from prefect_gpt_image._redaction import keyless, scrub
+from prefect_gpt_image._redaction import keyless, scrub, without_userinfo
 from prefect_gpt_image._responses import error_for_openai_response
 from prefect_gpt_image._retry_policy import BATCH_API_RETRY_DELAYS, call_with_retries, is_retryable
 from prefect_gpt_image.errors import (
@@ -302,7 +302,7 @@ class BatchApiClient:
             ) from None
         except openai.APIConnectionError as exc:
             raise APIConnectionError(
-                f"Could not reach {self._route.base_url}: {exc.__cause__ or exc}"
+                f"Could not reach {without_userinfo(self._route.base_url)}: {exc.__cause__ or exc}"
             ) from None
 
 

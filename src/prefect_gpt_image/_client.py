@@ -153,7 +153,7 @@ class GenerationClient(ABC):
                 response = self._post(request, files)
             except httpx.TimeoutException as exc:
                 error = APITimeoutError(
-                    f"No answer from {route.endpoint_url} within {route.timeout_seconds:g} s. "
+                    f"No answer from {route.shown_url} within {route.timeout_seconds:g} s. "
                     "Raise timeout_seconds in the credentials block for slow, high-quality "
                     "generations."
                 )
@@ -165,12 +165,12 @@ class GenerationClient(ABC):
             except httpx.TransportError as exc:
                 reservation.not_charged()
                 raise APIConnectionError(
-                    f"Could not reach {route.endpoint_url}: {type(exc).__name__}: {exc}"
+                    f"Could not reach {route.shown_url}: {type(exc).__name__}: {exc}"
                 ) from None
             admission.answered(response.status_code, response.headers)
         logger.debug(
             "POST %s -> %d in %.2f s",
-            route.endpoint_url,
+            route.shown_url,
             response.status_code,
             time.monotonic() - started,
         )

@@ -26,8 +26,14 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from PIL import Image
 
 from prefect_gpt_image._images import MEDIA_TYPES, inspect_image
-from prefect_gpt_image._object_keys import s3_uri
-from prefect_gpt_image._storage import CLIENT_CONFIG, s3_client, storage_error
+from prefect_gpt_image._object_keys import s3_uri, split_s3_uri
+from prefect_gpt_image._storage import (
+    CLIENT_CONFIG,
+    CREDENTIAL_ERRORS,
+    error_code,
+    s3_client,
+    storage_error,
+)
 from prefect_gpt_image.errors import InvalidImageError, InvalidRequestError
 from prefect_gpt_image.models import InputImage, StoredImage
 
@@ -122,7 +128,7 @@ def read_input(image: InputImage, *, bucket: S3Bucket | None = None) -> bytes:
         if image.data is not None:
             data = image.data
         elif image.uri.startswith("s3://"):
-            bucket_name, key = _split_s3(image.uri)
+            bucket_name, key = split_s3_uri(image.uri)
             data = _read_s3(bucket_name, key, where, image.size + 1, bucket)
         else:
             data = _read_file(_file_path(image.uri), where, image.size + 1)
@@ -203,7 +209,7 @@ def _load(
                 raise _TooLarge(f"{len(ref):,} bytes")
             data = ref
         elif uri.startswith("s3://"):
-            data = _read_s3(*_split_s3(uri), where, max_bytes, bucket)
+            data = _read_s3(*split_s3_uri(uri), where, max_bytes, bucket)
         else:
             data = _read_file(_file_path(uri), where, max_bytes)
     except _TooLarge as exc:
@@ -300,7 +306,7 @@ def _has_alpha(data: bytes) -> bool:
 
 def _s3_folder(uri: str, bucket: S3Bucket | None) -> list[str]:
     """The URIs of the image objects directly in an `s3://bucket/prefix/` folder, by key."""
-    bucket_name, prefix = _split_s3(uri)
+    bucket_name, prefix = split_s3_uri(uri)
     own = bucket is not None and bucket.bucket_name == bucket_name
     keys: list[str] = []
     try:
@@ -340,15 +346,6 @@ def _resolved(path: str | Path, base_dir: Path | None) -> Path:
     return (base_dir / path if base_dir is not None else path).resolve()
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    """The bucket and key of `s3://bucket/key`, split by hand: a key may hold `?` and `#`,
-    which a URL parser would take for a query and a fragment."""
-    bucket_name, _, key = uri.removeprefix("s3://").partition("/")
-    if not bucket_name:
-        raise InvalidRequestError(f"{uri!r} names no bucket: expected s3://bucket/key.")
-    return bucket_name, key
-
-
 def _file_path(uri: str) -> Path:
     return Path(url2pathname(urlsplit(uri).path))
 
@@ -386,22 +383,21 @@ def _no_credentials(action: str) -> InvalidRequestError:
 
 
 def _s3_error(exc: Exception, bucket_name: str, action: str, own: bool) -> Exception:
-    """A missing object or a refusal is the input's fault; a transient failure stays a
-    retryable StorageError. A bucket not the block's is read with the environment's
-    credentials, and its messages say so."""
+    """A missing object, a name S3 refuses or a refusal of the credentials is the input's
+    fault, and fails its rows alone; a transient failure stays a retryable StorageError.
+    A bucket not the block's is read with the environment's credentials, and its messages
+    say so."""
     error = storage_error(exc, bucket_name, action)
     if error.retryable or own:
         return error if error.retryable else InvalidRequestError(str(error))
-    code = (
-        str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
-    )
+    code = error_code(exc) if isinstance(exc, ClientError) else ""
     where = f"bucket {bucket_name!r}"
     if code == "NoSuchBucket":
         return InvalidRequestError(
             f"Could not {action}: {where} does not exist at the environment's S3 endpoint. "
             "Check the bucket's name, or AWS_ENDPOINT_URL."
         )
-    if "no such object" in str(error):
+    if code not in CREDENTIAL_ERRORS:  # a missing object, a name S3 refuses
         return InvalidRequestError(str(error))
     return InvalidRequestError(
         f"Could not {action}: S3 refused the environment's AWS credentials for {where} "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,11 +39,15 @@ def checked_edit(
 
 
 def check_edits(
-    requests: Sequence[ImageRequest], *, bucket: S3Bucket | None = None
+    requests: Sequence[ImageRequest],
+    *,
+    bucket: S3Bucket | None = None,
+    refused: Mapping[int, InvalidRequestError] | None = None,
 ) -> tuple[list[ImageRequest], dict[int, InvalidRequestError]]:
     """A batch's requests with every edit's inputs checked, each distinct input once; and
     the requests refused for an input that is missing or not an image, by position, so
-    that they fail alone and the rest go on."""
+    that they fail alone and the rest go on. Those already `refused` (a prompt file's row
+    naming an image outside its roots) are kept refused, and nothing is read for them."""
     seen: dict[str | bytes, InputImage | InvalidRequestError] = {}
 
     def checked(ref: InputImage | bytes | str) -> InputImage:
@@ -60,23 +64,23 @@ def check_edits(
         return outcome
 
     out: list[ImageRequest] = []
-    refused: dict[int, InvalidRequestError] = {}
+    failed = dict(refused or {})
     for index, request in enumerate(requests):
-        if not request.is_edit:
+        if not request.is_edit or index in failed:
             out.append(request)
             continue
         try:
             request = checked_edit(request, bucket=bucket, check=checked)
         except InvalidRequestError as exc:
-            refused[index] = exc
+            failed[index] = exc
         out.append(request)
-    if requests and len(refused) == len(requests):
-        first = next(iter(refused.values()))
+    if requests and len(failed) == len(requests):
+        first = failed[min(failed)]
         raise InvalidRequestError(
-            f"Every request's input images are missing or unusable; nothing was sent. "
+            f"Every request's input images are missing, unusable or refused; nothing was sent. "
             f"The first: {first}"
         )
-    return out, refused
+    return out, failed
 
 
 def input_files(

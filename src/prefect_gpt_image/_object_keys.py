@@ -92,6 +92,15 @@ def s3_uri(bucket_name: str, key: str) -> str:
     return f"s3://{bucket_name}/{key}"
 
 
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """The bucket and key of `s3://bucket/key`, split by hand: a key may hold `?` and `#`,
+    which a URL parser would take for a query and a fragment."""
+    bucket_name, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket_name:
+        raise InvalidRequestError(f"{uri!r} names no bucket: expected s3://bucket/key.")
+    return bucket_name, key
+
+
 def join_key(*parts: str) -> str:
     """Join folder parts and a file name, skipping empty parts."""
     return "/".join(p.strip("/") for p in parts if p.strip("/"))

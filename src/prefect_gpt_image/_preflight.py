@@ -4,13 +4,13 @@ every image is paid for, is found before the first call."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image._object_keys import check_key_room, join_key
+from prefect_gpt_image._redaction import without_userinfo
 from prefect_gpt_image._storage import check_writable
 from prefect_gpt_image.blocks._route import GptImageRoute
 from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
@@ -67,7 +67,7 @@ def check_redis(url: str) -> None:
         redis.Redis.from_url(url, socket_connect_timeout=5).ping()
     except (redis.RedisError, ValueError) as exc:
         raise ConfigurationError(
-            f"Cannot reach the Redis for the cache's locks at {_without_password(url)}: {exc}"
+            f"Cannot reach the Redis for the cache's locks at {without_userinfo(url)}: {exc}"
         ) from None
 
 
@@ -88,9 +88,3 @@ def saved_block(block: S3Bucket) -> S3Bucket:
             ".save('NAME') or in the Prefect UI, so that every worker can load it."
         )
     return block
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    return parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()

@@ -2,7 +2,8 @@
 or a template times its variables.
 
 Every request is validated here, before anything is paid for; a bad line is
-reported with its file and line number.
+reported with its file and line number. A row whose images are outside the file's
+folder and the user's roots is refused alone (see `_input_roots`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import csv
 import io
 import itertools
 import json
-import posixpath
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from prefect_gpt_image._input_roots import InputRoots, locate
 from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.models import MAX_PROMPT_CHARS, ImageRequest
 
@@ -35,6 +37,19 @@ PromptItem = str | ImageRequest | Mapping[str, Any]
 ReadURI = Callable[[str], bytes]
 
 
+@dataclass(frozen=True)
+class PromptSet:
+    """A prompt set's requests, and those refused before anything is read for them (a
+    prompt file's row naming an image outside its roots), by position."""
+
+    requests: list[ImageRequest]
+    refused: dict[int, InvalidRequestError] = field(default_factory=dict)
+
+    @property
+    def admitted(self) -> list[ImageRequest]:
+        return [r for index, r in enumerate(self.requests) if index not in self.refused]
+
+
 def load_prompts(
     source: Sequence[PromptItem] | str | Path,
     *,
@@ -42,19 +57,50 @@ def load_prompts(
     height: int = 1024,
     defaults: Mapping[str, Any] | None = None,
     read_uri: ReadURI | None = None,
+    input_roots: Sequence[str | Path] = (),
 ) -> list[ImageRequest]:
     """The requests in a prompt set, with `width`, `height` and the `ImageRequest` fields in
     `defaults` (those not None) for items that do not give them.
 
     `source` is a list of prompts, requests or dicts, or the path or `s3://` URI of
-    a prompt file; `read_uri` reads `s3://` URIs.
+    a prompt file; `read_uri` reads `s3://` URIs. The images a prompt file names must be in
+    its own folder (for an `s3://` file, its bucket and prefix) or under one of
+    `input_roots` (local folders or `s3://bucket/prefix/`); a row naming any other is
+    refused, as a malformed row is.
     """
+    prompt_set = read_prompt_set(
+        source,
+        width=width,
+        height=height,
+        defaults=defaults,
+        read_uri=read_uri,
+        input_roots=input_roots,
+    )
+    if prompt_set.refused:
+        raise next(iter(prompt_set.refused.values()))
+    return prompt_set.requests
+
+
+def read_prompt_set(
+    source: Sequence[PromptItem] | str | Path,
+    *,
+    width: int = 1024,
+    height: int = 1024,
+    defaults: Mapping[str, Any] | None = None,
+    read_uri: ReadURI | None = None,
+    input_roots: Sequence[str | Path] = (),
+) -> PromptSet:
+    """`load_prompts`, with the rows refused for their images kept apart, so that they fail
+    alone and the rest go on."""
     defaults = _defaults(width, height, defaults)
+    roots = InputRoots.of(input_roots)
     if isinstance(source, str | Path):
-        return _load_file(str(source), defaults, read_uri)
+        return _load_file(str(source), defaults, read_uri, roots)
     if not source:
         raise InvalidRequestError("The prompt set is empty.")
-    return [_request(item, defaults, where=f"prompt #{n}") for n, item in enumerate(source, 1)]
+    return PromptSet(
+        [_request(item, defaults, where=f"prompt #{n}") for n, item in enumerate(source, 1)]
+    )
 
 
 def expand_template(
@@ -108,8 +154,8 @@ def _defaults(width: int, height: int, defaults: Mapping[str, Any] | None) -> di
 
 
 def _load_file(
-    location: str, defaults: dict[str, Any], read_uri: ReadURI | None
-) -> list[ImageRequest]:
+    location: str, defaults: dict[str, Any], read_uri: ReadURI | None, roots: InputRoots
+) -> PromptSet:
     suffix = Path(location.split("?", 1)[0]).suffix.lower()
     if suffix not in PROMPT_FILE_SUFFIXES:
         raise InvalidRequestError(
@@ -130,34 +176,60 @@ def _load_file(
         rows = _jsonl_rows(text, name)
     if not rows:
         raise InvalidRequestError(f"{name} holds no prompts.")
-    return [
-        _request(_inputs_beside(item, location), defaults, where=f"{name}, line {n}")
-        for n, item in rows
-    ]
+    roots = roots.with_folder_of(location)
+    prompt_set = PromptSet([])
+    for n, item in rows:
+        where = f"{name}, line {n}"
+        item, refusal = _confined_inputs(item, location, roots)
+        if refusal is not None:
+            prompt_set.refused[len(prompt_set.requests)] = _outside(where, refusal)
+        prompt_set.requests.append(_request(item, defaults, where=where))
+    return prompt_set
 
 
-def _inputs_beside(item: PromptItem, location: str) -> PromptItem:
-    """A row's images to edit (a CSV `image` column, a JSONL `images` list) and `mask`,
-    with paths relative to the prompt file made relative to its folder."""
+def _confined_inputs(
+    item: PromptItem, location: str, roots: InputRoots
+) -> tuple[PromptItem, str | None]:
+    """A row with its images to edit (a CSV `image` column, a JSONL `images` list) and its
+    `mask` located (relative to the prompt file's folder) and admitted by `roots`; and why
+    the first that no root admits is refused, naming it as the file wrote it."""
     if not isinstance(item, dict):
-        return item
+        return item, None
     item = dict(item)
     if "image" in item:
         item["images"] = [item.pop("image")]
+    refusals: list[str] = []
+
+    def admitted(ref: object, what: str) -> object:
+        if not isinstance(ref, str):  # an InputImage's fields would name a file unchecked
+            refusals.append(
+                f"it gives the {what} as a JSON {type(ref).__name__}; a prompt file names "
+                "images by path or s3:// URI"
+            )
+            return ref
+        located = locate(ref, location)
+        path = roots.admit(located)
+        if path is None:
+            refusals.append(
+                f"the {what} {ref!r} is not below the prompt file's folder or an input root "
+                f"({roots.describe()})"
+            )
+            return located
+        return path
+
     if isinstance(item.get("images"), list):
-        item["images"] = [_beside(ref, location) for ref in item["images"]]
-    if isinstance(item.get("mask"), str):
-        item["mask"] = _beside(item["mask"], location)
-    return item
+        item["images"] = [admitted(ref, "input image") for ref in item["images"]]
+    if item.get("mask") is not None:
+        item["mask"] = admitted(item["mask"], "mask")
+    return item, refusals[0] if refusals else None
 
 
-def _beside(ref: object, location: str) -> object:
-    if not isinstance(ref, str) or ref.startswith("s3://") or Path(ref).is_absolute():
-        return ref
-    if location.startswith("s3://"):
-        folder = location.rsplit("/", 1)[0]
-        return f"{folder}/{posixpath.normpath(ref)}"
-    return str((Path(location).expanduser().parent / ref).resolve())
+def _outside(where: str, reason: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{where}: refused, and nothing read for it: {reason}. A prompt file may name only "
+        "images below its own folder; to edit images elsewhere, name their folder in "
+        "input_roots (--input-root on the command line)."
+    )
 
 
 def _read_text(location: str, read_uri: ReadURI | None) -> str:

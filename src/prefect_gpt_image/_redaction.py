@@ -1,4 +1,4 @@
-"""Keeping API keys out of error text.
+"""Keeping API keys, and passwords in URLs, out of error text and names.
 
 The credentials blocks refuse keys that cannot be sent (see `blocks._route`), so no
 product message should ever hold one. This is the second line, and one boundary that every
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 MASK = "***"
 
@@ -24,6 +25,13 @@ def keyless(secret: str) -> Iterator[None]:
     except BaseException as exc:
         scrub_error(exc, secret)
         raise
+
+
+def without_userinfo(url: str) -> str:
+    """`url` without the `user:password@` before its host, for names, messages and logs:
+    a gateway's or Redis's password given in the URL is a secret too."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def scrub(text: str, secret: str) -> str:

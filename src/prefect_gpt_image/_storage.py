@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from prefect_gpt_image._object_keys import s3_uri
 from prefect_gpt_image._retry_policy import S3_ATTEMPTS_PER_REQUEST
@@ -44,13 +44,28 @@ place once used; a changed copy is another object."""
 _KNOWN_OBJECTS = 64
 _clients_lock = threading.Lock()
 
-_CREDENTIAL_ERRORS = {
+CREDENTIAL_ERRORS = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
     "AccessDenied",
     "InvalidToken",
     "ExpiredToken",
+    "403",
 }
+"""S3 error codes that say the credentials may not do this."""
+_TRANSIENT_ERRORS = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "RequestLimitExceeded",
+    "RequestTimeout",
+    "OperationAborted",
+}
+"""S3 error codes that a later attempt may not meet. Any other code (InvalidArgument for a
+name the server refuses, say) is the request's own fault, and fails at once."""
 
 
 def s3_client(bucket: S3Bucket) -> Any:
@@ -110,7 +125,7 @@ def _stored_size(bucket: S3Bucket, key: str) -> int | None:
         existing = s3_client(bucket).head_object(Bucket=bucket.bucket_name, Key=key)
     except ClientError as exc:
         # 403: a write-only policy may forbid HEAD; the PUT will tell.
-        if _error_code(exc) in ("404", "NoSuchKey", "NotFound", "403"):
+        if error_code(exc) in ("404", "NoSuchKey", "NotFound", "403"):
             return None
         raise storage_error(exc, bucket.bucket_name, "check") from None
     except BotoCoreError as exc:
@@ -200,7 +215,7 @@ def _ascii_truncated(text: str, limit: int) -> str:
 
 def storage_error(exc: Exception, bucket_name: str, action: str) -> StorageError:
     """A clear, correctly classified error from a boto3 failure."""
-    code = _error_code(exc) if isinstance(exc, ClientError) else ""
+    code = error_code(exc) if isinstance(exc, ClientError) else ""
     where = f"bucket {bucket_name!r}"
     if code in ("NoSuchKey", "404"):
         return StorageError(f"Could not {action}: no such object in {where}.", retryable=False)
@@ -210,16 +225,31 @@ def storage_error(exc: Exception, bucket_name: str, action: str) -> StorageError
             "fix bucket_name in the S3Bucket block.",
             retryable=False,
         )
-    if code in _CREDENTIAL_ERRORS or code == "403":
+    if code in CREDENTIAL_ERRORS:
         return StorageError(
             f"Could not {action}: S3 refused the credentials for {where} ({code}). Check "
             "the AwsCredentials block's access key, secret and endpoint.",
             retryable=False,
         )
+    if isinstance(exc, ClientError) and not _transient(exc):
+        message = exc.response.get("Error", {}).get("Message", "")
+        return StorageError(
+            f"Could not {action}: {where} refused it ({code or 'no code'}: {message}).",
+            retryable=False,
+        )
     return StorageError(
-        f"Could not {action} in {where}: {type(exc).__name__}: {exc}", retryable=True
+        f"Could not {action} in {where}: {type(exc).__name__}: {exc}", retryable=_transient(exc)
     )
 
 
-def _error_code(exc: ClientError) -> str:
+def _transient(exc: Exception) -> bool:
+    """Whether S3's failure may pass: a code or status that says so (throttling, 5xx), or
+    no answer at all. A name the client itself refuses never passes."""
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error_code(exc) in _TRANSIENT_ERRORS or status == 429 or status >= 500
+    return not isinstance(exc, ParamValidationError)
+
+
+def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))

@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         help="edit instead of generate: an image to edit with every prompt (a path or "
         "s3:// URI; repeat for more), or one s3:// folder or local directory of them",
     )
+    _add_input_roots(generate)
     generate.add_argument("--mask", metavar="PNG", help="for edits: the area to repaint")
     generate.add_argument("--input-fidelity", choices=("high", "low"), help="for edits")
     generate.add_argument(
@@ -126,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a model of the built-in table, priced through OpenAI (repeatable)",
     )
     _add_request_fields(price)
+    _add_input_roots(price)
     price.set_defaults(command=_price)
 
     demo = commands.add_parser(
@@ -162,6 +164,17 @@ def _add_credentials(command: argparse.ArgumentParser) -> None:
             "a saved RapidAPICredentials or OpenAICredentials block's name; repeat it for "
             "fallback routes, tried in order (default: RAPIDAPI_KEY from the environment)"
         ),
+    )
+
+
+def _add_input_roots(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--input-root",
+        action="append",
+        metavar="FOLDER",
+        help="a folder (local, or s3://bucket/prefix/) whose images the prompt file may "
+        "name, besides those below its own folder; repeat for more. A row naming an image "
+        "anywhere else is refused, and nothing is read for it",
     )
 
 
@@ -254,15 +267,20 @@ def _request_fields(args: argparse.Namespace) -> dict[str, object]:
 
 def _generate(args: argparse.Namespace) -> int:
     from prefect_gpt_image._object_keys import normalize_prefix
-    from prefect_gpt_image._prompt_sets import load_prompts
+    from prefect_gpt_image._prompt_sets import read_prompt_set
     from prefect_gpt_image.errors import BatchFailedError, GptImageError
     from prefect_gpt_image.flows.generate_images import generate_images
 
     try:
         # A local file is checked before a flow run starts, so a typo is a one-line error.
-        # The flow checks again, as it does for every caller.
+        # The flow checks again, as it does for every caller; rows refused for their
+        # images fail alone there.
         if not args.prompts_file.startswith("s3://"):
-            load_prompts(args.prompts_file, defaults=_request_fields(args))
+            read_prompt_set(
+                args.prompts_file,
+                defaults=_request_fields(args),
+                input_roots=args.input_root or (),
+            )
         normalize_prefix(args.prefix)
         with progress_bar():
             report = generate_images(
@@ -278,6 +296,7 @@ def _generate(args: argparse.Namespace) -> int:
                 background=args.background,
                 moderation=args.moderation,
                 images=_one_or_many(args.images),
+                input_roots=args.input_root,
                 mask=args.mask,
                 input_fidelity=args.input_fidelity,
                 max_concurrency=args.max_concurrency,
@@ -302,17 +321,23 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _price(args: argparse.Namespace) -> int:
     from prefect_gpt_image._billing import price_on_route
-    from prefect_gpt_image._prompt_sets import load_prompts
+    from prefect_gpt_image._prompt_sets import read_prompt_set
     from prefect_gpt_image.errors import GptImageError
 
     try:
-        requests = load_prompts(args.prompts_file, defaults=_request_fields(args))
+        prompt_set = read_prompt_set(
+            args.prompts_file, defaults=_request_fields(args), input_roots=args.input_root or ()
+        )
+        requests = prompt_set.admitted
         routes = _pricing_routes(args.credentials, args.model)
         prices = [price_on_route(requests, route) for route in routes]
     except GptImageError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(requests)} requests in {args.prompts_file}; the most they can cost:")
+    if prompt_set.refused:
+        first = prompt_set.refused[min(prompt_set.refused)]
+        print(f"  ({len(prompt_set.refused)} rows refused, not priced: {first})")
     width = max(len(f"{p.route} {p.model}") for p in prices)
     for price in prices:
         where = f"{price.route} {price.model}".ljust(width)
