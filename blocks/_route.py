@@ -170,6 +170,13 @@ class GptImageRoute(CredentialsBlock, ABC):
         """Refuse, before any paid call, a request this route's model cannot serve."""
         self.model_spec().check(self.model, request)
 
+    def lacks(self, request: ImageRequest) -> str | None:
+        """What `request` needs that this route does not have at all (an edit, a field its
+        model does not take), or None: a route that lacks it is passed over."""
+        if request.is_edit and not self.protocol_edits:
+            return f"{self.route_name} does not edit images"
+        return self.model_spec().lacks(self.model, request)
+
     @property
     def can_edit(self) -> bool:
         """Whether this route edits images: its protocol has edits, and its model makes them."""

@@ -37,7 +37,13 @@ from prefect_gpt_image._preflight import (
 from prefect_gpt_image._prompt_sets import PromptSet, expand_template, read_prompt_set
 from prefect_gpt_image._storage import object_link, object_uri, read_uri
 from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
-from prefect_gpt_image.model_table import Background, Moderation, OutputFormat, Quality
+from prefect_gpt_image.model_table import (
+    Background,
+    Complexity,
+    Moderation,
+    OutputFormat,
+    Quality,
+)
 from prefect_gpt_image.models import (
     ApiLimits,
     BatchReport,
@@ -64,6 +70,7 @@ def generate_images(
     output_compression: Annotated[int | None, Field(ge=0, le=100)] = None,
     background: Background | None = None,
     moderation: Moderation | None = None,
+    complexity: Complexity | None = None,
     images: list[str] | str | None = None,
     input_roots: list[str] | None = None,
     mask: str | None = None,
@@ -102,12 +109,14 @@ def generate_images(
         prefix: The folder, within the bucket folder, for this batch's images.
         size: The size of prompts that do not give one: square, landscape, portrait,
             or any WIDTHxHEIGHT the model makes (gpt-image-2: multiples of 16).
-        quality: low, medium, high or auto, for prompts that do not give one.
+        quality: low, medium, high or auto (xhigh and max on gpt-image-2.5 and 2.6), for
+            prompts that do not give one.
         n: Images per prompt, for prompts that do not say; each is stored and billed.
         output_format: png, jpeg or webp, for prompts that do not say.
         output_compression: jpeg and webp compression in %, for prompts that do not say.
         background: transparent, opaque or auto, for prompts that do not say.
         moderation: low or auto, for prompts that do not say.
+        complexity: low, medium or high (gpt-image-2.6), for prompts that do not say.
         images: To edit rather than generate: images to edit with every prompt, as a
             list of paths and `s3://` URIs, or one `s3://` folder or local directory of
             them. Each input is named in its objects' keys. Prompts that name their own
@@ -187,6 +196,7 @@ def generate_images(
         "output_compression": output_compression,
         "background": background,
         "moderation": moderation,
+        "complexity": complexity,
     }
     prompt_set = _prompt_set(prompts, template, variables, defaults, s3, input_roots or [])
     requests, refused = prompt_set.requests, prompt_set.refused

@@ -11,8 +11,9 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # Prefect reads its settings when imported: keep its home, and so the result
 # cache, inside this test session.
@@ -65,7 +66,9 @@ def s3_server(session_dir: Path) -> Iterator[LocalS3Server]:
 
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[GptImageEmulator]:
-    with GptImageEmulator(api_key=API_KEY) as server:
+    # Tests draw images smaller than the API's least flexible size, for speed; the tests of
+    # that rule set `min_pixels` back to the API's own.
+    with GptImageEmulator(api_key=API_KEY, min_pixels=16 * 16) as server:
         yield server
 
 
@@ -78,10 +81,10 @@ def api(emulator: GptImageEmulator) -> Iterator[GptImageEmulator]:
     emulator.shape, emulator.latency, emulator.subscribed = "url", 0.0, True
     emulator.rate_limit, emulator.rate_limit_headers = None, True
     emulator.gateway, emulator.echo_keys = None, False
-    models = dict(emulator.models)
+    models, min_pixels = dict(emulator.models), emulator.min_pixels
     yield emulator
     emulator.reset()
-    emulator.models = models
+    emulator.models, emulator.min_pixels = models, min_pixels
 
 
 @pytest.fixture
@@ -100,18 +103,30 @@ def credentials(api: GptImageEmulator) -> RapidAPICredentials:
 
 
 @pytest.fixture
-def openai_credentials(api: GptImageEmulator) -> OpenAICredentials:
+def model_route(api: GptImageEmulator) -> Callable[..., OpenAICredentials]:
+    """Makes an OpenAI-protocol route to the emulator for a model of this test's own, named
+    after a built-in table entry (so the emulator treats it as that family) and described
+    by the block as that entry, with `changes` to it: a block's override."""
+
+    def make(entry: str, **changes: Any) -> OpenAICredentials:
+        model = f"{entry}-test-{uuid.uuid4().hex[:8]}"
+        api.models[model] = None
+        return OpenAICredentials(
+            api_key=API_KEY,
+            base_url=api.openai_base_url,
+            model=model,
+            models={model: MODELS[entry].model_copy(update=changes)},
+            timeout_seconds=10,
+        )
+
+    return make
+
+
+@pytest.fixture
+def openai_credentials(model_route: Callable[..., OpenAICredentials]) -> OpenAICredentials:
     """An OpenAI-protocol route to the emulator, for a model of this test's own that the
     emulator serves and the block describes as gpt-image-2 (a new model is a block edit)."""
-    model = f"gpt-image-2-test-{uuid.uuid4().hex[:8]}"
-    api.models[model] = None
-    return OpenAICredentials(
-        api_key=API_KEY,
-        base_url=api.openai_base_url,
-        model=model,
-        models={model: MODELS["gpt-image-2"]},
-        timeout_seconds=10,
-    )
+    return model_route("gpt-image-2")
 
 
 @pytest.fixture

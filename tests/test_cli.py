@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect_gpt_image import OpenAICredentials
@@ -98,9 +99,10 @@ def test_demo_runs_end_to_end_with_nothing_configured(tmp_path: Path) -> None:
     assert len(list(folder.glob("*.png"))) == 11
     assert len(list(folder.glob("manifest-*.jsonl"))) == 1
     # The first route's model is retired; the second, gpt-image-2, made every image, and the
-    # cost is its usage at gpt-image-2's token prices: 11 medium squares at 1,056 tokens.
+    # cost is its usage at gpt-image-2's token prices: 11 medium squares at 1,056 tokens,
+    # $30 a million.
     assert "gpt-image-1.5 answered 'model not found'" in result.stdout
-    assert "this run would have cost $0.37" in result.stdout
+    assert "this run would have cost $0.35" in result.stdout
 
     again = run(["demo", "--dir", str(tmp_path / "demo")], env, timeout=300)
     assert again.returncode == 0, again.stderr
@@ -122,9 +124,17 @@ def test_price_shows_each_route_before_anything_is_paid(
     lines = result.stdout.splitlines()
     (retiring,) = [line for line in lines if "api.openai.com gpt-image-1.5 " in line]
     assert "2 requests refused" in retiring and "cannot make 1536x864" in retiring
-    (successor,) = [line for line in lines if "api.openai.com gpt-image-2 " in line]
-    # 4 images of 1536x864 at 1,056 tokens a square megapixel, $32 a million, and the prompts.
-    assert "$0.17  for 4 images ($0.09 through the Batch API)" in successor
+    (at,) = [n for n, line in enumerate(lines) if "api.openai.com gpt-image-2 " in line]
+    # 4 images of 1536x864 at 1,767 tokens a square megapixel (OpenAI's $0.053 a medium
+    # square), $30 a million, and the prompts.
+    assert "$0.27  for 4 images ($0.13 through the Batch API)" in lines[at]
+    assert "image output $30.00 per million tokens" in lines[at + 1]
+    assert lines[at + 1].endswith("qualities low, medium, high, auto")
+    for model in ("gpt-image-2.5-flare", "gpt-image-2.6-sunburst"):
+        (at,) = [n for n, line in enumerate(lines) if f"api.openai.com {model} " in line]
+        assert "Batch API" not in lines[at]  # sources disagree: not offered until a block says
+        assert "qualities low, medium, high, xhigh, max, auto" in lines[at + 1]
+        assert ("complexity low, medium, high" in lines[at + 1]) == ("2.6" in model)
     (rapidapi,) = [line for line in lines if "rapidapi" in line]
     assert "Batch API" not in rapidapi  # RapidAPI's route has none
     assert api.calls == []
@@ -194,7 +204,7 @@ def test_generate_edits_a_folder_of_photos_with_every_prompt(
     tmp_path: Path,
     user_env: dict[str, str],
     api: GptImageEmulator,
-    openai_credentials: OpenAICredentials,
+    model_route: Callable[..., OpenAICredentials],
     s3_server: LocalS3Server,
 ) -> None:
     import hashlib
@@ -203,7 +213,7 @@ def test_generate_edits_a_folder_of_photos_with_every_prompt(
     from PIL import Image
 
     name = f"cli-editor-{uuid.uuid4().hex[:6]}"
-    openai_credentials.save(name)
+    model_route("gpt-image-2.5-sunburst").save(name)  # takes input_fidelity
     photos = tmp_path / "photos"
     photos.mkdir()
     for colour in ("teal", "orange"):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image import RapidAPICredentials, generate_images
+from prefect_gpt_image import ImageRequest, OpenAICredentials, RapidAPICredentials, generate_images
+from prefect_gpt_image._billing import call_cost
+from prefect_gpt_image._responses import usage_of
 from prefect_gpt_image.errors import BatchFailedError, BudgetExceededError
+from prefect_gpt_image.model_table import MODELS
 from prefect_gpt_image.testing import Fault, GptImageEmulator
 
 
@@ -113,3 +117,82 @@ def test_a_call_that_timed_out_after_it_was_sent_counts_as_possibly_charged(
     assert api.billed == 2
     assert (report.cost_usd, report.possibly_charged_usd) == (pytest.approx(0.03),) * 2
     assert "up to $0.03 for calls that timed out" in report.summary()
+
+
+# -- the models after gpt-image-1.5 -------------------------------------------------------------
+
+
+def test_gpt_image_2_bills_image_output_at_30_dollars_a_million_tokens(
+    api: GptImageEmulator, model_route: Callable[..., OpenAICredentials], bucket: S3Bucket
+) -> None:
+    report = generate_images(
+        ["a thirty-dollar tern"], bucket=bucket, credentials=model_route("gpt-image-2")
+    )
+
+    (call,) = api.calls
+    assert call.usage is not None
+    text, output = call.usage["input_tokens_details"]["text_tokens"], call.usage["output_tokens"]
+    # OpenAI's pricing page: text in $5, image out $30 a million (gpt-image-1.5's was $32).
+    assert report.cost_usd == pytest.approx((text * 5 + output * 30) / 1e6)
+
+
+def test_gpt_image_2s_worst_case_is_its_published_price(
+    api: GptImageEmulator, model_route: Callable[..., OpenAICredentials], bucket: S3Bucket
+) -> None:
+    """A high square is $0.211 on OpenAI's pricing page, and `auto` may be high: a budget
+    under that is refused before any call (at gpt-image-1.5's tokens it looked like $0.13)."""
+    route = model_route("gpt-image-2")
+    for quality in ("high", None):
+        with pytest.raises(BudgetExceededError, match=r"up to \$0\.21"):
+            generate_images(
+                ["a dear heron"],
+                bucket=bucket,
+                credentials=route,
+                quality=quality,
+                max_cost_usd=0.2,
+            )
+    assert api.calls == []
+    generate_images(["a dear heron"], bucket=bucket, credentials=route, max_cost_usd=0.22)
+    assert api.billed == 1
+
+
+def test_xhigh_and_max_are_priced_above_high_before_paying(
+    api: GptImageEmulator, model_route: Callable[..., OpenAICredentials], bucket: S3Bucket
+) -> None:
+    """No figure is published for xhigh and max: the table's bounds price them above high,
+    and `auto` on a model that has max is priced as max."""
+    spec = MODELS["gpt-image-2.5-flare"]
+    high, xhigh, top = (spec.price_per_image(q, 1024, 1024) or 0 for q in ("high", "xhigh", "max"))
+    assert high < xhigh < top and spec.price_per_image("auto", 1024, 1024) == top
+
+    flare = model_route("gpt-image-2.5-flare")
+    with pytest.raises(BudgetExceededError):
+        generate_images(
+            ["an extra-fine egret"],
+            bucket=bucket,
+            credentials=flare,
+            quality="xhigh",
+            max_cost_usd=round(high * 1.5, 2),
+        )
+    assert api.calls == []
+
+
+def test_cached_input_tokens_are_billed_at_the_cached_prices() -> None:
+    spec, request = MODELS["gpt-image-2"], ImageRequest(prompt="a cached curlew")
+    details = {"text_tokens": 200, "image_tokens": 1000}
+    cached = {"text_tokens": 100, "image_tokens": 600}
+    split = {"cached_tokens": 700, "cached_tokens_details": cached}
+
+    usage = usage_of({"usage": {**USAGE, "input_tokens_details": {**details, **split}}})
+    # Text $5 (cached $1.25), image in $8 (cached $2), image out $30, per million.
+    expected = (100 * 5 + 100 * 1.25 + 400 * 8 + 600 * 2 + 1000 * 30) / 1e6
+    assert call_cost(spec, request, 1, usage) == pytest.approx(expected)
+
+    # A count that does not say of which kind is taken off the text first: never billed low.
+    unsplit = {**details, "cached_tokens": 300}
+    usage = usage_of({"usage": {**USAGE, "input_tokens_details": unsplit}})
+    expected = (200 * 1.25 + 900 * 8 + 100 * 2 + 1000 * 30) / 1e6
+    assert call_cost(spec, request, 1, usage) == pytest.approx(expected)
+
+
+USAGE = {"input_tokens": 1200, "output_tokens": 1000, "total_tokens": 2200}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,11 +202,12 @@ def test_an_edit_batch_with_no_route_that_edits_is_refused_before_any_call(
 def test_edits_skip_routes_that_cannot_edit(
     api: GptImageEmulator,
     credentials: RapidAPICredentials,
-    openai_credentials: OpenAICredentials,
+    model_route: Callable[..., OpenAICredentials],
     tmp_path: Path,
 ) -> None:
     source = tmp_path / "mug.png"
     source.write_bytes(photo("teal"))
+    openai_credentials = model_route("gpt-image-2.5-sunburst")  # takes input_fidelity
 
     image = generate_image(
         ImageRequest(prompt=SCENES[0], images=[source], input_fidelity="high"),

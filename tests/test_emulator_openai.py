@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from prefect_gpt_image.testing import Fault, GptImageEmulator
+from prefect_gpt_image.testing.emulator import FLEXIBLE_MIN_PIXELS
 
 SCHEMA_PATH = Path(__file__).parent / "data" / "openai-images-schema.json"
 PATH = "/v1/images/generations"
@@ -114,6 +115,44 @@ def test_flexible_sizes_follow_the_models_rules(client: openai.OpenAI) -> None:
             client.images.generate(model=model, prompt="p", size=size)
         assert (refused.value.code, refused.value.param) == ("invalid_value", "size"), size
         assert size in refused.value.message
+
+
+def test_flexible_sizes_need_the_apis_least_area(
+    client: openai.OpenAI, api: GptImageEmulator
+) -> None:
+    api.min_pixels = FLEXIBLE_MIN_PIXELS  # the suite lowers it to draw small images fast
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.generate(model="gpt-image-2", prompt="p", size="512x512")
+    assert (refused.value.code, refused.value.param) == ("invalid_value", "size")
+    assert "at least 655,360 pixels" in refused.value.message
+    result = client.images.generate(model="gpt-image-2.6-flare", prompt="p", size="1024x640")
+    assert result.data is not None and decode(result.data[0].b64_json).size == (1024, 640)
+
+
+def test_xhigh_max_and_complexity_are_taken_by_the_models_that_have_them(
+    client: openai.OpenAI, api: GptImageEmulator
+) -> None:
+    for model in ("gpt-image-2.5-sunburst", "gpt-image-2.6-flare"):
+        for quality in ("xhigh", "max"):
+            result = client.images.generate(model=model, prompt="p", quality=quality)
+            assert result.quality == quality and result.usage is not None
+    high = client.images.generate(model="gpt-image-2.5-flare", prompt="p", quality="high")
+    assert high.usage is not None and result.usage is not None
+    assert result.usage.output_tokens > high.usage.output_tokens  # max takes more than high
+    client.images.generate(model="gpt-image-2.6-sunburst", prompt="p", complexity="low")
+
+    for model, extra, param in [
+        ("gpt-image-2", {"quality": "xhigh"}, "quality"),
+        ("gpt-image-1.5", {"quality": "max"}, "quality"),
+        ("gpt-image-2.5-flare", {"complexity": "low"}, "complexity"),
+        ("gpt-image-2.6-flare", {"complexity": "extreme"}, "complexity"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.images.generate(model=model, prompt="p", extra_body=extra)
+        assert refused.value.param == param, (model, extra)
+    for call in api.calls:
+        if call.status == 200:
+            validate_generation_request(call.body)
 
 
 def test_transparent_background_needs_a_format_with_alpha(client: openai.OpenAI) -> None:

@@ -261,11 +261,15 @@ def test_every_request_is_checked_against_every_route_before_paying(
             generate_images(
                 ["an odd-sized owl"], bucket=bucket, credentials=openai_credentials, size=size
             )
+    # gpt-image-2's transparent backgrounds are a preview: a block that takes them says so.
+    preview = MODELS["gpt-image-2"].model_copy(update={"transparent_formats": ["png", "webp"]})
     with pytest.raises(InvalidRequestError, match="transparent backgrounds only as png or webp"):
         generate_images(
             [ImageRequest(prompt="a clear crow", background="transparent", output_format="jpeg")],
             bucket=bucket,
-            credentials=openai_credentials,
+            credentials=openai_credentials.model_copy(
+                update={"models": {openai_credentials.model: preview}}
+            ),
         )
     assert api.calls == []
 

@@ -3,7 +3,8 @@
 A call's cost is the provider's usage priced at the model's token prices, when the answer
 reports usage; otherwise the model's price for that quality and size, times the images;
 otherwise the route's flat price (a route with one describes its model that way).
-Budgets price a request at its worst case: `auto` quality as high, every image asked for.
+Budgets price a request at its worst case: `auto` quality as the model's dearest, every
+image asked for, no input cached.
 OpenAI's Batch API charges half of all that.
 """
 
@@ -58,9 +59,14 @@ def _synchronous_cost(
         text, image = usage.text_input_tokens, usage.image_input_tokens
         if text + image == 0:
             text = usage.input_tokens
+        # Cached input is billed at its own price, where the model lists one.
+        cached_text = min(usage.cached_text_input_tokens, text)
+        cached_image = min(usage.cached_image_input_tokens, image)
         cost = (
-            text * prices.text_input
-            + image * prices.image_input
+            (text - cached_text) * prices.text_input
+            + cached_text * _or(prices.cached_text_input, prices.text_input)
+            + (image - cached_image) * prices.image_input
+            + cached_image * _or(prices.cached_image_input, prices.image_input)
             + usage.output_tokens * prices.image_output
         ) / 1e6
         return round(cost, 6)
@@ -68,8 +74,13 @@ def _synchronous_cost(
     return round(price * images, 6)
 
 
+def _or(price: float | None, otherwise: float) -> float:
+    return otherwise if price is None else price
+
+
 def worst_case_cost(spec: ModelSpec, request: ImageRequest) -> float:
-    """The most `request` can cost: every image at `auto` priced as high, and its prompt."""
+    """The most `request` can cost: every image, `auto` priced as the model's dearest
+    quality, and its prompt and inputs uncached."""
     images = (spec.price_per_image(request.quality, request.width, request.height) or 0.0) * (
         request.n
     )
@@ -99,13 +110,26 @@ class RoutePrice(BaseModel):
     model: str
     requests: int = Field(description="Requests the route can serve.")
     images: int = Field(description="Images those requests ask for.")
-    worst_case_usd: float = Field(description="Their cost at worst: auto quality as high.")
+    worst_case_usd: float = Field(
+        description="Their cost at worst: auto quality as the model's dearest."
+    )
     batch_worst_case_usd: float | None = Field(
         default=None,
-        description="The same through OpenAI's Batch API, where the route has it.",
+        description="The same through OpenAI's Batch API, where the route has it and it "
+        "takes the model.",
     )
     refused: list[str] = Field(
         default_factory=list, description="Why the route cannot serve the others."
+    )
+    qualities: list[str] = Field(default_factory=list, description="The model's qualities.")
+    complexities: list[str] = Field(
+        default_factory=list, description="The model's `complexity` settings, if any."
+    )
+    image_output_per_million_usd: float | None = Field(
+        default=None, description="USD per million image output tokens, for token-priced models."
+    )
+    flat_price_usd: float | None = Field(
+        default=None, description="USD per image, for a route priced per image."
     )
 
 
@@ -128,6 +152,14 @@ def price_on_route(requests: Sequence[ImageRequest], route: GptImageRoute) -> Ro
         requests=len(served),
         images=sum(request.n for request in served),
         worst_case_usd=worst,
-        batch_worst_case_usd=batch_price(worst) if route.has_batch_api else None,
+        batch_worst_case_usd=batch_price(worst) if route.has_batch_api and spec.batch_api else None,
         refused=refused,
+        qualities=list(spec.qualities),
+        complexities=list(spec.complexities),
+        image_output_per_million_usd=(
+            spec.token_prices.image_output
+            if spec.token_prices is not None and spec.flat_price_usd is None
+            else None
+        ),
+        flat_price_usd=spec.flat_price_usd,
     )

@@ -40,19 +40,21 @@ def resolve_routes(value: Routes | GptImageRoute) -> list[GptImageRoute]:
 
 
 def serving_routes(request: ImageRequest, routes: Sequence[GptImageRoute]) -> list[GptImageRoute]:
-    """The routes that may serve `request`, in order: for an edit, those that edit. A
-    route that cannot edit is never given an edit."""
-    if not request.is_edit:
-        return list(routes)
-    able = [route for route in routes if route.can_edit]
-    if not able:
+    """The routes that may serve `request`, in order: those that have all it needs (an
+    edit, a field its model takes). A route that lacks it is never given it; with none
+    left, the request is refused before anything is paid."""
+    able = [route for route in routes if route.lacks(request) is None]
+    if able:
+        return able
+    if request.is_edit and not any(route.can_edit for route in routes):
         names = ", ".join(route.route_name for route in routes)
         raise InvalidRequestError(
             f"No route given can edit images ({names}): RapidAPI's endpoint only "
             "generates. Add an OpenAICredentials route (OpenAI, Azure OpenAI or a gateway) "
             "whose model edits."
         )
-    return able
+    reasons = "; ".join(str(route.lacks(request)) for route in routes)
+    raise InvalidRequestError(f"No route given can serve this request: {reasons}.")
 
 
 def _route(ref: RouteRef | GptImageRoute) -> GptImageRoute:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 ImageSize = Literal["1024x1024", "1536x1024", "1024x1536"]
-"""Square, landscape and portrait: GPT Image 1.5's sizes."""
+"""Square, landscape and portrait: the sizes every GPT Image model makes (gpt-image-2 and later
+take more; see `model_table.SizeRule`)."""
 
 IMAGE_SIZES: tuple[str, ...] = get_args(ImageSize)
 

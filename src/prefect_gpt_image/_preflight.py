@@ -15,6 +15,7 @@ from prefect_gpt_image._storage import check_writable
 from prefect_gpt_image.blocks._route import GptImageRoute
 from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
 from prefect_gpt_image.errors import ConfigurationError, InvalidRequestError
+from prefect_gpt_image.model_table import check_batch_api
 from prefect_gpt_image.models import ApiLimits, ImageRequest
 
 
@@ -44,7 +45,8 @@ def batch_api_route(
     routes: Sequence[GptImageRoute], requests: Sequence[ImageRequest]
 ) -> OpenAICredentials:
     """The route a `mode="batch"` run sends through: OpenAI's Batch API is the first
-    route's, which must speak the OpenAI protocol; batches hold generations only."""
+    route's, which must speak the OpenAI protocol and whose model the Batch API takes;
+    batches hold generations only."""
     route = routes[0]
     if not isinstance(route, OpenAICredentials):
         raise ConfigurationError(
@@ -56,6 +58,7 @@ def batch_api_route(
         raise InvalidRequestError(
             "mode='batch' sends generations only: run the edits with mode='sync'."
         )
+    check_batch_api(route.model, route.models)
     return route
 
 

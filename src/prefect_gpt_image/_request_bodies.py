@@ -15,6 +15,7 @@ def api_fields(request: ImageRequest, default_extras: Mapping[str, Any]) -> dict
     (`n` only above one, so that a plain request's body and key stay as they were)."""
     typed = {
         "quality": request.quality,
+        "complexity": request.complexity,
         "n": request.n if request.n != 1 else None,
         "output_format": request.output_format,
         "output_compression": request.output_compression,

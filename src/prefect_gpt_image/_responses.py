@@ -118,12 +118,26 @@ def usage_of(payload: Any) -> Usage | None:
         return None
     details = usage.get("input_tokens_details")
     details = details if isinstance(details, Mapping) else {}
+    cached = details.get("cached_tokens_details")
+    cached = cached if isinstance(cached, Mapping) else {}
     try:
+        text, image = int(details.get("text_tokens") or 0), int(details.get("image_tokens") or 0)
+        cached_text, cached_image = (
+            int(cached.get("text_tokens") or 0),
+            int(cached.get("image_tokens") or 0),
+        )
+        if not cached_text + cached_image and (total := int(details.get("cached_tokens") or 0)):
+            # Cached, but not said of which kind: text first, whose discount is the smaller,
+            # so that the cost is never reported below what was billed.
+            cached_text = min(total, text)
+            cached_image = min(total - cached_text, image)
         return Usage(
             input_tokens=int(usage.get("input_tokens") or 0),
             output_tokens=int(usage.get("output_tokens") or 0),
-            text_input_tokens=int(details.get("text_tokens") or 0),
-            image_input_tokens=int(details.get("image_tokens") or 0),
+            text_input_tokens=text,
+            image_input_tokens=image,
+            cached_text_input_tokens=cached_text,
+            cached_image_input_tokens=cached_image,
         )
     except (TypeError, ValueError):
         return None

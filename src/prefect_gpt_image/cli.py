@@ -11,12 +11,14 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prefect_gpt_image._console import print_report, progress_bar
 from prefect_gpt_image._image_sizes import IMAGE_SIZES, parse_size
+from prefect_gpt_image.model_table import Complexity, Quality
 
 if TYPE_CHECKING:
+    from prefect_gpt_image._billing import RoutePrice
     from prefect_gpt_image.blocks._route import GptImageRoute
 
 MAX_CONCURRENCY = 256
@@ -112,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
         help="price a prompt file on each route before anything is paid",
         description=(
             "Check every prompt of a local prompt file against each route's model and print "
-            "what the set would cost there at worst (auto quality priced as high). Routes "
+            "what the set would cost there at worst (auto quality priced as the model's "
+            "dearest). Routes "
             "are the --credentials given (saved blocks' names) and the built-in models of "
             "each --model, or, with neither, RapidAPI's default route and every built-in "
             "model through OpenAI. Nothing is sent to any API, and the cache is not read."
@@ -188,7 +191,12 @@ def _add_request_fields(command: argparse.ArgumentParser) -> None:
         help=f"size of prompts that do not give one: {', '.join(IMAGE_SIZES)}, or any "
         "size the model makes (default: %(default)s)",
     )
-    command.add_argument("--quality", choices=("low", "medium", "high", "auto"))
+    command.add_argument(
+        "--quality",
+        choices=get_args(Quality),
+        help="xhigh and max on gpt-image-2.5 and 2.6 only",
+    )
+    command.add_argument("--complexity", choices=get_args(Complexity), help="gpt-image-2.6 only")
     command.add_argument(
         "--n", type=_whole(1), default=1, metavar="N", help="images per prompt (default: 1)"
     )
@@ -262,6 +270,7 @@ def _request_fields(args: argparse.Namespace) -> dict[str, object]:
         "output_compression": args.output_compression,
         "background": args.background,
         "moderation": args.moderation,
+        "complexity": args.complexity,
     }
 
 
@@ -295,6 +304,7 @@ def _generate(args: argparse.Namespace) -> int:
                 output_compression=args.output_compression,
                 background=args.background,
                 moderation=args.moderation,
+                complexity=args.complexity,
                 images=_one_or_many(args.images),
                 input_roots=args.input_root,
                 mask=args.mask,
@@ -348,7 +358,22 @@ def _price(args: argparse.Namespace) -> int:
         if price.refused:
             line += f"; {len(price.refused)} requests refused, e.g. {price.refused[0]}"
         print(line)
+        print(f"  {''.ljust(width)}  {_model_terms(price)}")
     return 0
+
+
+def _model_terms(price: RoutePrice) -> str:
+    """What the route's model charges and offers: its price and qualities."""
+    if price.flat_price_usd is not None:
+        terms = [f"${price.flat_price_usd:,.2f} per image"]
+    elif price.image_output_per_million_usd is not None:
+        terms = [f"image output ${price.image_output_per_million_usd:,.2f} per million tokens"]
+    else:
+        terms = []
+    terms.append(f"qualities {', '.join(price.qualities)}")
+    if price.complexities:
+        terms.append(f"complexity {', '.join(price.complexities)}")
+    return "; ".join(terms)
 
 
 def _pricing_routes(names: list[str] | None, models: list[str] | None) -> list[GptImageRoute]:

@@ -12,7 +12,13 @@ from urllib.request import url2pathname
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefect_gpt_image._object_keys import s3_uri
-from prefect_gpt_image.model_table import Background, Moderation, OutputFormat, Quality
+from prefect_gpt_image.model_table import (
+    Background,
+    Complexity,
+    Moderation,
+    OutputFormat,
+    Quality,
+)
 
 MAX_PROMPT_CHARS = 32_000
 """GPT Image's limit on prompt length."""
@@ -28,6 +34,7 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _RESERVED_EXTRAS = frozenset({"prompt", "width", "height", "size", "model"})
 _TYPED_FIELDS = (
     "quality",
+    "complexity",
     "n",
     "output_format",
     "output_compression",
@@ -87,7 +94,14 @@ class ImageRequest(BaseModel):
         description="A readable name for the stored object; defaults to the prompt.",
     )
     quality: Quality | None = Field(
-        default=None, description="low, medium, high or auto; None for the model's default."
+        default=None,
+        description="low, medium, high or auto (xhigh and max on gpt-image-2.5 and 2.6); None "
+        "for the model's default.",
+    )
+    complexity: Complexity | None = Field(
+        default=None,
+        description="How much the model plans the image: low, medium or high (gpt-image-2.6); "
+        "None for the model's default.",
     )
     n: int = Field(
         default=1,
@@ -273,6 +287,12 @@ class Usage(BaseModel):
     output_tokens: int = 0
     text_input_tokens: int = 0
     image_input_tokens: int = 0
+    cached_text_input_tokens: int = Field(
+        default=0, description="Of the text input tokens, those read from the cache."
+    )
+    cached_image_input_tokens: int = Field(
+        default=0, description="Of the image input tokens, those read from the cache."
+    )
 
 
 class ImageFile(BaseModel):

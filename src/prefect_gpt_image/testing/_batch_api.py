@@ -789,7 +789,7 @@ class BatchApi:
         """`body` read as a generation or an edit, or None for another endpoint."""
         models = self._emulator.models
         if url == _GENERATIONS:
-            return _parse_openai(json.dumps(body).encode(), models)
+            return _parse_openai(json.dumps(body).encode(), models, self._emulator.min_pixels)
         if url != _EDITS:
             return None
         # An edit's JSON form: its images come as `images` (and `mask`) references, which
@@ -800,7 +800,7 @@ class BatchApi:
             images = self._images(body.get("images"))
             mask = body.get("mask")
             masks = [] if mask is None else [self._image(mask, "mask")]
-            return _read_edit(request, images, masks, models)
+            return _read_edit(request, images, masks, models, self._emulator.min_pixels)
 
         return _checked(fields, read)
 

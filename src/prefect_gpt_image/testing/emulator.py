@@ -131,22 +131,34 @@ OPENAI_MODELS: Mapping[str, Sequence[str] | None] = MappingProxyType(
     }
 )
 """The models the OpenAI route serves by default, each with its fixed sizes, or None for any
-size whose sides are multiples of 16, within 1:3 to 3:1 and at most 3840x2160 in pixels."""
+size whose sides are multiples of 16, within 1:3 to 3:1, at most 3840x2160 and at least
+655,360 pixels."""
+
+_XHIGH_MODELS = ("gpt-image-2.5", "gpt-image-2.6")
+"""Name prefixes of the models that also take the qualities `xhigh` and `max`."""
+_COMPLEXITY_MODELS = ("gpt-image-2.6",)
+"""Name prefixes of the models that take `complexity`."""
 
 _FLEX_STEP = 16
 _FLEX_RATIO = 3
 _FLEX_LONG_SIDE = 3840
 _FLEX_PIXELS = 3840 * 2160
+FLEXIBLE_MIN_PIXELS = 655_360
+"""The least area of a flexible size (gpt-image-2 and later): an emulator's `min_pixels`."""
 _AUTO_SIZE = (1024, 1024)
 _MAX_IMAGES = 10
 _MAX_PROMPT = 32_000
 
-_TOKENS_PER_MEGAPIXEL = {"low": 272, "medium": 1056, "high": 4160}
-"""Output tokens of one 1024x1024 image by quality; at $32 per million output tokens they
-give OpenAI's published prices (medium: 1056 tokens, $0.034)."""
+_TOKENS_PER_MEGAPIXEL = {"low": 272, "medium": 1056, "high": 4160, "xhigh": 8320, "max": 16640}
+"""Output tokens of one 1024x1024 image by quality; at gpt-image-1.5's $32 per million output
+tokens the first three give its published prices (medium: 1056 tokens, $0.034). No figures
+are published for xhigh and max: twice and four times high, within the model table's bounds."""
+
+_QUALITIES = ("low", "medium", "high", "auto")
 
 _OPENAI_CHOICES: dict[str, tuple[str, ...]] = {
-    "quality": ("low", "medium", "high", "auto"),
+    "quality": (*_QUALITIES, "xhigh", "max"),
+    "complexity": ("low", "medium", "high"),
     "output_format": ("png", "jpeg", "webp"),
     "background": ("transparent", "opaque", "auto"),
     "moderation": ("low", "auto"),
@@ -640,7 +652,7 @@ def _dimensions(size: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
-def _flexible_size_problem(width: int, height: int) -> str | None:
+def _flexible_size_problem(width: int, height: int, min_pixels: int) -> str | None:
     """Why a size breaks the rules of models without a fixed size list, or None."""
     if min(width, height) < _FLEX_STEP or width % _FLEX_STEP or height % _FLEX_STEP:
         return f"Width and height must both be positive multiples of {_FLEX_STEP}"
@@ -648,11 +660,16 @@ def _flexible_size_problem(width: int, height: int) -> str | None:
         return f"The aspect ratio must be between 1:{_FLEX_RATIO} and {_FLEX_RATIO}:1"
     if max(width, height) > _FLEX_LONG_SIDE or width * height > _FLEX_PIXELS:
         return f"The long side must be at most {_FLEX_LONG_SIDE} and the image at most 3840x2160"
+    if width * height < min_pixels:
+        return f"The image must have at least {min_pixels:,} pixels"
     return None
 
 
 def _size(
-    size: str, sizes: Sequence[str] | None, auto: tuple[int, int] = _AUTO_SIZE
+    size: str,
+    sizes: Sequence[str] | None,
+    auto: tuple[int, int] = _AUTO_SIZE,
+    min_pixels: int = FLEXIBLE_MIN_PIXELS,
 ) -> tuple[int, int]:
     """The width and height `size` asks of a model with `sizes` (None: flexible)."""
     if size == "auto":
@@ -664,7 +681,7 @@ def _size(
     if dimensions is None:
         message = f"Invalid value: '{size}'. Use 'auto' or 'WIDTHxHEIGHT', such as '1536x864'."
         raise _invalid(message, "size")
-    if sizes is None and (problem := _flexible_size_problem(*dimensions)) is not None:
+    if sizes is None and (problem := _flexible_size_problem(*dimensions, min_pixels)):
         raise _invalid(f"Invalid value: '{size}'. {problem}.", "size")
     return dimensions
 
@@ -687,7 +704,9 @@ def _edit_size(width: int, height: int, sizes: Sequence[str] | None) -> tuple[in
     return (long_side, short_side) if width >= height else (short_side, long_side)
 
 
-def _parse_openai(raw: bytes, models: Mapping[str, Sequence[str] | None]) -> _ImageRequest:
+def _parse_openai(
+    raw: bytes, models: Mapping[str, Sequence[str] | None], min_pixels: int = FLEXIBLE_MIN_PIXELS
+) -> _ImageRequest:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -695,7 +714,7 @@ def _parse_openai(raw: bytes, models: Mapping[str, Sequence[str] | None]) -> _Im
     if not isinstance(body, dict):
         got = _json_type(body)
         return _ImageRequest({}, _openai_error(400, f"Expected a JSON object, but got {got}."))
-    return _checked(body, lambda request: _read_openai(request, models))
+    return _checked(body, lambda request: _read_openai(request, models, min_pixels=min_pixels))
 
 
 def _checked(body: dict[str, Any], read: Callable[[_ImageRequest], _ImageRequest]) -> _ImageRequest:
@@ -718,11 +737,13 @@ def _read_openai(
     models: Mapping[str, Sequence[str] | None],
     fields: frozenset[str] = _OPENAI_FIELDS,
     first: _Upload | None = None,
+    *,
+    min_pixels: int = FLEXIBLE_MIN_PIXELS,
 ) -> _ImageRequest:
     """`request` with its options checked and resolved; raises _Refused as the API refuses.
 
     `fields` are the parameters accepted; `first` is an edit's first image, whose size
-    "auto" follows.
+    "auto" follows; `min_pixels` is the least area of a flexible size.
     """
     body = request.body
     for name in body:
@@ -748,6 +769,7 @@ def _read_openai(
     quality, output_format = _choice(body, "quality"), _choice(body, "output_format")
     background = _choice(body, "background")
     _choice(body, "moderation")
+    _choice(body, "complexity", default="high")
     n = _integer(body, "n") or 1
     _integer(body, "output_compression")
     _integer(body, "partial_images")
@@ -762,8 +784,15 @@ def _read_openai(
         raise _invalid(message, "stream")
     if model not in models:
         raise _Refused(_model_not_found(model))
+    qualities = (*_QUALITIES, "xhigh", "max") if model.startswith(_XHIGH_MODELS) else _QUALITIES
+    if quality not in qualities:
+        message = f"Invalid value: '{quality}'. Supported values are: {_listed(qualities)}."
+        raise _invalid(message, "quality")
+    if "complexity" in body and not model.startswith(_COMPLEXITY_MODELS):
+        message = f"The 'complexity' parameter is not supported with model '{model}'."
+        raise _invalid(message, "complexity", "unsupported_parameter")
     auto = _AUTO_SIZE if first is None else _edit_size(first.width, first.height, models[model])
-    width, height = _size(_string(body, "size", "auto"), models[model], auto)
+    width, height = _size(_string(body, "size", "auto"), models[model], auto, min_pixels)
     if background == "transparent" and output_format == "jpeg":
         message = (
             "Transparent backgrounds are not supported with output_format 'jpeg': "
@@ -882,7 +911,10 @@ def _upload(part: _Part, param: str, types: Mapping[str, str], limit: int) -> _U
 
 
 def _parse_edit(
-    raw: bytes, content_type: str, models: Mapping[str, Sequence[str] | None]
+    raw: bytes,
+    content_type: str,
+    models: Mapping[str, Sequence[str] | None],
+    min_pixels: int = FLEXIBLE_MIN_PIXELS,
 ) -> _ImageRequest:
     """An edit's multipart form, read and checked as the API does."""
     try:
@@ -892,7 +924,7 @@ def _parse_edit(
         return _ImageRequest({}, refused.reply)
     images = [part for part in parts if part.name in ("image", "image[]")]
     masks = [part for part in parts if part.name == "mask"]
-    return _checked(body, lambda request: _read_edit(request, images, masks, models))
+    return _checked(body, lambda request: _read_edit(request, images, masks, models, min_pixels))
 
 
 def _is_file_field(part: _Part) -> bool:
@@ -904,6 +936,7 @@ def _read_edit(
     images: Sequence[_Part],
     masks: Sequence[_Part],
     models: Mapping[str, Sequence[str] | None],
+    min_pixels: int = FLEXIBLE_MIN_PIXELS,
 ) -> _ImageRequest:
     """`request` with its uploads and options checked; raises _Refused as the API refuses."""
     if not images:
@@ -917,7 +950,7 @@ def _read_edit(
         )
         raise _invalid(message, "image", "array_above_max_length")
     uploads = tuple(_upload(part, "image", _INPUT_TYPES, _MAX_INPUT_BYTES) for part in images)
-    request = _read_openai(request, models, _EDIT_FIELDS, uploads[0])
+    request = _read_openai(request, models, _EDIT_FIELDS, uploads[0], min_pixels=min_pixels)
     mask = None
     if len(masks) > 1:
         raise _invalid("Invalid 'mask': expected one file, but got several.", "mask")
@@ -1218,7 +1251,11 @@ class GptImageEmulator:
     size (within the model's sizes) for "auto", and its usage counts image input tokens.
     `models` maps each model that route serves to its fixed sizes, or None for flexible sizes
     (see `OPENAI_MODELS`); it is a plain dict attribute, so a test can retire a model mid-run
-    with `emulator.models.pop(name)`, and `reset()` leaves it as it is.
+    with `emulator.models.pop(name)`, and `reset()` leaves it as it is. Models named
+    gpt-image-2.5-* and gpt-image-2.6-* also take the qualities `xhigh` and `max`, and
+    gpt-image-2.6-* takes `complexity`; others refuse them. A flexible size needs at least
+    `min_pixels` pixels (655,360, as the API asks of gpt-image-2 and later; a suite that draws
+    small images for speed may lower it).
 
     `latency` is the seconds a generation takes: its answer comes that long after the call,
     the time the emulator spends drawing the images included. `rate_limit` (requests per
@@ -1277,6 +1314,7 @@ class GptImageEmulator:
         image_bytes: int | None = None,
         keep_images: bool = True,
         models: Mapping[str, Sequence[str] | None] = OPENAI_MODELS,
+        min_pixels: int = FLEXIBLE_MIN_PIXELS,
         batch_processing_seconds: float = 1.0,
         batch_max_requests: int = 50_000,
         batch_max_file_bytes: int = 200 * 1024**2,
@@ -1326,6 +1364,7 @@ class GptImageEmulator:
         self.models: dict[str, Sequence[str] | None] = {
             model: None if sizes is None else tuple(sizes) for model, sizes in models.items()
         }
+        self.min_pixels = min_pixels
         self.fault_rate = 0.0
         self.random_faults: tuple[Fault, ...] = ()
         self._lock = threading.Lock()
@@ -1675,9 +1714,10 @@ class GptImageEmulator:
         with self._lock:
             arrival, epoch = next(self._arrivals), self._epoch
         if path.endswith(_EDITS_SUFFIX):
-            request = _parse_edit(raw, headers.get("content-type", ""), self.models)
+            content_type = headers.get("content-type", "")
+            request = _parse_edit(raw, content_type, self.models, self.min_pixels)
         else:
-            request = _parse_openai(raw, self.models)
+            request = _parse_openai(raw, self.models, self.min_pixels)
         kind = None
         reply = self._openai_gatekeep(headers)
         if reply is None:
