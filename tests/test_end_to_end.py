@@ -123,7 +123,7 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     # The run form: a size to pick, block pickers, numbers with bounds.
     form = weekly["parameter_openapi_schema"]["properties"]
     assert form["size"]["anyOf"][0]["enum"] == ["1024x1024", "1536x1024", "1024x1536"]
-    assert form["quality"]["anyOf"][0]["enum"] == ["low", "medium", "high", "auto"]
+    assert form["quality"]["anyOf"][0]["enum"] == ["low", "medium", "high", "xhigh", "max", "auto"]
     assert {"$ref": "#/definitions/RapidAPICredentials"} in form["credentials"]["anyOf"]
     assert {"$ref": "#/definitions/OpenAICredentials"} in form["credentials"]["anyOf"]
     assert {"$ref": "#/definitions/S3Bucket"} in form["bucket"]["anyOf"]
