@@ -1,9 +1,9 @@
 """2,000 prompts through faults and an S3 restart: nothing lost, nothing paid twice.
 
-Slow, so kept out of the default run: a few minutes on two cores, for 2,000 generations
-with their retries.
+Slow, so in the scenario tier: a few minutes on two cores, for 2,000 generations with
+their retries.
 
-    python3 -m uv run pytest -m slow
+    python3 -m uv run pytest -m scenario
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ PROMPTS = 2000
 FAULT_RATE = 0.10
 
 
-@pytest.mark.slow
+@pytest.mark.scenario
 @pytest.mark.timeout(900)
 def test_two_thousand_prompts_through_faults_and_an_s3_restart(
     tmp_path: Path, api: GptImageEmulator, credentials: RapidAPICredentials
