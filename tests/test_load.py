@@ -22,6 +22,7 @@ FAULT_RATE = 0.10
 
 
 @pytest.mark.scenario
+@pytest.mark.production_retry_delays  # load as it comes: retries spread by their delays
 @pytest.mark.timeout(900)
 def test_two_thousand_prompts_through_faults_and_an_s3_restart(
     tmp_path: Path, api: GptImageEmulator, credentials: RapidAPICredentials
