@@ -3,6 +3,11 @@
 
 The only thing not real is RapidAPI itself, which cannot be reached (or paid for)
 from tests: `prefect_gpt_image.testing.GptImageEmulator` stands in for it.
+
+Two tiers: the default run is quick, and retries in it do not wait (a test whose subject is
+the retry policy's own delays is marked `production_retry_delays`). Tests that start servers,
+workers or machines of their own, kill runs or race them, are marked `scenario` (`e2e` and
+`slow` imply it) and run with `pytest -m scenario`.
 """
 
 from __future__ import annotations
@@ -30,12 +35,69 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from prefect_aws import S3Bucket  # noqa: E402
 
-from prefect_gpt_image import OpenAICredentials, RapidAPICredentials, _throttle  # noqa: E402
+from prefect_gpt_image import (  # noqa: E402
+    OpenAICredentials,
+    RapidAPICredentials,
+    _retry_policy,
+    _throttle,
+)
 from prefect_gpt_image.model_table import MODELS  # noqa: E402
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server  # noqa: E402
 
 API_KEY = "test-key-5f3a9c0e7b214d8e"
 """Distinctive, so that a test can search everything written for it."""
+
+
+SCENARIO_KINDS = ("e2e", "slow")
+FAST_TIER_WORKERS = 2
+"""Processes that share the fast tier (`-n auto`): most of its time is spent waiting on
+servers and subprocesses, so two keep two cores busy."""
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Workers for the whole fast tier; none for a file or test picked by hand (one Prefect
+    harness is quicker to start than two), nor for the scenario tier, whose tests start
+    servers and processes of their own and time them."""
+    whole_fast_tier = (
+        config.args_source is pytest.Config.ArgsSource.TESTPATHS
+        and config.getoption("markexpr") == "not scenario"
+    )
+    return FAST_TIER_WORKERS if whole_fast_tier else 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`e2e` and `slow` tests belong to the scenario tier, which the default run leaves out."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SCENARIO_KINDS):
+            item.add_marker(pytest.mark.scenario)
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The retry policy's delay tables at zero, for tests that are not about them.
+
+    The tables are shrunk in place: Prefect's tasks hold the same lists, and so does every
+    caller of `call_with_retries`, so each retry still happens, only without its wait.
+    """
+    if request.node.get_closest_marker("production_retry_delays"):
+        yield
+        return
+    tables = {
+        name: table
+        for name, table in vars(_retry_policy).items()
+        if name.endswith("_DELAYS") and not name.startswith("_")
+    }
+    saved = {}
+    for name, table in tables.items():
+        assert isinstance(table, list), f"_retry_policy.{name} must be a list to be shrunk"
+        saved[name] = list(table)
+        table[:] = [0.0] * len(table)
+    try:
+        yield
+    finally:
+        for name, table in tables.items():
+            table[:] = saved[name]
 
 
 @pytest.fixture(scope="session")

@@ -159,6 +159,7 @@ def test_a_run_that_stops_waiting_leaves_the_batch_to_the_next_run_which_pays_no
     assert len(objects(s3_server, bucket)) == 5
 
 
+@pytest.mark.scenario
 def test_a_run_killed_while_it_waits_then_run_again_creates_no_new_batch(
     batch_api: GptImageEmulator,
     openai_credentials: OpenAICredentials,

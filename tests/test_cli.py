@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from prefect_gpt_image import OpenAICredentials
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
@@ -89,6 +91,7 @@ def test_generate_exits_1_when_prompts_fail(
     assert "1 of 2 prompts failed" in result.stderr
 
 
+@pytest.mark.scenario
 def test_demo_runs_end_to_end_with_nothing_configured(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAPIDAPI_"))}
     result = run(["demo", "--dir", str(tmp_path / "demo")], env, timeout=300)
@@ -185,7 +188,7 @@ def test_generate_in_batch_mode_sends_one_batch_and_cancel_stops_it(
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a batched badger\na batched bittern\n", "utf-8")
     command = ["generate", str(prompts), "--bucket", f"s3://{bucket}", "--credentials", name]
-    api.batch_processing_seconds = 120
+    api.batch_processing_seconds = 40  # in progress for half a minute; cancelling takes 4 s
 
     sent = run([*command, "--mode", "batch", "--batch-wait-minutes", "0"], user_env)
 

@@ -84,6 +84,9 @@ def test_retries_of_charged_answers_never_pass_the_cap(
     assert "was not sent" in report.failures[0].error
 
 
+# The retries' waits keep here what "in a row" counts: without them, the next request goes
+# out while the last answer's image is still being fetched, and a fourth answer is paid for.
+@pytest.mark.production_retry_delays
 def test_systematic_paid_failures_stop_paying_the_route(
     api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
 ) -> None:

@@ -34,6 +34,7 @@ def dask_cluster_of_processes() -> DaskTaskRunner:
     )
 
 
+@pytest.mark.scenario
 def test_the_flow_runs_unchanged_on_a_dask_cluster_of_processes(
     api: GptImageEmulator,
     credentials: RapidAPICredentials,
@@ -65,6 +66,7 @@ def test_the_flow_runs_unchanged_on_a_dask_cluster_of_processes(
     assert all(image.key.startswith("again/") for image in again.images)
 
 
+@pytest.mark.scenario
 def test_an_error_on_a_dask_worker_comes_back_whole(
     api: GptImageEmulator, credentials: RapidAPICredentials, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -99,6 +101,7 @@ print(json.dumps({"generated": report.generated, "from_cache": report.from_cache
 """
 
 
+@pytest.mark.scenario
 def test_machines_sharing_an_s3_cache_pay_once(
     api: GptImageEmulator,
     credentials: RapidAPICredentials,

@@ -3,7 +3,7 @@ saved, `deployments/prefect.yaml` deployed to a process work pool, a worker, a r
 with custom parameters, the images in S3, the artifacts in the API, and the gallery in a
 browser.
 
-Slower than the rest (about a minute), marked `e2e`; it runs in the default suite.
+Slower than the rest (a minute or more), marked `e2e`: a scenario (`pytest -m scenario`).
 """
 
 from __future__ import annotations

@@ -189,6 +189,7 @@ def cli_batch(s3: LocalS3Server, folder: Path, prompts: list[str]) -> tuple[str,
     return bucket, [COMMAND, "generate", str(folder / "prompts.txt"), "--bucket", f"s3://{bucket}"]
 
 
+@pytest.mark.scenario
 def test_a_killed_run_resumes_without_paying_twice(
     tmp_path: Path, api: GptImageEmulator, s3_server: LocalS3Server, user_env: dict[str, str]
 ) -> None:
@@ -219,6 +220,7 @@ def test_a_killed_run_resumes_without_paying_twice(
     assert len(stored) == 100  # the images in flight at the kill were never persisted
 
 
+@pytest.mark.scenario
 def test_two_runs_at_once_pay_once(
     tmp_path: Path, api: GptImageEmulator, s3_server: LocalS3Server, user_env: dict[str, str]
 ) -> None:

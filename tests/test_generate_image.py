@@ -12,6 +12,7 @@ from uuid import UUID
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
 from pydantic import SecretStr
 
 from prefect_gpt_image import GeneratedImage, ImageRequest, RapidAPICredentials, generate_image
@@ -46,13 +47,16 @@ class Outcome:
     task_run_id: UUID
 
     def state_names(self) -> list[str]:
+        return [state.name for state in self.states()]
+
+    def states(self) -> list[State]:
         """The run's states as Prefect's API recorded them; it records them a moment later."""
         deadline = time.monotonic() + 15
         with get_client(sync_client=True) as client:
             while True:
                 states = client.read_task_run_states(self.task_run_id)
                 if states[-1].is_final() or time.monotonic() > deadline:
-                    return [s.name for s in states]
+                    return states
                 time.sleep(0.2)
 
 
@@ -186,6 +190,7 @@ def test_retry_after_is_honoured(api: GptImageEmulator, credentials: RapidAPICre
     assert [call.status for call in api.calls] == [429, 200]
 
 
+@pytest.mark.production_retry_delays
 def test_default_policy_retries_with_backoff_visible_in_prefect(
     api: GptImageEmulator, credentials: RapidAPICredentials
 ) -> None:
@@ -197,6 +202,10 @@ def test_default_policy_retries_with_backoff_visible_in_prefect(
     history = outcome.state_names()
     assert "AwaitingRetry" in history
     assert history[-1] == "Completed"
+    (waiting,) = [state for state in outcome.states() if state.name == "AwaitingRetry"]
+    assert waiting.state_details.scheduled_time is not None
+    delay = (waiting.state_details.scheduled_time - waiting.timestamp).total_seconds()
+    assert 0.5 <= delay <= 1.5  # the first delay, 1 s, give or take half of it (the jitter)
 
 
 @pytest.mark.parametrize(

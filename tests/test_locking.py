@@ -25,6 +25,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.scenario
 def test_a_lock_held_by_another_process_is_freed_when_that_process_is_killed(
     tmp_path: Path,
 ) -> None:

@@ -143,6 +143,7 @@ def run_two_machines_at_once(
     return reports
 
 
+@pytest.mark.scenario
 def test_two_machines_asking_for_the_same_new_images_at_once_pay_once(
     api: GptImageEmulator,
     credentials: RapidAPICredentials,

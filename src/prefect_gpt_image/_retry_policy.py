@@ -12,6 +12,9 @@
 - Prefect fixes a task's delays when it is defined, so a server's Retry-After (parsed in
   `rate_limit_headers`) is honoured by the throttle instead, which holds back every
   request to that endpoint, not just the one that was told to wait.
+
+Each `*_DELAYS` table is a list, which Prefect's tasks and `call_with_retries` read when a
+wait is due: the test suite zeroes them in place where the delays are not its subject.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ RETRY_JITTER_FACTOR = 0.5
 MAX_SERVER_WAIT_SECONDS = 60.0
 """The cap on a Retry-After or rate-limit reset honoured as given."""
 
-DOWNLOAD_RETRY_DELAYS = (1.0, 2.0)
+DOWNLOAD_RETRY_DELAYS = [1.0, 2.0]
 """Waits before the second and third try of a paid image's download."""
 DOWNLOAD_ATTEMPTS = len(DOWNLOAD_RETRY_DELAYS) + 1
 
-BATCH_API_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
+BATCH_API_RETRY_DELAYS = [1.0, 2.0, 4.0, 8.0]
 """Waits between tries of a Batch API call (upload, create, retrieve, download): made
 outside a task run, and free, unlike a generation."""
 
