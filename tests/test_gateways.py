@@ -20,7 +20,7 @@ from prefect_aws import S3Bucket
 from pydantic import ValidationError
 
 from prefect_gpt_image import OpenAICredentials, generate_images
-from prefect_gpt_image.errors import BatchFailedError, ConfigurationError
+from prefect_gpt_image.errors import BatchFailedError, ConfigurationError, InvalidRequestError
 from prefect_gpt_image.model_table import MODELS
 from prefect_gpt_image.testing import Fault, GptImageEmulator
 
@@ -225,6 +225,30 @@ def test_a_gateways_model_name_is_an_alias_of_a_table_entry(
     (image,) = report.images
     assert image.model == name
     assert image.cost_usd == pytest.approx(_cost(call.usage, "gpt-image-2"))
+
+
+@pytest.mark.parametrize(("entry", "sent"), [("gpt-image-2", True), ("gpt-image-2.5-flare", False)])
+def test_a_batch_run_through_an_alias_is_judged_by_the_entry_it_names(
+    entry: str, sent: bool, api: GptImageEmulator, api_key: str, bucket: S3Bucket
+) -> None:
+    """The Batch API's table entry, not the gateway's name, says whether a batch may go."""
+    api.models["image-gen"] = None
+    route = OpenAICredentials(
+        api_key=api_key,
+        base_url=api.openai_base_url,
+        model="image-gen",
+        model_aliases={"image-gen": entry},
+    )
+
+    if sent:
+        report = generate_images(
+            ["a batched bittern"], bucket=bucket, credentials=route, mode="batch"
+        )
+        assert len(report.images) == 1 and len(api.batches) == 1
+    else:
+        with pytest.raises(InvalidRequestError, match="cannot send image-gen"):
+            generate_images(["a batched bittern"], bucket=bucket, credentials=route, mode="batch")
+        assert api.batches == [] and api.calls == []
 
 
 def test_an_alias_must_name_a_table_entry(api_key: str) -> None:

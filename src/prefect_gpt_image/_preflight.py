@@ -58,7 +58,7 @@ def batch_api_route(
         raise InvalidRequestError(
             "mode='batch' sends generations only: run the edits with mode='sync'."
         )
-    check_batch_api(route.model, route.models)
+    check_batch_api(route.model, route.model_spec(), route.models)
     return route
 
 

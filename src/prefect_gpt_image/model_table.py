@@ -358,13 +358,16 @@ def model_spec(model: str, overrides: Mapping[str, ModelSpec] | None = None) -> 
     )
 
 
-def check_batch_api(model: str, overrides: Mapping[str, ModelSpec] | None = None) -> None:
-    """Refuse, before anything is sent, a Batch API run of a model the Batch API does not
-    take, naming the models that it does take."""
-    if model_spec(model, overrides).batch_api:
+def check_batch_api(
+    model: str, spec: ModelSpec, overrides: Mapping[str, ModelSpec] | None = None
+) -> None:
+    """Refuse, before anything is sent, a Batch API run of `model` (described by `spec`,
+    its own entry or the one its alias names) where the Batch API does not take it, naming
+    the models that it does take."""
+    if spec.batch_api:
         return
     table = {**MODELS, **(overrides or {})}
-    able = [name for name, spec in table.items() if spec.batch_api and name not in SHUT_DOWN]
+    able = [name for name, entry in table.items() if entry.batch_api and name not in SHUT_DOWN]
     raise InvalidRequestError(
         f"mode='batch' cannot send {model}: OpenAI's Batch API does not take it, as far as "
         f"the model table knows. It takes {', '.join(able)}; or use mode='sync'. If the "
