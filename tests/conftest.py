@@ -192,6 +192,15 @@ def openai_credentials(model_route: Callable[..., OpenAICredentials]) -> OpenAIC
 
 
 @pytest.fixture
+def batch_api(api: GptImageEmulator, monkeypatch: pytest.MonkeyPatch) -> GptImageEmulator:
+    """The emulator, with batches that end within a second; its batch settings are put
+    back afterwards (`reset()` keeps them)."""
+    monkeypatch.setattr(api, "batch_processing_seconds", 0.5)
+    monkeypatch.setattr(api, "batch_expire_after", None)
+    return api
+
+
+@pytest.fixture
 def bucket(s3_server: LocalS3Server) -> S3Bucket:
     """A new, empty bucket for each test."""
     return s3_server.bucket_block(f"test-{uuid.uuid4().hex[:12]}")

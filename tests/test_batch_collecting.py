@@ -10,43 +10,19 @@ charged" where, and only where, that is true.
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import pytest
+from batch_runs import objects, run
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image import OpenAICredentials, generate_images
+from prefect_gpt_image import OpenAICredentials
 from prefect_gpt_image.errors import BatchFailedError
-from prefect_gpt_image.models import BatchReport
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
-
-
-@pytest.fixture
-def batch_api(api: GptImageEmulator, monkeypatch: pytest.MonkeyPatch) -> GptImageEmulator:
-    """The emulator, with batches that end within a second; its batch settings are put
-    back afterwards (`reset()` keeps them)."""
-    monkeypatch.setattr(api, "batch_processing_seconds", 0.5)
-    monkeypatch.setattr(api, "batch_expire_after", None)
-    return api
 
 
 def prompts(count: int) -> list[str]:
     tag = uuid.uuid4().hex[:6]
     return [f"a paper lantern number {i} over a river, {tag}" for i in range(count)]
-
-
-def run(
-    route: OpenAICredentials, bucket: S3Bucket, texts: list[str], **options: Any
-) -> BatchReport:
-    options.setdefault("mode", "batch")
-    options.setdefault("batch_wait_minutes", 2)
-    report: BatchReport = generate_images(texts, bucket=bucket, credentials=route, **options)
-    return report
-
-
-def stored(s3: LocalS3Server, bucket: S3Bucket) -> list[str]:
-    listed = s3.boto3_client().list_objects_v2(Bucket=bucket.bucket_name).get("Contents", [])
-    return [item["Key"] for item in listed if not item["Key"].endswith(".jsonl")]
 
 
 def sent(api: GptImageEmulator, prompt: str) -> int:
@@ -75,14 +51,14 @@ def test_an_unreadable_line_fails_its_prompt_alone_and_the_next_run_sends_only_t
         failure.error
     )
     assert "next run sends it again" in failure.error
-    assert len(stored(s3_server, bucket)) == 5
+    assert len(objects(s3_server, bucket)) == 5
 
     second = run(openai_credentials, bucket, texts)
 
     assert len(second.images) == 6 and second.generated == 1 and second.from_cache == 5
     assert batch_api.stats["batches_created"] == 2
     assert len(batch_api.batch_calls) == 7 and sent(batch_api, texts[2]) == 2
-    assert len(stored(s3_server, bucket)) == 6
+    assert len(objects(s3_server, bucket)) == 6
 
 
 def test_a_refused_prompt_is_not_sent_again_until_it_changes_or_refresh_cache_asks(

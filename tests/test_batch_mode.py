@@ -14,9 +14,9 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
+from batch_runs import batch_calls_cost, objects, run
 from PIL import Image
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
@@ -25,67 +25,20 @@ from prefect_aws import S3Bucket
 from prefect_gpt_image import OpenAICredentials, RapidAPICredentials, generate_images
 from prefect_gpt_image._batch_api import request_line
 from prefect_gpt_image._batch_jobs import BatchJobs
-from prefect_gpt_image._billing import call_cost, worst_case_cost
+from prefect_gpt_image._billing import worst_case_cost
 from prefect_gpt_image.errors import (
     BatchFailedError,
     BudgetExceededError,
     ConfigurationError,
     InvalidRequestError,
 )
-from prefect_gpt_image.models import BatchReport, ImageRequest, Usage
+from prefect_gpt_image.models import ImageRequest
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
-
-
-@pytest.fixture
-def batch_api(api: GptImageEmulator) -> GptImageEmulator:
-    """The emulator, with batches that end within a second."""
-    api.batch_processing_seconds = 0.5
-    return api
 
 
 def prompts(count: int, tag: str = "") -> list[str]:
     tag = tag or uuid.uuid4().hex[:6]
     return [f"a paper boat number {i} on a pond, {tag}" for i in range(count)]
-
-
-def run(
-    route: OpenAICredentials, bucket: S3Bucket, texts: list[str], **options: Any
-) -> BatchReport:
-    options.setdefault("mode", "batch")
-    options.setdefault("batch_wait_minutes", 2)
-    report: BatchReport = generate_images(texts, bucket=bucket, credentials=route, **options)
-    return report
-
-
-def objects(s3: LocalS3Server, bucket: S3Bucket) -> dict[str, bytes]:
-    client = s3.boto3_client()
-    listed = client.list_objects_v2(Bucket=bucket.bucket_name).get("Contents", [])
-    return {
-        item["Key"]: client.get_object(Bucket=bucket.bucket_name, Key=item["Key"])["Body"].read()
-        for item in listed
-        if not item["Key"].endswith(".jsonl")
-    }
-
-
-def synchronous_price(route: OpenAICredentials, api: GptImageEmulator) -> float:
-    """What the emulator's batch answers would have cost as synchronous calls."""
-    spec = route.model_spec()
-    request = ImageRequest(prompt="priced by usage")
-    return sum(
-        call_cost(spec, request, call.n, Usage.model_validate(_usage(call.usage)))
-        for call in api.batch_calls
-        if call.usage is not None
-    )
-
-
-def _usage(usage: dict[str, Any]) -> dict[str, Any]:
-    details = usage.get("input_tokens_details") or {}
-    return {
-        "input_tokens": usage.get("input_tokens", 0),
-        "output_tokens": usage.get("output_tokens", 0),
-        "text_input_tokens": details.get("text_tokens", 0),
-        "image_input_tokens": details.get("image_tokens", 0),
-    }
 
 
 def test_200_prompts_go_in_one_batch_at_half_price_and_a_sync_rerun_makes_no_call(
@@ -106,7 +59,7 @@ def test_200_prompts_go_in_one_batch_at_half_price_and_a_sync_rerun_makes_no_cal
     assert len(stored) == 200
     for data in stored.values():  # byte for byte what the API produced
         assert batch_api.served[hashlib.sha256(data).hexdigest()] == data
-    synchronous = synchronous_price(openai_credentials, batch_api)
+    synchronous = batch_calls_cost(openai_credentials, batch_api, batch=False)
     assert report.cost_usd == pytest.approx(synchronous / 2, abs=5e-4)  # micro-dollars, rounded
     assert report.synchronous_cost_usd == pytest.approx(synchronous, abs=5e-4)
 
@@ -215,7 +168,9 @@ def test_an_expired_batch_stores_what_it_answered_and_the_next_run_sends_the_res
     assert {failure.error_type for failure in report.failures} == {"BatchNotDoneError"}
     assert "sends it again" in report.failures[0].error
     assert len(objects(s3_server, bucket)) == 2  # the answered part is billed: it is kept
-    assert report.cost_usd == pytest.approx(synchronous_price(openai_credentials, batch_api) / 2)
+    assert report.cost_usd == pytest.approx(
+        batch_calls_cost(openai_credentials, batch_api, batch=False) / 2
+    )
 
     batch_api.batch_expire_after = None
     again = run(openai_credentials, bucket, texts)

@@ -14,59 +14,26 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
+from batch_runs import batch_calls_cost, run
 from openai.types import Batch
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image import OpenAICredentials, generate_images
+from prefect_gpt_image import OpenAICredentials
 from prefect_gpt_image._batch_jobs import BatchPointer
-from prefect_gpt_image._billing import call_cost, worst_case_cost
+from prefect_gpt_image._billing import worst_case_cost
 from prefect_gpt_image.errors import BatchFailedError
-from prefect_gpt_image.models import BatchReport, ImageRequest, Usage
+from prefect_gpt_image.models import ImageRequest
 from prefect_gpt_image.testing import Fault, GptImageEmulator
-
-
-@pytest.fixture
-def batch_api(api: GptImageEmulator) -> GptImageEmulator:
-    """The emulator, with batches that end within a second."""
-    api.batch_processing_seconds = 0.5
-    return api
 
 
 def prompts(count: int) -> list[str]:
     tag = uuid.uuid4().hex[:6]
     return [f"a kite number {i} over the dunes, {tag}" for i in range(count)]
-
-
-def run(
-    route: OpenAICredentials, bucket: S3Bucket, texts: list[str], **options: Any
-) -> BatchReport:
-    options.setdefault("mode", "batch")
-    options.setdefault("batch_wait_minutes", 2)
-    report: BatchReport = generate_images(texts, bucket=bucket, credentials=route, **options)
-    return report
-
-
-def billed_usd(route: OpenAICredentials, api: GptImageEmulator) -> float:
-    """What the emulator's batches billed: each answered request at the batch price."""
-    spec, request = route.model_spec(), ImageRequest(prompt="priced by usage")
-    total = 0.0
-    for call in api.batch_calls:
-        if call.usage is not None:
-            details = call.usage.get("input_tokens_details") or {}
-            usage = Usage(
-                input_tokens=call.usage.get("input_tokens", 0),
-                output_tokens=call.usage.get("output_tokens", 0),
-                text_input_tokens=details.get("text_tokens", 0),
-                image_input_tokens=details.get("image_tokens", 0),
-            )
-            total += call_cost(spec, request, call.n, usage, batch=True)
-    return total
 
 
 def batch_records(texts: list[str]) -> dict[str, Path]:
@@ -104,7 +71,7 @@ def test_a_batch_created_whose_answer_is_lost_is_found_not_created_again(
     assert batch_api.stats["batches_created"] == 1
     assert len(batch_api.batch_calls) == 3 and batch_api.calls == []
     assert len(report.images) == 3 and not report.failures
-    billed = billed_usd(openai_credentials, batch_api)
+    billed = batch_calls_cost(openai_credentials, batch_api, batch=True)
     assert report.cost_usd == pytest.approx(billed, abs=5e-4)  # the report says what was billed
     assert billed <= cap
 
@@ -143,7 +110,9 @@ def test_a_batch_record_cut_short_asks_the_api_instead_of_sending_again(
     assert len(report.images) == 4 and not report.failures
     assert batch_api.stats["batches_created"] == 1
     assert len(batch_api.batch_calls) == 4  # 4 billed for 4 prompts
-    assert report.cost_usd == pytest.approx(billed_usd(openai_credentials, batch_api), abs=5e-4)
+    assert report.cost_usd == pytest.approx(
+        batch_calls_cost(openai_credentials, batch_api, batch=True), abs=5e-4
+    )
     assert len(batch_records(texts)) == 4  # the record is whole again
 
 
