@@ -5,8 +5,9 @@ A batch is a JSON Lines file of requests, each with a `custom_id` (here, the req
 cache key), uploaded through the Files API and run with `completion_window="24h"`. Its
 answers come back as another file, one line per request, in any order, each holding its
 images in base64: that file is read line by line, never whole, and a line that cannot be
-read is reported as such, never allowed to stop the reading of the rest. The calls go through the
-official `openai` package with its retries off; those made here follow `_retry_policy`.
+read is reported as such, never allowed to stop the reading of the rest. The calls go
+through the official `openai` package with its retries off; those made here follow
+`_retry_policy`.
 """
 
 from __future__ import annotations
@@ -213,8 +214,7 @@ class BatchApiClient:
     def find(self, input_file_id: str) -> BatchStatus | None:
         """The batch already started for `input_file_id`, if one was: a run stopped
         between the two calls must not start a second one."""
-        page = self._call(lambda: self._openai.batches.list(limit=100, extra_headers=self._headers))
-        for batch in itertools.islice(page, BATCHES_SEARCHED):  # newest first, page by page
+        for batch in self._recent_batches():
             if batch.input_file_id == input_file_id:
                 return self._status(batch)
         return None
@@ -224,8 +224,7 @@ class BatchApiClient:
         created) whose input file holds each of `custom_ids`, for requests whose own record
         is lost: the API, not the record, says whether they were sent."""
         found: dict[str, BatchStatus] = {}
-        page = self._call(lambda: self._openai.batches.list(limit=100, extra_headers=self._headers))
-        for batch in itertools.islice(page, BATCHES_SEARCHED):
+        for batch in self._recent_batches():
             if len(found) == len(custom_ids):
                 break
             if (batch.metadata or {}).get("created_by") != BATCH_METADATA["created_by"]:
@@ -238,6 +237,11 @@ class BatchApiClient:
             except EndpointNotFoundError:  # its input file expired (after 30 days): not ours
                 continue
         return found
+
+    def _recent_batches(self) -> Iterator[openai.types.Batch]:
+        """The account's latest `BATCHES_SEARCHED` batches, newest first, page by page."""
+        page = self._call(lambda: self._openai.batches.list(limit=100, extra_headers=self._headers))
+        return itertools.islice(page, BATCHES_SEARCHED)
 
     def retrieve(self, batch_id: str) -> BatchStatus:
         return self._status(

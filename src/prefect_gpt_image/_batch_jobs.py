@@ -217,11 +217,10 @@ def _in_a_batch(store: ResultStore, keys: Sequence[str]) -> GptImageError | None
                 assert isinstance(pointer, BatchPointer) and pointer.refusal is not None
                 return pointer.refusal.error()
         where = pointer.batch_id if isinstance(pointer, BatchPointer) else None
-        return BatchNotDoneError(
+        return _not_sent_again(
             f"It was sent in an OpenAI batch{f' ({where})' if where else ''} by a run with "
-            'mode="batch", or may have been: not generated again, so that it is not paid for '
-            'twice. Run with mode="batch" to collect it, or set refresh_cache=True to pay '
-            "for it anew."
+            'mode="batch", or may have been.',
+            'run with mode="batch" to collect it, or set refresh_cache=True to pay for it anew.',
         )
     return None
 
@@ -355,10 +354,10 @@ class BatchJobs:
             holding = self._api.holding(set(keys))
         except GptImageError as exc:
             for key in keys:
-                self._held_back[key] = BatchNotDoneError(
-                    f"Its batch record could not be read, and the API could not say whether "
-                    f"it was sent ({exc}). It was not sent again, so that it is not paid for "
-                    "twice; the next run asks again."
+                self._held_back[key] = _not_sent_again(
+                    "Its batch record could not be read, and the API could not say whether "
+                    f"it was sent ({exc}).",
+                    "the next run asks again.",
                 )
             return []
         unsent: list[str] = []
@@ -486,11 +485,11 @@ class BatchJobs:
     def _not_found(self, batch_id: str, keys: list[str]) -> Iterator[BatchEvent]:
         """Requests whose batch the API kept answering 404 for: it may run, and bill, under
         another key or project, so they are not settled and not sent again."""
-        error = BatchNotDoneError(
+        error = _not_sent_again(
             f"The API did not find batch {batch_id} in {NOT_FOUND_LOOKS} looks with this "
-            f"route's key and {self._owner}. It was not sent again, so that it is not paid for "
-            "twice: run with the key and project that created it to collect it, or set "
-            "refresh_cache=True to pay for it anew."
+            f"route's key and {self._owner}.",
+            "run with the key and project that created it to collect it, or set "
+            "refresh_cache=True to pay for it anew.",
         )
         yield from (Unanswered(key, error) for key in keys)
 
@@ -574,10 +573,18 @@ class BatchJobs:
 
 def _elsewhere(pointer: BatchPointer, owner: BatchOwner) -> BatchNotDoneError:
     where = pointer.batch_id or f"the batch of {pointer.input_file_id}"
+    return _not_sent_again(
+        f"It was sent in {where} of {pointer.owner}, which this route ({owner}) cannot see.",
+        "run with that organization and project to collect it, or set refresh_cache=True to "
+        "pay for it anew.",
+    )
+
+
+def _not_sent_again(why: str, remedy: str) -> BatchNotDoneError:
+    """The error of a request held back because it may be in a batch already: `why`, and
+    what the user can do (`remedy`)."""
     return BatchNotDoneError(
-        f"It was sent in {where} of {pointer.owner}, which this route ({owner}) cannot see. "
-        "It was not sent again, so that it is not paid for twice: run with that organization "
-        "and project to collect it, or set refresh_cache=True to pay for it anew."
+        f"{why} It was not sent again, so that it is not paid for twice: {remedy}"
     )
 
 

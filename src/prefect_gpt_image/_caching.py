@@ -23,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from botocore.exceptions import ClientError
 from prefect import Task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
@@ -34,6 +35,7 @@ from prefect_gpt_image._block_refs import resolve_routes, serving_routes
 from prefect_gpt_image._edits import checked_edit
 from prefect_gpt_image._locking import file_lock_manager
 from prefect_gpt_image._request_bodies import api_fields
+from prefect_gpt_image._storage import error_code
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
 from prefect_gpt_image.settings import LockSettings
 
@@ -209,9 +211,7 @@ def _absent(store: ResultStore, key: str, exc: Exception) -> bool:
         return not (Path(storage.basepath).expanduser() / key).exists()
     if isinstance(exc, FileNotFoundError):
         return True
-    response = getattr(exc, "response", None)  # botocore's ClientError, from an S3 storage
-    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
-    return code in ("404", "NoSuchKey", "NotFound")
+    return isinstance(exc, ClientError) and error_code(exc) in ("404", "NoSuchKey", "NotFound")
 
 
 def write_whole(store: ResultStore, key: str, obj: object) -> None:

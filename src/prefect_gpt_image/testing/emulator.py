@@ -155,9 +155,11 @@ tokens the first three give its published prices (medium: 1056 tokens, $0.034). 
 are published for xhigh and max: twice and four times high, within the model table's bounds."""
 
 _QUALITIES = ("low", "medium", "high", "auto")
+_XHIGH_QUALITIES = (*_QUALITIES, "xhigh", "max")
+"""The qualities of the models named by `_XHIGH_MODELS`."""
 
 _OPENAI_CHOICES: dict[str, tuple[str, ...]] = {
-    "quality": (*_QUALITIES, "xhigh", "max"),
+    "quality": _XHIGH_QUALITIES,
     "complexity": ("low", "medium", "high"),
     "output_format": ("png", "jpeg", "webp"),
     "background": ("transparent", "opaque", "auto"),
@@ -784,7 +786,7 @@ def _read_openai(
         raise _invalid(message, "stream")
     if model not in models:
         raise _Refused(_model_not_found(model))
-    qualities = (*_QUALITIES, "xhigh", "max") if model.startswith(_XHIGH_MODELS) else _QUALITIES
+    qualities = _XHIGH_QUALITIES if model.startswith(_XHIGH_MODELS) else _QUALITIES
     if quality not in qualities:
         message = f"Invalid value: '{quality}'. Supported values are: {_listed(qualities)}."
         raise _invalid(message, "quality")
