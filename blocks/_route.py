@@ -143,7 +143,7 @@ class GptImageRoute(CredentialsBlock, ABC):
     @model_validator(mode="after")
     def _aliases_name_entries(self) -> GptImageRoute:
         """An alias must name an entry that exists: a typo is refused when the block is
-        made, not when a batch is about to be paid for."""
+        made, not when a run is about to be paid for."""
         for name, entry in self.model_aliases.items():
             try:
                 model_spec(entry, self.models)

@@ -1,4 +1,4 @@
-"""Serve the batch flow on a schedule, for users without a work pool.
+"""Serve the flow on a schedule, for users without a work pool.
 
     python deployments/serve.py
 

@@ -1,4 +1,4 @@
-"""The batch flow: a prompt set in, every good image in the bucket, a manifest beside them.
+"""The flow: a prompt set in, every good image in the bucket, a manifest beside them.
 
 It reads top to bottom: resolve the inputs, plan (check everything that can be checked
 before paying, and what the cache already holds), run (`batch_runner`), publish (the
@@ -17,14 +17,13 @@ from prefect_aws import S3Bucket
 from pydantic import Field
 
 from prefect_gpt_image._artifacts import ProgressArtifact, publish_results
-from prefect_gpt_image._batch import Batch
-from prefect_gpt_image._batch_runner import BatchRunner
 from prefect_gpt_image._block_refs import Routes, resolve_bucket, resolve_routes, serving_routes
 from prefect_gpt_image._budget import run_budget
 from prefect_gpt_image._caching import generation_cache_policy
 from prefect_gpt_image._edit_inputs import InputRef, expand_inputs
 from prefect_gpt_image._edits import check_edits
 from prefect_gpt_image._image_sizes import ImageSize, parse_size
+from prefect_gpt_image._ledger import RunLedger
 from prefect_gpt_image._manifest import write_manifest
 from prefect_gpt_image._object_keys import check_bucket_name, join_key, normalize_prefix
 from prefect_gpt_image._preflight import (
@@ -35,8 +34,9 @@ from prefect_gpt_image._preflight import (
     saved_block,
 )
 from prefect_gpt_image._prompt_sets import PromptSet, expand_template, read_prompt_set
+from prefect_gpt_image._runner import Runner
 from prefect_gpt_image._storage import object_link, object_uri, read_uri
-from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
+from prefect_gpt_image.errors import InvalidRequestError, RunFailedError
 from prefect_gpt_image.model_table import (
     Background,
     Complexity,
@@ -46,10 +46,10 @@ from prefect_gpt_image.model_table import (
 )
 from prefect_gpt_image.models import (
     ApiLimits,
-    BatchReport,
     GeneratedImage,
     ImageRequest,
     InputFidelity,
+    RunReport,
 )
 from prefect_gpt_image.tasks.generate import generate_image
 
@@ -90,7 +90,7 @@ def generate_images(
     mode: Literal["sync", "batch"] = "sync",
     batch_wait_minutes: Annotated[float, Field(ge=0, le=1440)] = 10,
     cancel_batches: bool = False,
-) -> BatchReport:
+) -> RunReport:
     """Generate an image for every prompt and store each one in the bucket.
 
     Args:
@@ -106,7 +106,7 @@ def generate_images(
             "{product} on a {background} background".
         variables: The values of each template variable; every combination is
             generated, and named after its values.
-        prefix: The folder, within the bucket folder, for this batch's images.
+        prefix: The folder, within the bucket folder, for this run's images.
         size: The size of prompts that do not give one: square, landscape, portrait,
             or any WIDTHxHEIGHT the model makes (gpt-image-2: multiples of 16).
         quality: low, medium, high or auto (xhigh and max on gpt-image-2.5 and 2.6), for
@@ -131,7 +131,7 @@ def generate_images(
         max_concurrency: Generations in flight at once.
         requests_per_second: The plan's rate limit. Without it the rate is learned from
             the API's 429s and rate-limit headers.
-        max_cost_usd: A hard cap: refuse to start a batch whose uncached part could cost
+        max_cost_usd: A hard cap: refuse to start a run whose uncached part could cost
             more, and send no call, first or retry, whose worst case could pass it.
         allow_failures: Failed prompts tolerated before the run ends Failed.
         refresh_cache: Generate again even where a cached image exists (and pay).
@@ -159,7 +159,7 @@ def generate_images(
             they answered already, and send nothing new.
 
     Returns:
-        The `BatchReport`: stored images, failures, the manifest's key, images generated
+        The `RunReport`: stored images, failures, the manifest's key, images generated
         and from the cache, and the dollars spent. Every good image is stored and the
         manifest written before the run fails for more than `allow_failures` failures.
 
@@ -224,18 +224,18 @@ def generate_images(
     check_global_limits(limits)
     check_storage(s3, folder, cache_bucket)
     run_budget().max_usd = max_cost_usd  # every paid attempt, retries too, is held to it
-    batch = Batch(requests, routes, refused, batch_api=mode == "batch")
+    ledger = RunLedger(requests, routes, refused, batch_api=mode == "batch")
     link = partial(
         object_link, s3, public_base_url=public_base_url, expires_in=int(link_expiry_hours * 3600)
     )
-    runner = BatchRunner(batch, generate, routes, limits, s3, folder, max_cost_usd, link)
+    runner = Runner(ledger, generate, routes, limits, s3, folder, max_cost_usd, link)
     if not refresh_cache:
         runner.reuse_cached()
     runner.check_budget()
     logger.info(
         "Generating %d requests (%d distinct, %d new, at most $%.2f) into %s",
         len(requests),
-        len(batch.groups),
+        len(ledger.groups),
         runner.new_generations,
         runner.worst_case_usd,
         object_uri(s3, join_key(s3.bucket_folder, folder)),
@@ -244,7 +244,7 @@ def generate_images(
     # Run.
     progress = ProgressArtifact(total=len(requests))
     try:
-        progress.update(batch.done)
+        progress.update(ledger.done)
         if batch_route is not None:
             wait_seconds = batch_wait_minutes * 60
             runner.run_batch_api(
@@ -256,13 +256,13 @@ def generate_images(
         progress.close()
 
     # Publish: the manifest, the table and the gallery, then the verdict.
-    report = batch.report()
-    rows = batch.rows()
+    report = ledger.report()
+    rows = ledger.rows()
     write_manifest(s3, folder, report, rows)
     logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
     publish_results(rows, report, runner.link)
-    if batch.failed(report, allow_failures):
-        raise BatchFailedError(batch.failure_message(report, allow_failures), report)
+    if ledger.failed(report, allow_failures):
+        raise RunFailedError(ledger.failure_message(report, allow_failures), report)
     return report
 
 
@@ -274,7 +274,7 @@ def _prompt_set(
     bucket: S3Bucket,
     input_roots: list[str],
 ) -> PromptSet:
-    """The batch's requests, from a prompt set or a template; all checked, none paid for."""
+    """The run's requests, from a prompt set or a template; all checked, none paid for."""
     if (prompts is None) == (template is None):
         raise InvalidRequestError("Give either prompts or a template (with variables).")
     if template is not None:

@@ -142,7 +142,7 @@ def store_image(
     anything was written. `check_existing=False` skips the HEAD, for an image just
     generated.
 
-    The batch flow calls it without a task run, with the same retry policy
+    The flow calls it without a task run, with the same retry policy
     (`retry_policy.call_with_retries`): a task run costs more CPU than the upload, and
     the generation's task run already stands for the image.
     """

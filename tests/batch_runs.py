@@ -10,17 +10,15 @@ from prefect_aws import S3Bucket
 from prefect_gpt_image import OpenAICredentials, generate_images
 from prefect_gpt_image._billing import call_cost
 from prefect_gpt_image._responses import usage_of
-from prefect_gpt_image.models import BatchReport, ImageRequest
+from prefect_gpt_image.models import ImageRequest, RunReport
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 
-def run(
-    route: OpenAICredentials, bucket: S3Bucket, texts: list[str], **options: Any
-) -> BatchReport:
+def run(route: OpenAICredentials, bucket: S3Bucket, texts: list[str], **options: Any) -> RunReport:
     """`generate_images` through the Batch API, waiting up to two minutes for its batches."""
     options.setdefault("mode", "batch")
     options.setdefault("batch_wait_minutes", 2)
-    report: BatchReport = generate_images(texts, bucket=bucket, credentials=route, **options)
+    report: RunReport = generate_images(texts, bucket=bucket, credentials=route, **options)
     return report
 
 

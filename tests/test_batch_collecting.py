@@ -16,7 +16,7 @@ from batch_runs import objects, run
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import OpenAICredentials
-from prefect_gpt_image.errors import BatchFailedError
+from prefect_gpt_image.errors import RunFailedError
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 
@@ -135,7 +135,7 @@ def test_requests_an_expired_batch_never_ran_are_said_not_charged_once(
 ) -> None:
     batch_api.batch_expire_after = 1
 
-    with pytest.raises(BatchFailedError) as failed:
+    with pytest.raises(RunFailedError) as failed:
         run(openai_credentials, bucket, prompts(3))
 
     failures = failed.value.report.failures

@@ -27,10 +27,10 @@ from prefect_gpt_image._batch_api import request_line
 from prefect_gpt_image._batch_jobs import BatchJobs
 from prefect_gpt_image._billing import worst_case_cost
 from prefect_gpt_image.errors import (
-    BatchFailedError,
     BudgetExceededError,
     ConfigurationError,
     InvalidRequestError,
+    RunFailedError,
 )
 from prefect_gpt_image.models import ImageRequest
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
@@ -160,7 +160,7 @@ def test_an_expired_batch_stores_what_it_answered_and_the_next_run_sends_the_res
     batch_api.batch_expire_after = 2
     texts = prompts(5)
 
-    with pytest.raises(BatchFailedError) as failed:
+    with pytest.raises(RunFailedError) as failed:
         run(openai_credentials, bucket, texts)
 
     report = failed.value.report
@@ -191,7 +191,7 @@ def test_cancelling_stops_the_batches_and_sends_nothing_new(
     first = run(openai_credentials, bucket, texts, batch_wait_minutes=0)
     assert len(first.waiting) == 4
 
-    with pytest.raises(BatchFailedError) as failed:
+    with pytest.raises(RunFailedError) as failed:
         run(openai_credentials, bucket, [*texts, "one more prompt"], cancel_batches=True)
 
     report = failed.value.report

@@ -26,7 +26,7 @@ from prefect_aws import S3Bucket
 from prefect_gpt_image import OpenAICredentials
 from prefect_gpt_image._batch_jobs import BatchPointer
 from prefect_gpt_image._billing import worst_case_cost
-from prefect_gpt_image.errors import BatchFailedError
+from prefect_gpt_image.errors import RunFailedError
 from prefect_gpt_image.models import ImageRequest
 from prefect_gpt_image.testing import Fault, GptImageEmulator
 
@@ -145,7 +145,7 @@ def test_a_batch_of_another_project_is_not_sent_again_and_its_project_collects_i
     first = run(ours, bucket, texts, batch_wait_minutes=0)
     assert len(first.waiting) == 4
 
-    with pytest.raises(BatchFailedError) as elsewhere:
+    with pytest.raises(RunFailedError) as elsewhere:
         run(theirs, bucket, texts)
 
     failures = elsewhere.value.report.failures
@@ -170,7 +170,7 @@ def test_a_batch_the_api_never_finds_is_reported_and_not_sent_again(
     texts = prompts(2)
     batch_api.add_batch_api_fault("retrieve", Fault.not_found(), times=3)
 
-    with pytest.raises(BatchFailedError) as failed:
+    with pytest.raises(RunFailedError) as failed:
         run(openai_credentials, bucket, texts)
 
     failures = failed.value.report.failures
@@ -242,7 +242,7 @@ def test_a_synchronous_run_does_not_pay_for_prompts_a_batch_is_answering(
     first = run(openai_credentials, bucket, texts, batch_wait_minutes=0)
     assert len(first.waiting) == 3
 
-    with pytest.raises(BatchFailedError) as held_back:
+    with pytest.raises(RunFailedError) as held_back:
         run(openai_credentials, bucket, [*texts, "a fourth kite, not in any batch"], mode="sync")
 
     report = held_back.value.report

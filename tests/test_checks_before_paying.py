@@ -25,7 +25,7 @@ from prefect_gpt_image import (
     _progress,
     generate_images,
 )
-from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError, StorageError
+from prefect_gpt_image.errors import InvalidRequestError, RunFailedError, StorageError
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 
@@ -138,7 +138,7 @@ def test_a_paid_image_is_kept_when_the_s3_cache_goes_down(
 
         stopper = threading.Thread(target=stop_s3_once_the_api_is_called, daemon=True)
         stopper.start()
-        with pytest.raises(BatchFailedError):
+        with pytest.raises(RunFailedError):
             generate_images(prompts, bucket=bucket, credentials=credentials, cache_storage=cache)
         stopper.join()
         assert api.billed == 2

@@ -1,4 +1,4 @@
-"""What a batch costs: priced before it starts, bounded by `max_cost_usd`, reported in full."""
+"""What a run costs: priced before it starts, bounded by `max_cost_usd`, reported in full."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from prefect_aws import S3Bucket
 from prefect_gpt_image import ImageRequest, OpenAICredentials, RapidAPICredentials, generate_images
 from prefect_gpt_image._billing import call_cost
 from prefect_gpt_image._responses import usage_of
-from prefect_gpt_image.errors import BatchFailedError, BudgetExceededError
+from prefect_gpt_image.errors import BudgetExceededError, RunFailedError
 from prefect_gpt_image.model_table import MODELS
 from prefect_gpt_image.testing import Fault, GptImageEmulator
 
 
-def test_a_batch_over_budget_is_refused_before_any_paid_call(
+def test_a_run_over_budget_is_refused_before_any_paid_call(
     api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
 ) -> None:
     prompts = [f"a budgeted bellflower #{n}" for n in range(5)]
@@ -46,7 +46,7 @@ def test_the_spend_stops_submissions_at_the_budget(
     for prompt in prompts[:2]:
         api.add_fault(Fault.malformed_body(), prompt_contains=prompt)
 
-    with pytest.raises(BatchFailedError) as raised:
+    with pytest.raises(RunFailedError) as raised:
         generate_images(
             prompts, bucket=bucket, credentials=credentials, max_concurrency=1, max_cost_usd=0.15
         )
@@ -69,7 +69,7 @@ def test_retries_of_charged_answers_never_pass_the_cap(
     for prompt in ("a capped cormorant", "a capped curlew"):
         api.add_fault(Fault.malformed_body(), prompt_contains=prompt, times=2)
 
-    with pytest.raises(BatchFailedError) as raised:
+    with pytest.raises(RunFailedError) as raised:
         generate_images(
             ["a capped cormorant", "a capped curlew"],
             bucket=bucket,
@@ -91,11 +91,11 @@ def test_systematic_paid_failures_stop_paying_the_route(
     api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
 ) -> None:
     """When every image URL answers 403, each answer is charged and none is usable: after
-    three in a row the route is not paid again, and the batch stops with one message."""
+    three in a row the route is not paid again, and the run stops with one message."""
     api.add_fault(Fault.expired_url(403), times=100)
     prompts = [f"an unlucky ibis #{n}" for n in range(5)]
 
-    with pytest.raises(BatchFailedError) as raised:
+    with pytest.raises(RunFailedError) as raised:
         generate_images(prompts, bucket=bucket, credentials=credentials, max_concurrency=1)
 
     assert api.billed == 3

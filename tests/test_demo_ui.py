@@ -53,8 +53,8 @@ def test_demo_ui_prints_the_run_page_and_keeps_it_up_until_ctrl_c(tmp_path: Path
         assert flow_run["state_type"] == "COMPLETED"
         assert flow_run["parameters"]["prefix"] == "spring-campaign"
         artifacts = _artifacts(api_url, run_id)
-        table = json.loads(artifacts["gpt-image-batch"]["data"])
-        assert artifacts["gpt-image-batch"]["type"] == "table"
+        table = json.loads(artifacts["gpt-image-run"]["data"])
+        assert artifacts["gpt-image-run"]["type"] == "table"
         assert [row["status"] for row in table] == ["stored"] * 12
         gallery = artifacts["gpt-image-gallery"]
         assert gallery["type"] == "markdown"

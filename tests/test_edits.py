@@ -28,7 +28,7 @@ from prefect_gpt_image import (
     generate_image,
     generate_images,
 )
-from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
+from prefect_gpt_image.errors import InvalidRequestError, RunFailedError
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 SCENES = ["the product on a sunlit oak table", "the product on a marble counter"]
@@ -169,7 +169,7 @@ def test_a_missing_photo_fails_its_own_rows_and_no_others(
 ) -> None:
     given = [f"s3://{bucket.bucket_name}/products/{name}.png" for name in ("mug", "gone")]
 
-    with pytest.raises(BatchFailedError) as failed:
+    with pytest.raises(RunFailedError) as failed:
         generate_images(SCENES, images=given, bucket=bucket, credentials=openai_credentials)
 
     report = failed.value.report
@@ -180,7 +180,7 @@ def test_a_missing_photo_fails_its_own_rows_and_no_others(
         assert f"s3://{bucket.bucket_name}/products/gone.png" in failure.error
 
 
-def test_an_edit_batch_with_no_route_that_edits_is_refused_before_any_call(
+def test_an_edit_run_with_no_route_that_edits_is_refused_before_any_call(
     api: GptImageEmulator,
     credentials: RapidAPICredentials,
     bucket: S3Bucket,
@@ -292,7 +292,7 @@ def test_the_runs_table_names_each_edits_input_and_its_sha256(
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
-                key=ArtifactFilterKey(any_=["gpt-image-batch"]),
+                key=ArtifactFilterKey(any_=["gpt-image-run"]),
             )
         )
     (table,) = artifacts

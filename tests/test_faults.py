@@ -20,7 +20,7 @@ from prefect_aws import S3Bucket
 from prefect_gpt_image import ImageRequest, RapidAPICredentials, generate_images
 from prefect_gpt_image._client import RapidAPIClient
 from prefect_gpt_image._url_safety import check_image_url
-from prefect_gpt_image.errors import BatchFailedError, UnsafeImageURLError
+from prefect_gpt_image.errors import RunFailedError, UnsafeImageURLError
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 
 COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
@@ -45,7 +45,7 @@ def test_a_dead_key_stops_the_batch(
     api.add_fault(fault, times=1000)
     prompts = [f"a doomed dormouse #{n}" for n in range(40)]
 
-    with pytest.raises(BatchFailedError) as raised:
+    with pytest.raises(RunFailedError) as raised:
         generate_images(prompts, bucket=bucket, credentials=credentials, max_concurrency=2)
 
     # The calls submitted when the first answer came back: the flow keeps twice
@@ -56,7 +56,7 @@ def test_a_dead_key_stops_the_batch(
     assert len(stages) == 40 and stages.count("not attempted") >= 36
     assert {f.error_type for f in report.failures} == {error_type}
     message = str(raised.value)
-    assert message.startswith("The batch stopped: ")
+    assert message.startswith("The run stopped: ")
     assert "of 40 prompts were not attempted" in message
 
 
@@ -75,7 +75,7 @@ def test_images_generated_while_s3_is_down_are_not_paid_for_again(
 
         stopper = threading.Thread(target=stop_s3_once_the_api_is_called, daemon=True)
         stopper.start()
-        with pytest.raises(BatchFailedError) as raised:
+        with pytest.raises(RunFailedError) as raised:
             generate_images(prompts, bucket=bucket, credentials=credentials)
         stopper.join()
         assert api.billed == 3

@@ -20,7 +20,7 @@ from prefect_aws import S3Bucket
 from pydantic import ValidationError
 
 from prefect_gpt_image import OpenAICredentials, generate_images
-from prefect_gpt_image.errors import BatchFailedError, ConfigurationError, InvalidRequestError
+from prefect_gpt_image.errors import ConfigurationError, InvalidRequestError, RunFailedError
 from prefect_gpt_image.model_table import MODELS
 from prefect_gpt_image.testing import Fault, GptImageEmulator
 
@@ -157,7 +157,7 @@ def test_a_refusal_through_a_gateway_is_a_refusal_and_is_not_sent_on(
     second_upstream.models[openai_credentials.model] = None
     fallback = behind(second_upstream, openai_credentials)
 
-    with pytest.raises(BatchFailedError) as raised:
+    with pytest.raises(RunFailedError) as raised:
         generate_images(
             ["[reject] a refused rook"],
             bucket=bucket,

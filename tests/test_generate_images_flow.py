@@ -1,4 +1,4 @@
-"""The batch flow, end to end: emulator → Prefect → real S3 server."""
+"""The flow, end to end: emulator → Prefect → real S3 server."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import (
-    BatchReport,
     ImageRequest,
     RapidAPICredentials,
+    RunReport,
     generate_image,
     generate_images,
 )
 from prefect_gpt_image._caching import cache_store, fallback_store, is_fallback
-from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
+from prefect_gpt_image.errors import InvalidRequestError, RunFailedError
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 
-MIXED_BATCH = [
+MIXED_PROMPTS = [
     "a red fox in fresh snow, wildlife photo",
     "a glass greenhouse full of ferns",
     "[reject] a prompt the model refuses",
@@ -42,13 +42,13 @@ def read_object(s3: LocalS3Server, bucket: S3Bucket, key: str) -> dict[str, Any]
     return {**answer, "Body": answer["Body"].read()}
 
 
-def manifest_lines(s3: LocalS3Server, bucket: S3Bucket, report: BatchReport) -> list[dict]:
+def manifest_lines(s3: LocalS3Server, bucket: S3Bucket, report: RunReport) -> list[dict]:
     assert report.manifest_key
     body = read_object(s3, bucket, report.manifest_key)["Body"]
     return [json.loads(line) for line in body.decode().splitlines()]
 
 
-def test_mixed_batch_stores_every_good_image_and_fails_only_the_rejected_one(
+def test_a_mixed_prompt_set_stores_every_good_image_and_fails_only_the_rejected_one(
     api: GptImageEmulator,
     credentials: RapidAPICredentials,
     bucket: S3Bucket,
@@ -59,18 +59,18 @@ def test_mixed_batch_stores_every_good_image_and_fails_only_the_rejected_one(
     api.add_fault(Fault.malformed_body(), prompt_contains="cottage")
 
     report = generate_images(
-        MIXED_BATCH, bucket=bucket, credentials=credentials, prefix="winter", allow_failures=1
+        MIXED_PROMPTS, bucket=bucket, credentials=credentials, prefix="winter", allow_failures=1
     )
 
     # One failure, the rejected prompt, with the reason a user can act on.
     (failure,) = report.failures
-    assert failure.prompt == MIXED_BATCH[2]
+    assert failure.prompt == MIXED_PROMPTS[2]
     assert failure.error_type == "PromptRejectedError"
     assert "refused the prompt" in failure.error
 
     # Every other prompt is stored, byte for byte what the API served.
     assert [image.prompt for image in report.images] == [
-        p for p in MIXED_BATCH if not p.startswith("[reject]")
+        p for p in MIXED_PROMPTS if not p.startswith("[reject]")
     ]
     for image in report.images:
         stored = read_object(s3_server, bucket, image.key)
@@ -82,7 +82,7 @@ def test_mixed_batch_stores_every_good_image_and_fails_only_the_rejected_one(
         )
 
     # The duplicate was generated once and stored once; faults were retried.
-    assert api.billed_for(MIXED_BATCH[0]) == 1
+    assert api.billed_for(MIXED_PROMPTS[0]) == 1
     assert report.images[0].key == report.images[2].key
     assert report.generated == 5 and report.from_cache == 0
     # The broken answer was charged too, and the report says so: what the API billed.
@@ -93,7 +93,7 @@ def test_mixed_batch_stores_every_good_image_and_fails_only_the_rejected_one(
     # The manifest lists every prompt, in order, beside the images.
     assert report.manifest_key and report.manifest_key.startswith("winter/manifest-")
     lines = manifest_lines(s3_server, bucket, report)
-    assert [line["prompt"] for line in lines] == MIXED_BATCH
+    assert [line["prompt"] for line in lines] == MIXED_PROMPTS
     assert [line["status"] for line in lines] == ["stored"] * 2 + ["failed"] + ["stored"] * 4
     assert lines[2]["error_type"] == "PromptRejectedError"
     assert lines[5]["prompt"] == "桜の木の下の猫、水彩画"
@@ -127,14 +127,14 @@ def test_too_many_failures_fail_the_run_after_storing_the_rest(
     s3_server: LocalS3Server,
 ) -> None:
     prompts = ["a good gannet", "[reject] a bad one", "a good guillemot"]
-    with pytest.raises(BatchFailedError) as raised:
+    with pytest.raises(RunFailedError) as raised:
         generate_images(prompts, bucket=bucket, credentials=credentials)
 
     message = str(raised.value)
     assert "1 of 3 prompts failed (allow_failures=0)" in message
     assert "[reject] a bad one" in message and "refused the prompt" in message
     report = raised.value.report
-    assert isinstance(report, BatchReport)
+    assert isinstance(report, RunReport)
     assert [image.prompt for image in report.images] == ["a good gannet", "a good guillemot"]
     for image in report.images:
         assert read_object(s3_server, bucket, image.key)["Body"] == api.served[image.sha256]
@@ -355,7 +355,7 @@ def _task_run_names(flow_run_id: Any, expected: int) -> list[str]:
             time.sleep(0.2)
 
 
-def test_the_default_cache_is_where_paid_images_fall_back_to_so_a_batch_looks_once() -> None:
+def test_the_default_cache_is_where_paid_images_fall_back_to_so_a_run_looks_once() -> None:
     @flow
     def stores() -> tuple[bool, bool]:
         return is_fallback(cache_store(generate_image)), is_fallback(fallback_store())

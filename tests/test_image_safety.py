@@ -41,10 +41,10 @@ from prefect_gpt_image._images import MAX_IMAGE_PIXELS, inspect_image
 from prefect_gpt_image._retry_policy import DOWNLOAD_ATTEMPTS, is_retryable
 from prefect_gpt_image._url_safety import check_image_url
 from prefect_gpt_image.errors import (
-    BatchFailedError,
     GptImageError,
     InvalidImageError,
     InvalidResponseError,
+    RunFailedError,
     UnsafeImageURLError,
 )
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
@@ -601,7 +601,7 @@ def test_a_broken_image_leaves_no_bytes_in_the_report_manifest_or_run_page(
     )
 
     failed = state.result(raise_on_failure=False)
-    assert isinstance(failed, BatchFailedError)
+    assert isinstance(failed, RunFailedError)
     (failure,) = failed.report.failures
     assert "labelled image/png that are not a readable image" in failure.error
     assert failed.report.manifest_key

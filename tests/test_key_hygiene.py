@@ -44,8 +44,8 @@ from prefect_gpt_image._redaction import scrub, scrub_error
 from prefect_gpt_image.blocks._route import GptImageRoute
 from prefect_gpt_image.errors import (
     APIConnectionError,
-    BatchFailedError,
     ConfigurationError,
+    RunFailedError,
     ServerError,
 )
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
@@ -299,7 +299,7 @@ def test_a_key_a_gateway_quotes_in_its_401_is_masked_on_every_path(
     )
 
     exc = state.result(raise_on_failure=False)
-    assert isinstance(exc, BatchFailedError), exc
+    assert isinstance(exc, RunFailedError), exc
     assert {failure.error_type for failure in exc.report.failures} == {"AuthenticationError"}
     assert all("***" in failure.error for failure in exc.report.failures)  # quoted, masked
     written = _everything_written(state, bucket, s3_server, session_dir, debug_logs)

@@ -18,9 +18,9 @@ import prefect_gpt_image._client  # noqa: F401  (defines an error of its own)
 from prefect_gpt_image import errors
 from prefect_gpt_image._charges import Charges
 from prefect_gpt_image.errors import GptImageError
-from prefect_gpt_image.models import BatchReport, PromptFailure
+from prefect_gpt_image.models import PromptFailure, RunReport
 
-REPORT = BatchReport(
+REPORT = RunReport(
     failures=[PromptFailure(prompt="a lost lynx", error="gone", error_type="X", stage="generate")],
     generated=2,
     cost_usd=0.06,
@@ -87,7 +87,7 @@ def build(cls: type[GptImageError]) -> GptImageError:
 
 def test_every_error_type_is_found() -> None:
     names = {cls.__name__ for cls in error_types()}
-    assert {"GptImageError", "ServerError", "StorageError", "BatchFailedError"} <= names
+    assert {"GptImageError", "ServerError", "StorageError", "RunFailedError"} <= names
     assert "_TransientDownloadError" in names
 
 
@@ -103,7 +103,7 @@ def test_error_round_trips_with_its_message_and_fields(
     assert type(copy) is cls
     assert str(copy) == str(error) and copy.args == error.args
     assert vars(copy) == vars(error)
-    for field in ("retryable", "drops_route", "stops_batch", "billed", *TASK_FIELDS, *SAMPLES):
+    for field in ("retryable", "drops_route", "stops_run", "billed", *TASK_FIELDS, *SAMPLES):
         assert getattr(copy, field, None) == getattr(error, field, None), field
     assert pickle.loads(plain_dumps(copy)).args == error.args  # and again
 

@@ -25,8 +25,8 @@ from prefect_gpt_image._edits import check_edits
 from prefect_gpt_image._prompt_sets import load_prompts, read_prompt_set
 from prefect_gpt_image._storage import storage_error
 from prefect_gpt_image.cli import main
-from prefect_gpt_image.errors import BatchFailedError, InvalidRequestError
-from prefect_gpt_image.models import BatchReport
+from prefect_gpt_image.errors import InvalidRequestError, RunFailedError
+from prefect_gpt_image.models import RunReport
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 
@@ -59,13 +59,13 @@ def edits_at(api: GptImageEmulator) -> list[Any]:
     return [call for call in api.calls if call.path.endswith("/images/edits")]
 
 
-def manifest_text(s3_server: LocalS3Server, bucket: S3Bucket, report: BatchReport) -> str:
+def manifest_text(s3_server: LocalS3Server, bucket: S3Bucket, report: RunReport) -> str:
     assert report.manifest_key
     answer = s3_server.boto3_client().get_object(Bucket=bucket.bucket_name, Key=report.manifest_key)
     return answer["Body"].read().decode()
 
 
-def refusal(report: BatchReport, prompt: str) -> str:
+def refusal(report: RunReport, prompt: str) -> str:
     (failure,) = [f for f in report.failures if f.prompt == prompt]
     assert failure.stage == "check" and failure.error_type == "InvalidRequestError"
     return failure.error
@@ -275,7 +275,7 @@ def test_a_local_prompt_file_may_reach_a_folder_the_user_names(
     prompts = tmp_path / "campaign" / "scenes.csv"
     prompts.write_text("prompt,image\nthe mug,mug.png\nthe vase,../shared/vase.png\n")
 
-    with pytest.raises(BatchFailedError) as failed:
+    with pytest.raises(RunFailedError) as failed:
         generate_images(str(prompts), bucket=bucket, credentials=openai_credentials)
     assert len(edits_at(api)) == 1 and len(failed.value.report.images) == 1
     assert "'../shared/vase.png'" in refusal(failed.value.report, "the vase")

@@ -14,7 +14,7 @@ from prefect_aws import S3Bucket
 
 from prefect_gpt_image import ImageRequest, OpenAICredentials, RapidAPICredentials, generate_images
 from prefect_gpt_image.errors import APIConnectionError
-from prefect_gpt_image.models import BatchReport
+from prefect_gpt_image.models import RunReport
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 PASSWORD = "gw-pass-8c1e77d2"
@@ -91,7 +91,7 @@ def test_a_gateway_password_in_the_base_url_is_written_nowhere(
             credentials=route,
             return_state=True,
         )
-    report: BatchReport = state.result()
+    report: RunReport = state.result()
 
     assert len(report.images) == 2 and len(api.calls) == 2
     # Every log line of Prefect's and this package's. (httpx's own INFO line, off unless a

@@ -30,12 +30,12 @@ from prefect_gpt_image import (
     upload_image,
 )
 from prefect_gpt_image.errors import (
-    BatchFailedError,
     ConfigurationError,
     InvalidRequestError,
     ModelNotFoundError,
     NoRouteLeftError,
     PromptRejectedError,
+    RunFailedError,
 )
 from prefect_gpt_image.model_table import MODELS
 from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
@@ -164,7 +164,7 @@ def test_a_refused_prompt_is_not_sent_to_the_next_route(
 ) -> None:
     api.add_fault(Fault.moderation_blocked())
 
-    with pytest.raises(BatchFailedError) as raised:
+    with pytest.raises(RunFailedError) as raised:
         generate_images(
             ["a contentious cuckoo"], bucket=bucket, credentials=[openai_credentials, credentials]
         )
@@ -207,7 +207,7 @@ def test_when_every_route_is_gone_one_message_names_each(
 ) -> None:
     revoked = credentials.model_copy(update={"api_key": SecretStr("revoked-key")})
 
-    with pytest.raises(BatchFailedError) as raised:
+    with pytest.raises(RunFailedError) as raised:
         generate_images(
             [f"a lost lark #{n}" for n in range(5)],
             bucket=bucket,

@@ -39,7 +39,7 @@ def test_run_page_has_a_table_a_gallery_and_progress(
     assert [row["cost_usd"] for row in table] == [0.03, 0.0, 0.0, 0.03]
     assert "refused the prompt" in table[2]["error"]
     assert table[0]["object"] == table[1]["object"]
-    assert artifacts["table"].key == "gpt-image-batch"
+    assert artifacts["table"].key == "gpt-image-run"
 
     # Every link in the gallery opens the image the API served.
     gallery = artifacts["markdown"].data

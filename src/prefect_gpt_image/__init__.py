@@ -24,7 +24,7 @@ _EXPORTS = {
     "GeneratedImage": "prefect_gpt_image.models",
     "StoredImage": "prefect_gpt_image.models",
     "PromptFailure": "prefect_gpt_image.models",
-    "BatchReport": "prefect_gpt_image.models",
+    "RunReport": "prefect_gpt_image.models",
     "GenerationClient": "prefect_gpt_image._client",
     "AsyncGenerationClient": "prefect_gpt_image._client",
     "generate_image": "prefect_gpt_image.tasks.generate",
@@ -38,7 +38,6 @@ _EXPORTS = {
 __all__ = [
     "ApiLimits",
     "AsyncGenerationClient",
-    "BatchReport",
     "GeneratedImage",
     "GenerationClient",
     "ImageRequest",
@@ -46,6 +45,7 @@ __all__ = [
     "OpenAICredentials",
     "PromptFailure",
     "RapidAPICredentials",
+    "RunReport",
     "StoredImage",
     "__version__",
     "agenerate_image",
@@ -65,10 +65,10 @@ if TYPE_CHECKING:
     from prefect_gpt_image.model_table import ModelSpec
     from prefect_gpt_image.models import (
         ApiLimits,
-        BatchReport,
         GeneratedImage,
         ImageRequest,
         PromptFailure,
+        RunReport,
         StoredImage,
     )
     from prefect_gpt_image.tasks.generate import agenerate_image, generate_image

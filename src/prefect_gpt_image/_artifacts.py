@@ -18,24 +18,24 @@ from prefect.artifacts import (
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
-from prefect_gpt_image.models import BatchReport
+from prefect_gpt_image.models import RunReport
 
 logger = logging.getLogger(__name__)
 
-TABLE_KEY = "gpt-image-batch"
+TABLE_KEY = "gpt-image-run"
 GALLERY_KEY = "gpt-image-gallery"
 GALLERY_MAX_IMAGES = 60
 THUMBNAIL_WIDTH = 200
 PROGRESS_INTERVAL_SECONDS = 2.0
 """Progress is published at most this often, from a thread of its own: a busy Prefect
-server can take seconds to answer, and the batch must not wait for it."""
+server can take seconds to answer, and the run must not wait for it."""
 
 Link = Callable[[str], str]
 """The URL a person can open for an object key: presigned, or under a public base URL."""
 
 
 class ProgressArtifact:
-    """A progress artifact, published in the background as the batch advances."""
+    """A progress artifact, published in the background as the run advances."""
 
     def __init__(self, total: int) -> None:
         self._total = total
@@ -61,7 +61,7 @@ class ProgressArtifact:
         self._thread.join()
 
     def _publish_loop(self) -> None:
-        # One client for the batch: Prefect's `update_progress_artifact` opens a new one,
+        # One client for the run: Prefect's `update_progress_artifact` opens a new one,
         # TLS context and all, for every update.
         with get_client(sync_client=True) as client:
             while not self._closed.is_set():
@@ -79,11 +79,11 @@ class ProgressArtifact:
             progress = ArtifactUpdate(data=100.0 * done / self._total)
             client.update_artifact(artifact_id=self._artifact_id, artifact=progress)
             self._published = done
-        except Exception:  # progress is a courtesy: never fail a batch over it
+        except Exception:  # progress is a courtesy: never fail a run over it
             logger.warning("Could not update the progress artifact", exc_info=True)
 
 
-def publish_results(rows: Sequence[dict[str, Any]], report: BatchReport, link: Link) -> None:
+def publish_results(rows: Sequence[dict[str, Any]], report: RunReport, link: Link) -> None:
     """The table of every prompt (with an edit's inputs, where there are edits), and the
     gallery of the stored images."""
     edits = any(row.get("inputs") for row in rows)
@@ -116,7 +116,7 @@ def _inputs(inputs: Sequence[dict[str, Any]]) -> str:
     return "; ".join(f"{image['uri']} sha256:{image['sha256']}" for image in inputs)
 
 
-def gallery(report: BatchReport, link: Link) -> str:
+def gallery(report: RunReport, link: Link) -> str:
     """Thumbnails of the stored images, each linking to the full image.
 
     HTML, because markdown cannot size an image: the UI would show each at full width.

@@ -526,7 +526,7 @@ class BatchJobs:
         or of the route (a key, a quota, a model) is not kept: the request is sent again."""
         if answer.status_code is None or not isinstance(error, APIError):
             return None
-        if error.retryable or error.drops_route or error.stops_batch:
+        if error.retryable or error.drops_route or error.stops_run:
             return None
         return Refusal(
             error_type=type(error).__name__,

@@ -1,6 +1,6 @@
 """The hard budget: no paid attempt, first or retry, is sent unless its worst case fits.
 
-A batch's `max_cost_usd` is a ledger per flow run. Before a call is sent, its worst case
+A run's `max_cost_usd` is a ledger per flow run. Before a call is sent, its worst case
 (`billing.worst_case_cost`) is reserved; when the answer comes, the reservation becomes
 what the call cost. A call that timed out after it was sent keeps its reservation as
 "possibly charged": the provider may have finished it. An attempt whose reservation would
@@ -27,7 +27,7 @@ _EPSILON_USD = 1e-9
 
 
 class Budget:
-    """What one batch may still spend."""
+    """What one run may still spend."""
 
     def __init__(self, max_usd: float | None = None) -> None:
         self.max_usd = max_usd
@@ -106,5 +106,5 @@ _budgets: RunScoped[Budget] = RunScoped(Budget)
 
 
 def run_budget() -> Budget:
-    """The budget of the current flow run: uncapped unless the batch set one."""
+    """The budget of the current flow run: uncapped unless the run set one."""
     return _budgets.get()

@@ -121,7 +121,7 @@ def cached_image(store: ResultStore, key: str) -> GeneratedImage | None:
     """The image cached under `key`, unless there is none or it has expired.
 
     This is the lookup the task makes before it runs, made without running it: a
-    batch uses it to price its uncached part and to skip what is already done.
+    run uses it to price its uncached part and to skip what is already done.
     """
     try:
         record = store.read(key)
@@ -237,7 +237,7 @@ def write_whole(store: ResultStore, key: str, obj: object) -> None:
 
 def stored_keys(store: ResultStore) -> set[str] | None:
     """The keys `store` holds, where that is one directory listing away (local storage):
-    a batch then reads only the records that exist. None where it is not."""
+    a run then reads only the records that exist. None where it is not."""
     from prefect.filesystems import LocalFileSystem
 
     storage = store.result_storage

@@ -1,4 +1,4 @@
-"""What the command line prints about a batch, shared by `cli` and `demo`.
+"""What the command line prints about a run, shared by `cli` and `demo`.
 
 A module of its own, so that neither of the two imports the other for it. Rich is
 imported only when a bar is shown, so that `--help` stays instant.
@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.models import BatchReport
+    from prefect_gpt_image.models import RunReport
 
 PROGRESS_BAR_MIN_PROMPTS = 10
 """Shorter batches finish before a progress bar would tell anything."""
@@ -19,7 +19,7 @@ REPORT_MAX_IMAGES = 20
 """A terminal's worth; the manifest lists every image."""
 
 
-def print_report(report: BatchReport) -> None:
+def print_report(report: RunReport) -> None:
     """Where each image landed, what failed, and the batch's summary line."""
     for image in report.images[:REPORT_MAX_IMAGES]:
         print(f"  {image.uri}  ({image.width}x{image.height}, {image.size:,} bytes)")

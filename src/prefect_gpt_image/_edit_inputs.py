@@ -1,7 +1,7 @@
 """The images given to an edit: checked before anything is paid, read again when sent.
 
 Checking reads each image once, decodes it in full and keeps only its record (where it
-is, its SHA-256, type and size), so that a batch over hundreds of large photos does not
+is, its SHA-256, type and size), so that a run over hundreds of large photos does not
 hold them all in memory. When its request is sent the image is read again, and refused
 if its bytes are no longer those checked: the cache key names what was sent.
 

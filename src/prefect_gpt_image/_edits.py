@@ -44,7 +44,7 @@ def check_edits(
     bucket: S3Bucket | None = None,
     refused: Mapping[int, InvalidRequestError] | None = None,
 ) -> tuple[list[ImageRequest], dict[int, InvalidRequestError]]:
-    """A batch's requests with every edit's inputs checked, each distinct input once; and
+    """A run's requests with every edit's inputs checked, each distinct input once; and
     the requests refused for an input that is missing or not an image, by position, so
     that they fail alone and the rest go on. Those already `refused` (a prompt file's row
     naming an image outside its roots) are kept refused, and nothing is read for them."""

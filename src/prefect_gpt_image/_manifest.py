@@ -14,11 +14,11 @@ from prefect_aws import S3Bucket
 from prefect_gpt_image._object_keys import manifest_key
 from prefect_gpt_image._storage import object_uri, put_bytes
 from prefect_gpt_image.errors import StorageError
-from prefect_gpt_image.models import BatchReport
+from prefect_gpt_image.models import RunReport
 
 
 def write_manifest(
-    bucket: S3Bucket, folder: str, report: BatchReport, rows: list[dict[str, Any]]
+    bucket: S3Bucket, folder: str, report: RunReport, rows: list[dict[str, Any]]
 ) -> None:
     """Write the manifest beside the images, and say where in `report`; if S3 refuses it
     now, write a local copy instead, so the report and the artifacts still come out."""

@@ -133,6 +133,6 @@ def check_key_room(bucket_folder: str, prefix: str) -> None:
 
 
 def manifest_key(bucket_folder: str, prefix: str, run_label: str) -> str:
-    """Where a batch's manifest is stored: beside its images."""
+    """Where a run's manifest is stored: beside its images."""
     filename = f"manifest-{slugify(run_label, max_chars=80)}.jsonl"
     return join_key(bucket_folder, normalize_prefix(prefix), filename)

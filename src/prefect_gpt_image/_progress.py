@@ -1,4 +1,4 @@
-"""Batch progress for whoever is watching in this process: the CLI's progress bar."""
+"""Run progress for whoever is watching in this process: the CLI's progress bar."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import threading
 from collections.abc import Callable
 
 ProgressListener = Callable[[int, int], None]
-"""Called with (prompts finished, prompts in the batch)."""
+"""Called with (prompts finished, prompts in the run)."""
 
 _listeners: list[ProgressListener] = []
 _lock = threading.Lock()
 
 
 def subscribe(listener: ProgressListener) -> Callable[[], None]:
-    """Listen to batch progress; returns the function that stops listening."""
+    """Listen to run progress; returns the function that stops listening."""
     with _lock:
         _listeners.append(listener)
 

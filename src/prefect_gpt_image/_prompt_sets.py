@@ -137,7 +137,7 @@ def expand_template(
     if count > MAX_TEMPLATE_PROMPTS:
         raise InvalidRequestError(
             f"The template expands to {count:,} prompts; at most {MAX_TEMPLATE_PROMPTS:,} "
-            "are allowed in one batch."
+            "are allowed in one run."
         )
     fields_by_default = _defaults(width, height, defaults)
     requests = []

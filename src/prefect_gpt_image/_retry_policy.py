@@ -1,7 +1,7 @@
 """The retry policy, in one place: what is retried, how often, and how long to wait.
 
 - Generations and uploads are retried by Prefect, so each retry shows in the UI; the
-  uploads the batch flow makes without a task run follow the same policy through
+  uploads the flow makes without a task run follow the same policy through
   `call_with_retries`.
 - A paid image's download is retried within its generation attempt: the API gives no
   way to fetch it again later.
@@ -31,14 +31,14 @@ T = TypeVar("T")
 GENERATION_RETRIES = 4
 GENERATION_RETRY_DELAYS = [1.0, 4.0, 8.0, 16.0]
 """Seconds before each retry, spread by the jitter below: the first soon, for the odd 429 or
-5xx of a busy API (a batch's slowest prompts are the ones that wait); the others doubling,
+5xx of a busy API (a run's slowest prompts are the ones that wait); the others doubling,
 for an outage, which they ride out for about half a minute in all."""
 
 UPLOAD_RETRIES = 3
 UPLOAD_RETRY_DELAYS = exponential_backoff(backoff_factor=1)(UPLOAD_RETRIES)
 
 RETRY_JITTER_FACTOR = 0.5
-"""Delays vary by up to half their length, so a batch's retries do not arrive together."""
+"""Delays vary by up to half their length, so a run's retries do not arrive together."""
 
 MAX_SERVER_WAIT_SECONDS = 60.0
 """The cap on a Retry-After or rate-limit reset honoured as given."""

@@ -1,6 +1,6 @@
-"""Fallback between routes: which routes a batch still uses, and why the others were dropped.
+"""Fallback between routes: which routes a run still uses, and why the others were dropped.
 
-A route is dropped for the rest of the batch when it says the model is not there or
+A route is dropped for the rest of the run when it says the model is not there or
 retired, rejects the key, says the quota or credit is spent, or stays down through the
 whole retry budget; that request, and every later one, goes to the next route. A prompt
 refused for its content is not sent elsewhere: it would be refused there too, and may be
@@ -44,7 +44,7 @@ def route_id(route: GptImageRoute) -> str:
 
 
 class RouteBook:
-    """The routes one batch has dropped, and the failures in a row of the others."""
+    """The routes one run has dropped, and the failures in a row of the others."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -1,8 +1,8 @@
-"""State that lives as long as one flow run, in one process: the routes a batch dropped,
+"""State that lives as long as one flow run, in one process: the routes a run dropped,
 the money it may still spend.
 
 Tasks find it through the flow run they belong to, so that a task called alone and a
-task of a batch both know where they stand, without an argument to carry it.
+task of a run both know where they stand, without an argument to carry it.
 """
 
 from __future__ import annotations

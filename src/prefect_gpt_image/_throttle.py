@@ -58,7 +58,7 @@ MIN_RATE = 0.1
 """The learned rate never goes below one request in ten seconds."""
 WINDOW_SECONDS = 3.0
 """How far back "what was sent" looks from the start of a request that met the limit
-(long enough to smooth the waves of a batch's first seconds)."""
+(long enough to smooth the waves of a run's first seconds)."""
 BURST_SECONDS = 1.0
 """Starts closer together than this count as a second's: plans count per second."""
 RATE_MEMORY_SECONDS = 30.0

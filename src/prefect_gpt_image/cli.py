@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a saved S3Bucket block's name, or s3://bucket/folder with AWS_* credentials",
     )
     _add_credentials(generate)
-    generate.add_argument("--prefix", default="", help="folder for this batch's images")
+    generate.add_argument("--prefix", default="", help="folder for this run's images")
     _add_request_fields(generate)
     generate.add_argument(
         "--images",
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-cost-usd",
         type=_amount(at_least=0),
         metavar="USD",
-        help="refuse a batch whose new images would cost more, and stop at this spend",
+        help="refuse a run whose new images would cost more, and stop at this spend",
     )
     generate.add_argument("--allow-failures", type=_whole(0), default=0, metavar="N")
     generate.add_argument(
@@ -277,7 +277,7 @@ def _request_fields(args: argparse.Namespace) -> dict[str, object]:
 def _generate(args: argparse.Namespace) -> int:
     from prefect_gpt_image._object_keys import normalize_prefix
     from prefect_gpt_image._prompt_sets import read_prompt_set
-    from prefect_gpt_image.errors import BatchFailedError, GptImageError
+    from prefect_gpt_image.errors import GptImageError, RunFailedError
     from prefect_gpt_image.flows.generate_images import generate_images
 
     try:
@@ -318,7 +318,7 @@ def _generate(args: argparse.Namespace) -> int:
                 batch_wait_minutes=args.batch_wait_minutes,
                 cancel_batches=args.cancel_batches,
             )
-    except BatchFailedError as exc:
+    except RunFailedError as exc:
         print_report(exc.report)
         print(f"\nFailed: {exc}", file=sys.stderr)
         return 1

@@ -68,11 +68,11 @@ def run_demo(directory: Path, *, verbose: bool = False, ui: bool = False) -> int
 
 
 def _run(directory: Path, *, ui_url: str | None) -> int:
-    """Run the batch and show where the images landed; with `ui_url`, also where its run
+    """Run the prompts and show where the images landed; with `ui_url`, also where its run
     page is, and keep the servers up until Ctrl-C."""
     from prefect_gpt_image._console import print_report, progress_bar
     from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
-    from prefect_gpt_image.errors import BatchFailedError
+    from prefect_gpt_image.errors import RunFailedError
     from prefect_gpt_image.flows.generate_images import generate_images
     from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 
@@ -84,7 +84,7 @@ def _run(directory: Path, *, ui_url: str | None) -> int:
         LocalS3Server(bucket_root) as s3,
     ):
         # gpt-image-1.5 shut down on 2026-12-01: the first route answers "model not found",
-        # and the batch moves to the second, gpt-image-2, after a call or two.
+        # and the run moves to the second, gpt-image-2, after a call or two.
         api.models.pop(RETIRED_MODEL, None)
         routes = [
             OpenAICredentials(
@@ -107,7 +107,7 @@ def _run(directory: Path, *, ui_url: str | None) -> int:
                     return_state=True,
                 )
             report = state.result()
-        except BatchFailedError as exc:
+        except RunFailedError as exc:
             print(f"The demo failed: {exc}")
             return 1
         retired_calls = sum(call.model == RETIRED_MODEL for call in api.calls)

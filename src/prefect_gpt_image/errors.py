@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prefect_gpt_image._charges import NO_CHARGES, Charges
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.models import BatchReport
+    from prefect_gpt_image.models import RunReport
 
 
 class GptImageError(Exception):
@@ -20,10 +20,10 @@ class GptImageError(Exception):
 
     retryable: bool = False
     drops_route: bool = False
-    """True where every other request to the same route would fail the same way: the batch
+    """True where every other request to the same route would fail the same way: the run
     goes on through the next route, if there is one."""
-    stops_batch: bool = False
-    """True where every other request of the batch would fail the same way."""
+    stops_run: bool = False
+    """True where every other request of the run would fail the same way."""
     charges: Charges = NO_CHARGES
     """What the failed call was charged, set where its answer was read: a broken answer
     or an image that could not be downloaded is charged; a call that timed out after it
@@ -71,14 +71,14 @@ class AuthenticationError(APIError):
     """401: the provider rejected the key."""
 
     drops_route = True
-    stops_batch = True
+    stops_run = True
 
 
 class AccessDeniedError(APIError):
     """403: the key is valid but may not use this API or model."""
 
     drops_route = True
-    stops_batch = True
+    stops_run = True
 
 
 class NotSubscribedError(AccessDeniedError):
@@ -89,7 +89,7 @@ class EndpointNotFoundError(APIError):
     """404: the host or path does not name an API; typically a retired model."""
 
     drops_route = True
-    stops_batch = True
+    stops_run = True
 
 
 class ModelNotFoundError(EndpointNotFoundError):
@@ -109,7 +109,7 @@ class QuotaExceededError(APIError):
     retrying cannot help, and may incur overage."""
 
     drops_route = True
-    stops_batch = True
+    stops_run = True
 
 
 class RouteDroppedError(GptImageError):
@@ -122,14 +122,14 @@ class PaidFailuresError(GptImageError):
     """Charged answers in a row held no usable image: the route is not paid again this run."""
 
     drops_route = True
-    stops_batch = True
+    stops_run = True
 
 
 class NoRouteLeftError(GptImageError):
     """Every route of the request was dropped; the message names each, and why."""
 
     drops_route = True
-    stops_batch = True
+    stops_run = True
 
 
 class RateLimitedError(APIError):
@@ -205,17 +205,17 @@ class StorageError(GptImageError):
 
 
 class BudgetExceededError(GptImageError):
-    """The batch would spend, or has spent, the flow's `max_cost_usd`."""
+    """The run would spend, or has spent, the flow's `max_cost_usd`."""
 
-    stops_batch = True
+    stops_run = True
 
 
-class BatchFailedError(GptImageError):
+class RunFailedError(GptImageError):
     """More prompts failed than the flow's `allow_failures` permits.
 
     Raised after every good image and the manifest are stored; `report` holds them.
     """
 
-    def __init__(self, message: str, report: BatchReport) -> None:
+    def __init__(self, message: str, report: RunReport) -> None:
         super().__init__(message)
         self.report = report

@@ -430,7 +430,7 @@ class PromptFailure(BaseModel):
     error_type: str = Field(description="The exception class, e.g. PromptRejectedError.")
     stage: FailureStage = Field(
         description="Where it failed: 'check' for an input refused before anything was "
-        "sent; 'not attempted' when the batch stopped before it."
+        "sent; 'not attempted' when the run stopped before it."
     )
 
 
@@ -443,7 +443,7 @@ class WaitingPrompt(BaseModel):
     batch_id: str = Field(description="The batch that holds it.")
 
 
-class BatchReport(BaseModel):
+class RunReport(BaseModel):
     """What a `generate_images` run produced and what it cost."""
 
     images: list[StoredImage] = Field(default_factory=list)

@@ -1,7 +1,7 @@
-"""Running a batch: what the cache already holds, then a window of generations kept at the
-API's limits, each image uploaded as it comes, and the rules that stop a batch early.
+"""Running a prompt set: what the cache already holds, then a window of generations kept at the
+API's limits, each image uploaded as it comes, and the rules that stop a run early.
 
-`Batch` is the ledger (what became of each prompt, what it cost); `BatchRunner` decides
+`RunLedger` is the ledger (what became of each prompt, what it cost); `Runner` decides
 what to send next and records what comes back. The flow only plans and publishes.
 """
 
@@ -26,7 +26,6 @@ from prefect_aws import S3Bucket
 
 from prefect_gpt_image import _progress as progress_listeners
 from prefect_gpt_image._artifacts import Link, ProgressArtifact
-from prefect_gpt_image._batch import Batch
 from prefect_gpt_image._batch_jobs import (
     BatchJobs,
     Collected,
@@ -48,6 +47,7 @@ from prefect_gpt_image._caching import (
     stored_keys,
 )
 from prefect_gpt_image._charges import NO_CHARGES
+from prefect_gpt_image._ledger import RunLedger
 from prefect_gpt_image._locking import held
 from prefect_gpt_image._object_keys import join_key
 from prefect_gpt_image._retry_policy import call_with_retries
@@ -69,8 +69,8 @@ SENDING_LOCK_SECONDS = 600.0
 """The longest a run waits for another to finish sending batches (or holds them)."""
 
 
-class BatchRunner:
-    """Generates and stores the prompts of `batch` that have no outcome yet.
+class Runner:
+    """Generates and stores the prompts of `ledger` that have no outcome yet.
 
     Prefect's thread pool is unbounded, so the runner keeps a window of submissions: a
     new generation is submitted as one finishes. In one process the throttle holds
@@ -81,7 +81,7 @@ class BatchRunner:
 
     def __init__(
         self,
-        batch: Batch,
+        ledger: RunLedger,
         generate: Task[..., GeneratedImage],
         routes: Sequence[GptImageRoute],
         limits: ApiLimits,
@@ -92,7 +92,7 @@ class BatchRunner:
     ) -> None:
         """`link` makes the URL a person opens for an object key, for the run's artifacts:
         made as each image is stored, while the API works, not all at the end."""
-        self.batch = batch
+        self.ledger = ledger
         self._link = link
         self._links: dict[str, str] = {}
         self._generate = generate
@@ -103,7 +103,7 @@ class BatchRunner:
         self._max_cost_usd = max_cost_usd
         self._cache, self._fallback = cache_store(generate), fallback_store()
         self._cache_is_fallback = is_fallback(self._cache)
-        self._uncached = {key for key in batch.groups if not batch.settled(key)}
+        self._uncached = {key for key in ledger.groups if not ledger.settled(key)}
         self._waiting: deque[str] = deque()
         self._in_flight: set[str] = set()
         self._events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
@@ -119,14 +119,14 @@ class BatchRunner:
         """Find the requests already in the cache, and record at once those whose objects
         are in the bucket too: a re-run then costs a cache read per image, not a task run.
         One image is in memory at a time."""
-        batch, bucket = self.batch, self._bucket
+        ledger, bucket = self.ledger, self._bucket
         fallback = None if self._cache_is_fallback else self._fallback
         in_bucket: dict[str, int] | None = None
         present = stored_keys(self._cache)
-        for key in batch.groups:
-            if batch.settled(key):  # refused before anything was sent
+        for key in ledger.groups:
+            if ledger.settled(key):  # refused before anything was sent
                 continue
-            keys = batch.lookup_keys(key)
+            keys = ledger.lookup_keys(key)
             if present is not None and fallback is None and present.isdisjoint(keys):
                 continue  # not in the cache: no need to try reading it
             if (image := find_cached(self._cache, keys)) is None:
@@ -138,14 +138,14 @@ class BatchRunner:
             if in_bucket is None:
                 in_bucket = self._object_sizes()
             stored = [
-                (index, planned_record(variant, bucket, self._folder, batch.requests[index]))
+                (index, planned_record(variant, bucket, self._folder, ledger.requests[index]))
                 for variant in image.variants()
-                for index in batch.uploads(key)
+                for index in ledger.uploads(key)
             ]
             if all(in_bucket.get(record.key) == record.size for _, record in stored):
-                batch.generated(key, image, cached=True)
+                ledger.generated(key, image, cached=True)
                 for index, record in stored:
-                    batch.stored(index, record)
+                    ledger.stored(index, record)
 
     @property
     def new_generations(self) -> int:
@@ -154,15 +154,15 @@ class BatchRunner:
     @property
     def worst_case_usd(self) -> float:
         """The most the generations not in the cache can cost."""
-        return round(sum(self.batch.worst_case_usd[key] for key in self._uncached), 6)
+        return round(sum(self.ledger.worst_case_usd[key] for key in self._uncached), 6)
 
     def check_budget(self) -> None:
-        """Refuse, before anything is paid for, a batch whose new generations could cost
+        """Refuse, before anything is paid for, a run whose new generations could cost
         more than `max_cost_usd` at worst."""
         estimate = self.worst_case_usd
         if self._max_cost_usd is not None and estimate > self._max_cost_usd + _EPSILON_USD:
             raise BudgetExceededError(
-                f"This batch needs {self.new_generations} new generations, up to "
+                f"This run needs {self.new_generations} new generations, up to "
                 f"${estimate:.2f} at worst (auto quality priced as high), over "
                 f"max_cost_usd=${self._max_cost_usd:.2f}. Nothing was generated: raise "
                 "max_cost_usd or trim the prompts."
@@ -172,16 +172,16 @@ class BatchRunner:
 
     def run(self, progress: ProgressArtifact) -> None:
         """Keep the API at its limits, and upload each image as it comes."""
-        batch = self.batch
+        ledger = self.ledger
         if not self._generate.refresh_cache:
             self._hold_back_batched()
-        self._waiting.extend(key for key in batch.groups if not batch.settled(key))
+        self._waiting.extend(key for key in ledger.groups if not ledger.settled(key))
         # Uploads run in the flow's own threads, not as task runs: a task run costs more CPU
         # than the upload itself, and the generation's task run already stands for the image.
         max_concurrency = self._limits.max_concurrency or 1
         with ThreadPoolExecutor(max_concurrency, thread_name_prefix="upload") as uploads:
             self._submit_generations()
-            while not batch.finished:
+            while not ledger.finished:
                 stage, tag, future = self._events.get()
                 if stage == "generate":
                     self._in_flight.discard(tag)
@@ -195,7 +195,7 @@ class BatchRunner:
         """Fail, unpaid, the requests a batch-mode run sent (as `sent` rules): their batch
         answers them."""
         present = stored_keys(self._cache)
-        candidates = {key: self.batch.lookup_keys(key) for key in self._uncached}
+        candidates = {key: self.ledger.lookup_keys(key) for key in self._uncached}
         if present is not None:  # only those with a record: no need to try reading the rest
             candidates = {
                 key: keys
@@ -203,7 +203,7 @@ class BatchRunner:
                 if not present.isdisjoint(map(pointer_key, keys))
             }
         for key, error in in_batches(self._cache, candidates).items():
-            self.batch.generation_failed(key, error, NO_CHARGES)
+            self.ledger.generation_failed(key, error, NO_CHARGES)
             self._uncached.discard(key)
 
     def run_batch_api(
@@ -221,9 +221,9 @@ class BatchRunner:
         from it, never sent again. Batches still running after `wait_seconds` are left to a
         later run; `cancel` asks the API to stop the run's batches and sends nothing new.
         """
-        batch = self.batch
-        keys = [key for key in batch.groups if not batch.settled(key)]
-        requests = {key: batch.requests[batch.groups[key][0]] for key in keys}
+        ledger = self.ledger
+        keys = [key for key in ledger.groups if not ledger.settled(key)]
+        requests = {key: ledger.requests[ledger.groups[key][0]] for key in keys}
         jobs = BatchJobs(route, self._cache, requests, route.get_client().batch_image)
         self._send(jobs, route, cancel=cancel)
         self._logger.info(
@@ -244,20 +244,20 @@ class BatchRunner:
         in_batches = 0
         with ThreadPoolExecutor(max_concurrency, thread_name_prefix="upload") as uploads:
             collector.start()
-            while not batch.finished:
+            while not ledger.finished:
                 stage, tag, payload = self._events.get()
                 if isinstance(payload, Collected):
                     # What this run paid to refresh replaces the cached image; nothing else.
                     replace = bool(self._generate.refresh_cache) and payload.asked
                     keep = partial(self._keep, written=False, replace=replace)
                     futures = [uploads.submit(keep, tag, payload.image)]
-                    if payload.asked and not batch.settled(tag):
+                    if payload.asked and not ledger.settled(tag):
                         futures += self._generated(tag, payload.image, uploads, cached=False)
                     _when_all_done(futures, slots.release)
                 elif isinstance(payload, Unanswered):
-                    batch.generation_failed(tag, payload.error, payload.error.charges)
+                    ledger.generation_failed(tag, payload.error, payload.error.charges)
                 elif isinstance(payload, Waiting):
-                    batch.wait(tag, payload.batch_id)
+                    ledger.wait(tag, payload.batch_id)
                 elif isinstance(payload, Progress):
                     in_batches = payload.completed
                 elif stage == "collector failed":
@@ -266,8 +266,8 @@ class BatchRunner:
                         payload,
                     )
                     for key in keys:
-                        if not batch.settled(key) and (batch_id := jobs.batch_of(key)):
-                            batch.wait(key, batch_id)
+                        if not ledger.settled(key) and (batch_id := jobs.batch_of(key)):
+                            ledger.wait(key, batch_id)
                 else:
                     self._upload_done(tag, payload)
                 self._report(progress, in_batches)
@@ -299,7 +299,7 @@ class BatchRunner:
                     error = exc
         for key in unsent:
             if error is not None and jobs.batch_of(key) is None:
-                self.batch.generation_failed(key, error, NO_CHARGES)
+                self.ledger.generation_failed(key, error, NO_CHARGES)
 
     def _collect(self, jobs: BatchJobs, deadline: float, slots: threading.BoundedSemaphore) -> None:
         """The collector thread: the batches' answers, as events for the run loop."""
@@ -314,14 +314,14 @@ class BatchRunner:
 
     def _upload_done(self, index: int, future: Future[tuple[StoredImage, bool]]) -> None:
         if (error := future.exception()) is None:
-            self.batch.stored(index, future.result()[0])
+            self.ledger.stored(index, future.result()[0])
         else:
-            self.batch.upload_failed(index, error)
+            self.ledger.upload_failed(index, error)
 
     def _report(self, progress: ProgressArtifact, in_batches: int = 0) -> None:
         """Progress: prompts done, and requests OpenAI's batches have answered meanwhile."""
-        progress.update(self.batch.done + in_batches)
-        progress_listeners.report(self.batch.done, len(self.batch.requests))
+        progress.update(self.ledger.done + in_batches)
+        progress_listeners.report(self.ledger.done, len(self.ledger.requests))
 
     def _submit_generations(self) -> None:
         max_concurrency = self._limits.max_concurrency or 1
@@ -329,7 +329,7 @@ class BatchRunner:
         while self._waiting and len(self._in_flight) < window:
             key = self._waiting[0]
             if not self._within_budget(key):
-                spent = self.batch.spent_usd
+                spent = self.ledger.spent_usd
                 self._stop(
                     BudgetExceededError(
                         f"The spend reached max_cost_usd=${self._max_cost_usd:.2f} "
@@ -338,7 +338,7 @@ class BatchRunner:
                 )
                 return
             self._waiting.popleft()
-            request = self.batch.requests[self.batch.groups[key][0]]
+            request = self.ledger.requests[self.ledger.groups[key][0]]
             # The bucket reads an edit's s3:// inputs with its own credentials.
             settings: tuple[Any, ...] = (self._routes, self._limits, self._bucket)
             if self._in_process:
@@ -354,15 +354,15 @@ class BatchRunner:
         processes, which that ledger cannot see."""
         if self._max_cost_usd is None or key not in self._uncached:
             return True
-        worst = self.batch.worst_case_usd
+        worst = self.ledger.worst_case_usd
         in_flight = sum(worst[k] for k in self._in_flight & self._uncached)
-        committed = self.batch.spent_usd + worst[key] + in_flight
+        committed = self.ledger.spent_usd + worst[key] + in_flight
         return committed <= self._max_cost_usd + _EPSILON_USD
 
     def _generation_done(
         self, key: str, future: PrefectFuture[GeneratedImage], uploads: ThreadPoolExecutor
     ) -> None:
-        batch = self.batch
+        ledger = self.ledger
         try:
             outcome: object = future.result(raise_on_failure=False)
         except Exception as exc:  # the runner lost the task: a Dask worker died, say
@@ -373,8 +373,8 @@ class BatchRunner:
             charges = run_budget().charges_of(str(future.task_run_id))
             if charges == NO_CHARGES:
                 charges = getattr(error, "charges", NO_CHARGES)
-            batch.generation_failed(key, error, charges)
-            if getattr(error, "stops_batch", False):
+            ledger.generation_failed(key, error, charges)
+            if getattr(error, "stops_run", False):
                 # Every other request would fail the same way, and may cost money.
                 self._stop(error)
             return
@@ -388,17 +388,17 @@ class BatchRunner:
     ) -> list[Future[Any]]:
         """Record `key`'s image, and store an object for each of its prompts; returns the
         uploads."""
-        batch = self.batch
-        batch.generated(key, image, cached=cached)
+        ledger = self.ledger
+        ledger.generated(key, image, cached=cached)
         futures: list[Future[Any]] = []
         for variant in image.variants():
-            for index in batch.uploads(key):
+            for index in ledger.uploads(key):
                 store = partial(
                     store_image,
                     variant,
                     self._bucket,
                     self._folder,
-                    batch.requests[index],
+                    ledger.requests[index],
                     check_existing=cached,
                 )
                 futures.append(uploads.submit(self._store, store))
@@ -420,7 +420,7 @@ class BatchRunner:
 
     def _stop(self, error: BaseException) -> None:
         if self._waiting:
-            self.batch.stop(error, not_attempted=list(self._waiting))
+            self.ledger.stop(error, not_attempted=list(self._waiting))
             self._waiting.clear()
 
     def _watch(self, stage: str, tag: Any, future: PrefectFuture[Any] | Future[Any]) -> None:
@@ -450,7 +450,7 @@ class BatchRunner:
             )
 
     def _object_sizes(self) -> dict[str, int]:
-        """The bucket's objects under the batch's folder; none if it cannot be listed, so
+        """The bucket's objects under the run's folder; none if it cannot be listed, so
         that the uploads (which retry, and say what is wrong) run instead."""
         prefix = join_key(self._bucket.bucket_folder, self._folder)
         try:

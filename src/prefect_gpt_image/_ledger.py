@@ -1,4 +1,4 @@
-"""The bookkeeping of one batch: which prompts share a generation, what became of each, and
+"""The bookkeeping of one run: which prompts share a generation, what became of each, and
 what it cost."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from prefect_gpt_image._billing import synchronous_cost, worst_case_over_routes
 from prefect_gpt_image._caching import lookup_keys, request_cache_key
 from prefect_gpt_image._charges import Charges
 from prefect_gpt_image.models import (
-    BatchReport,
     FailureStage,
     GeneratedImage,
     ImageRequest,
     PromptFailure,
+    RunReport,
     StoredImage,
     WaitingPrompt,
 )
@@ -26,7 +26,7 @@ FAILURES_LISTED = 20
 """How many failures the flow's failure message spells out."""
 
 
-class Batch:
+class RunLedger:
     """Identical requests (same cache key) share one generation; each distinct name among
     them gets its own object, and each image of an `n` above one too. Indexes are
     positions in the prompt set; keys are cache keys.
@@ -150,17 +150,17 @@ class Batch:
                     index,
                     error,
                     "not attempted",
-                    reason=f"Not attempted: the batch stopped after {type(error).__name__}.",
+                    reason=f"Not attempted: the run stopped after {type(error).__name__}.",
                 )
 
     def upload_failed(self, index: int, error: BaseException) -> None:
         for other in self._same_object(index):
             self.outcomes[other] = self._failure(other, error, "upload")
 
-    def report(self) -> BatchReport:
+    def report(self) -> RunReport:
         ordered = [self.outcomes[i] for i in range(len(self.requests)) if i in self.outcomes]
         spent = self.spent_usd
-        return BatchReport(
+        return RunReport(
             images=[image for o in ordered if isinstance(o, list) for image in o],
             failures=[o for o in ordered if isinstance(o, PromptFailure)],
             generated=len(self.paid_keys),
@@ -212,13 +212,13 @@ class Batch:
                 )
         return sorted(rows, key=lambda row: int(row["index"]))
 
-    def failure_message(self, report: BatchReport, allow_failures: int) -> str:
+    def failure_message(self, report: RunReport, allow_failures: int) -> str:
         """Why the run fails, once everything good is stored: the stop, or the failures."""
         stored = f"{len(report.images)} images are stored and listed in {report.manifest_uri}."
         if self.stopped_by is not None:
             skipped = sum(f.stage == "not attempted" for f in report.failures)
             return (
-                f"The batch stopped: {self.stopped_by} {skipped} of {len(self.requests)} "
+                f"The run stopped: {self.stopped_by} {skipped} of {len(self.requests)} "
                 f"prompts were not attempted. {stored}"
             )
         listed = [f"- {f.prompt[:80]!r}: {f.error}" for f in report.failures[:FAILURES_LISTED]]
@@ -229,7 +229,7 @@ class Batch:
             f"(allow_failures={allow_failures}); {stored}\n" + "\n".join(listed)
         )
 
-    def failed(self, report: BatchReport, allow_failures: int) -> bool:
+    def failed(self, report: RunReport, allow_failures: int) -> bool:
         """Whether the run should end Failed: it stopped early, or too many prompts failed."""
         return self.stopped_by is not None or len(report.failures) > allow_failures
 
