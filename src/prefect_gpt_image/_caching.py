@@ -37,7 +37,7 @@ from prefect_gpt_image._locking import file_lock_manager
 from prefect_gpt_image._request_bodies import api_fields
 from prefect_gpt_image._storage import error_code
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
-from prefect_gpt_image.settings import LockSettings
+from prefect_gpt_image.settings import CacheSettings
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks._route import GptImageRoute
@@ -92,7 +92,7 @@ def generation_cache_policy(redis_lock_url: str | None = None) -> CachePolicy:
     `GPT_IMAGE_REDIS_LOCK_URL` environment variable), prefect-redis's locks in that Redis,
     which serialize runs on every machine that reaches it.
     """
-    url = redis_lock_url or LockSettings().redis_lock_url
+    url = redis_lock_url or CacheSettings().redis_lock_url
     if url:
         from prefect_redis.locking import RedisLockManager
 

@@ -178,7 +178,7 @@ class Runner:
         self._waiting.extend(key for key in ledger.groups if not ledger.settled(key))
         # Uploads run in the flow's own threads, not as task runs: a task run costs more CPU
         # than the upload itself, and the generation's task run already stands for the image.
-        max_concurrency = self._limits.max_concurrency or 1
+        max_concurrency = self._limits.max_concurrency
         with ThreadPoolExecutor(max_concurrency, thread_name_prefix="upload") as uploads:
             self._submit_generations()
             while not ledger.finished:
@@ -232,7 +232,7 @@ class Runner:
             len(jobs.created),
             wait_seconds,
         )
-        max_concurrency = self._limits.max_concurrency or 1
+        max_concurrency = self._limits.max_concurrency
         # Images read ahead of their uploads: the output file is read one line at a time.
         slots = threading.BoundedSemaphore(2 * max_concurrency)
         collector = threading.Thread(
@@ -324,7 +324,7 @@ class Runner:
         progress_listeners.report(self.ledger.done, len(self.ledger.requests))
 
     def _submit_generations(self) -> None:
-        max_concurrency = self._limits.max_concurrency or 1
+        max_concurrency = self._limits.max_concurrency
         window = 2 * max_concurrency if self._in_process else max_concurrency
         while self._waiting and len(self._in_flight) < window:
             key = self._waiting[0]

@@ -116,9 +116,10 @@ class EndpointThrottle:
 
         Call `Admission.answered` with the answer so the throttle can learn from it.
         """
+        cap = limits.max_concurrency if limits is not None else None  # None: no limits given
         limits = limits or ApiLimits()
         with self._lock:
-            while limits.max_concurrency is not None and self._in_flight >= limits.max_concurrency:
+            while cap is not None and self._in_flight >= cap:
                 self._lock.wait()
             self._in_flight += 1
         try:

@@ -11,6 +11,7 @@ from urllib.request import url2pathname
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prefect_gpt_image._form_schema import OptionGroup
 from prefect_gpt_image._object_keys import s3_uri
 from prefect_gpt_image.model_table import (
     Background,
@@ -248,23 +249,23 @@ def as_request(request: ImageRequest | str) -> ImageRequest:
     return request if isinstance(request, ImageRequest) else ImageRequest(prompt=request)
 
 
-class ApiLimits(BaseModel):
+class ApiLimits(OptionGroup):
     """How busy a process may keep the API: the plan's limits, as far as the caller knows.
 
     Enforced per process and per key by `prefect_gpt_image._throttle`; across workers,
-    name a Prefect global concurrency limit.
+    name a Prefect global concurrency limit. In a flow run, fields left at their default
+    come from `GPT_IMAGE_*` environment settings (see `prefect_gpt_image.settings`).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_concurrency: int | None = Field(
-        default=None, ge=1, description="Requests in flight at once, in this process."
+    max_concurrency: int = Field(
+        default=8, ge=1, le=256, description="Requests in flight at once, in this process."
     )
     requests_per_second: float | None = Field(
         default=None,
         gt=0,
-        description="Requests started per second, in this process; without it the rate is "
-        "learned from 429s and rate-limit headers.",
+        le=1000,
+        description="Requests started per second, in this process: the plan's rate limit. "
+        "Empty: learned from the API's 429s and rate-limit headers.",
     )
     global_concurrency_limit: str | None = Field(
         default=None,
