@@ -1,7 +1,7 @@
 """Generate images with GPT Image inside Prefect, and store them in S3-compatible buckets.
 
 The public API is what this module exports, with the `blocks`, `tasks`, `flows`,
-`models`, `errors`, `model_table` and `testing` modules; modules whose names start with
+`models`, `options`, `settings`, `errors`, `model_table` and `testing` modules; modules whose names start with
 an underscore are internal, and may change in any release.
 
 Names are imported on first use, so that `import prefect_gpt_image` (and the
@@ -32,18 +32,30 @@ _EXPORTS = {
     "upload_image": "prefect_gpt_image.tasks.upload",
     "aupload_image": "prefect_gpt_image.tasks.upload",
     "generate_images": "prefect_gpt_image.flows.generate_images",
+    "ImageOptions": "prefect_gpt_image.options",
+    "EditOptions": "prefect_gpt_image.options",
+    "BatchOptions": "prefect_gpt_image.options",
+    "CacheOptions": "prefect_gpt_image.options",
+    "LinkOptions": "prefect_gpt_image.options",
+    "PromptTemplate": "prefect_gpt_image.options",
     "load_prompts": "prefect_gpt_image._prompt_sets",
 }
 
 __all__ = [
     "ApiLimits",
     "AsyncGenerationClient",
+    "BatchOptions",
+    "CacheOptions",
+    "EditOptions",
     "GeneratedImage",
     "GenerationClient",
+    "ImageOptions",
     "ImageRequest",
+    "LinkOptions",
     "ModelSpec",
     "OpenAICredentials",
     "PromptFailure",
+    "PromptTemplate",
     "RapidAPICredentials",
     "RunReport",
     "StoredImage",
@@ -70,6 +82,14 @@ if TYPE_CHECKING:
         PromptFailure,
         RunReport,
         StoredImage,
+    )
+    from prefect_gpt_image.options import (
+        BatchOptions,
+        CacheOptions,
+        EditOptions,
+        ImageOptions,
+        LinkOptions,
+        PromptTemplate,
     )
     from prefect_gpt_image.tasks.generate import agenerate_image, generate_image
     from prefect_gpt_image.tasks.upload import aupload_image, upload_image
