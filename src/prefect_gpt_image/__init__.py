@@ -1,8 +1,8 @@
 """Generate images with GPT Image inside Prefect, and store them in S3-compatible buckets.
 
 The public API is what this module exports, with the `blocks`, `tasks`, `flows`,
-`models`, `options`, `settings`, `errors`, `model_table` and `testing` modules; modules whose names start with
-an underscore are internal, and may change in any release.
+`models`, `options`, `settings`, `errors`, `model_table` and `testing` modules; modules
+whose names start with an underscore are internal, and may change in any release.
 
 Names are imported on first use, so that `import prefect_gpt_image` (and the
 command line's `--help`) does not pay for importing Prefect and boto3.
