@@ -47,7 +47,7 @@ class GptImageRoute(CredentialsBlock, ABC):
     protocol_edits: ClassVar[bool] = True
     """Whether the route's protocol has image edits."""
     has_batch_api: ClassVar[bool] = False
-    """Whether the route's provider has OpenAI's Batch API (`mode="batch"`)."""
+    """Whether the route's provider has OpenAI's Batch API (the flow's `batch`)."""
 
     api_key: SecretStr = Field(
         default=...,

@@ -9,7 +9,7 @@ not the pointer, answers for them next time. A line of its output is taken only 
 request that batch was sent; a line that cannot be read fails its request (where it can be
 told) and no other. A request the API refused is an answer too: the refusal is kept in its
 pointer, and the request is not sent again until it changes (a new cache key) or
-`refresh_cache` asks. A request the batch did not answer otherwise is marked settled, and
+`cache.refresh` asks. A request the batch did not answer otherwise is marked settled, and
 the next run sends it again.
 
 `sent` is the one rule for whether a request was sent. It fails closed: a record that
@@ -109,7 +109,7 @@ class Refusal(BaseModel):
             kind = BadRequestError
         return kind(
             f"{self.message} (Refused in batch {self.batch_id}: it is not sent again until "
-            "the request changes, or refresh_cache=True.)",
+            "the request changes, or with cache.refresh on.)",
             status_code=self.status_code,
         )
 
@@ -139,7 +139,7 @@ class Sent(Enum):
     """Whether a request was sent to the Batch API, as `sent` reads its record."""
 
     NO = "no"
-    """Nothing recorded, its batch ended without answering it, or refresh_cache: send it."""
+    """Nothing recorded, its batch ended without answering it, or cache.refresh: send it."""
     UPLOADED = "uploaded"
     """In an input file whose batch may not have been created: ask the API by that file."""
     IN_BATCH = "in batch"
@@ -161,7 +161,7 @@ def sent(
 ) -> Sent:
     """The one rule for whether a request was sent, from its record (or the error reading it),
     for a route of `owner` (None: any, for a synchronous run, which collects no batch).
-    `refresh` (refresh_cache) pays again, whatever was sent."""
+    `refresh` (cache.refresh) pays again, whatever was sent."""
     if refresh:
         return Sent.NO
     if isinstance(pointer, UnreadableRecord):
@@ -219,8 +219,8 @@ def _in_a_batch(store: ResultStore, keys: Sequence[str]) -> GptImageError | None
         where = pointer.batch_id if isinstance(pointer, BatchPointer) else None
         return _not_sent_again(
             f"It was sent in an OpenAI batch{f' ({where})' if where else ''} by a run with "
-            'mode="batch", or may have been.',
-            'run with mode="batch" to collect it, or set refresh_cache=True to pay for it anew.',
+            "batch on, or may have been.",
+            "run with batch on to collect it, or turn cache.refresh on to pay for it anew.",
         )
     return None
 
@@ -488,8 +488,8 @@ class BatchJobs:
         error = _not_sent_again(
             f"The API did not find batch {batch_id} in {NOT_FOUND_LOOKS} looks with this "
             f"route's key and {self._owner}.",
-            "run with the key and project that created it to collect it, or set "
-            "refresh_cache=True to pay for it anew.",
+            "run with the key and project that created it to collect it, or turn "
+            "cache.refresh on to pay for it anew.",
         )
         yield from (Unanswered(key, error) for key in keys)
 
@@ -575,7 +575,7 @@ def _elsewhere(pointer: BatchPointer, owner: BatchOwner) -> BatchNotDoneError:
     where = pointer.batch_id or f"the batch of {pointer.input_file_id}"
     return _not_sent_again(
         f"It was sent in {where} of {pointer.owner}, which this route ({owner}) cannot see.",
-        "run with that organization and project to collect it, or set refresh_cache=True to "
+        "run with that organization and project to collect it, or turn cache.refresh on to "
         "pay for it anew.",
     )
 

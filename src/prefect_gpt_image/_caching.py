@@ -161,7 +161,7 @@ def remember(
     made it, or an image the Batch API made. Whether `store` holds an image under `key`
     now; if it did not take it, `fallback` (if given) keeps it instead.
 
-    A different image already cached there stays, unless `replace` (`refresh_cache`):
+    A different image already cached there stays, unless `replace` (`cache.refresh`):
     whoever was served it, and stored it, is served it again."""
     cached = None if replace else cached_image(store, key)
     if cached is not None and cached.sha256 != image.sha256:

@@ -3,7 +3,7 @@
 A prompt file is data, often written by someone else (a shared bucket, a form's export), so
 it does not decide what the worker reads: an image it names must be in the file's own folder
 (for an `s3://` file, its bucket and prefix) or below, or under a root the user named
-(the flow's `input_roots`). Anything else is refused for its row, judged by its name alone:
+(the flow's `edit.input_roots`). Anything else is refused for its row, judged by its name alone:
 nothing outside the roots is opened, listed or looked up, so a refusal says nothing about
 what is there.
 

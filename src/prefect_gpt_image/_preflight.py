@@ -44,19 +44,19 @@ def check_global_limits(limits: ApiLimits) -> None:
 def batch_api_route(
     routes: Sequence[GptImageRoute], requests: Sequence[ImageRequest]
 ) -> OpenAICredentials:
-    """The route a `mode="batch"` run sends through: OpenAI's Batch API is the first
+    """The route a run with `batch` on sends through: OpenAI's Batch API is the first
     route's, which must speak the OpenAI protocol and whose model the Batch API takes;
     batches hold generations only."""
     route = routes[0]
     if not isinstance(route, OpenAICredentials):
         raise ConfigurationError(
-            f"mode='batch' sends through OpenAI's Batch API, which the route "
-            f"{route.route_name} does not have: give an OpenAICredentials block as the "
-            "first credentials, or use mode='sync'."
+            f"batch sends through OpenAI's Batch API, which the route {route.route_name} "
+            "does not have: give an OpenAICredentials block as the first credentials, or "
+            "turn batch off."
         )
     if any(request.is_edit for request in requests):
         raise InvalidRequestError(
-            "mode='batch' sends generations only: run the edits with mode='sync'."
+            "OpenAI's Batch API takes generations only: run the edits with batch off."
         )
     check_batch_api(route.model, route.model_spec(), route.models)
     return route
@@ -87,7 +87,7 @@ def saved_block(block: S3Bucket) -> S3Bucket:
     """Prefect stores a cache's location as a block reference: the block must be saved."""
     if block._block_document_id is None:
         raise ConfigurationError(
-            "cache_storage must be a saved S3Bucket block (or its name): save it with "
+            "cache.storage must be a saved S3Bucket block (or its name): save it with "
             ".save('NAME') or in the Prefect UI, so that every worker can load it."
         )
     return block

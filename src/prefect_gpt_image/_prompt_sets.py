@@ -228,7 +228,7 @@ def _outside(where: str, reason: str) -> InvalidRequestError:
     return InvalidRequestError(
         f"{where}: refused, and nothing read for it: {reason}. A prompt file may name only "
         "images below its own folder; to edit images elsewhere, name their folder in "
-        "input_roots (--input-root on the command line)."
+        "edit.input_roots (--input-root on the command line)."
     )
 
 

@@ -290,7 +290,7 @@ class Runner:
             error: GptImageError | None = None
             if cancel:
                 jobs.cancel()
-                error = BatchNotDoneError("Not sent: cancel_batches was set.")
+                error = BatchNotDoneError("Not sent: batch.cancel was set.")
             elif unsent:
                 try:
                     jobs.submit(unsent)

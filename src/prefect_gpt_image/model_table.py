@@ -120,7 +120,7 @@ class ModelSpec(BaseModel):
         default=True, description="Whether an edit may set `input_fidelity`."
     )
     batch_api: bool = Field(
-        default=True, description="Whether OpenAI's Batch API takes it (`mode='batch'`)."
+        default=True, description="Whether OpenAI's Batch API takes it (the flow's `batch`)."
     )
     image_prices: dict[Quality, ImagePrice] | None = Field(
         default=None, description="USD per image by quality, where the provider lists them."
@@ -369,8 +369,8 @@ def check_batch_api(
     table = {**MODELS, **(overrides or {})}
     able = [name for name, entry in table.items() if entry.batch_api and name not in SHUT_DOWN]
     raise InvalidRequestError(
-        f"mode='batch' cannot send {model}: OpenAI's Batch API does not take it, as far as "
-        f"the model table knows. It takes {', '.join(able)}; or use mode='sync'. If the "
+        f"batch cannot send {model}: OpenAI's Batch API does not take it, as far as the "
+        f"model table knows. It takes {', '.join(able)}; or turn batch off. If the "
         f"provider now takes {model} in batches, say so in the credentials block's `models`: "
         f'{{"{model}": {{..., "batch_api": true}}}}.'
     )
