@@ -34,6 +34,7 @@ from prefect_gpt_image._preflight import (
     saved_block,
 )
 from prefect_gpt_image._prompt_sets import PromptSet, expand_template, read_prompt_set
+from prefect_gpt_image._run_story import tell_outcome, tell_plan
 from prefect_gpt_image._runner import Runner
 from prefect_gpt_image._storage import object_link, object_uri, read_uri
 from prefect_gpt_image.errors import InvalidRequestError, RunFailedError
@@ -160,14 +161,7 @@ def generate_images(
     if not cache.refresh:
         runner.reuse_cached()
     runner.check_budget()
-    logger.info(
-        "Generating %d requests (%d distinct, %d new, at most $%.2f) into %s",
-        len(requests),
-        len(ledger.groups),
-        runner.new_generations,
-        runner.worst_case_usd,
-        object_uri(s3, join_key(s3.bucket_folder, folder)),
-    )
+    tell_plan(logger, ledger, runner, object_uri(s3, join_key(s3.bucket_folder, folder)))
 
     # Run.
     progress = ProgressArtifact(total=len(requests))
@@ -187,7 +181,7 @@ def generate_images(
     report = ledger.report()
     rows = ledger.rows()
     write_manifest(s3, folder, report, rows)
-    logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
+    tell_outcome(logger, report)
     publish_results(rows, report, runner.link)
     if ledger.failed(report, allow_failures):
         raise RunFailedError(ledger.failure_message(report, allow_failures), report)

@@ -177,9 +177,6 @@ def _generate(
             )
         except GptImageError as exc:  # its text holds no key: the client is `keyless`
             if book.failed(route, exc, fallback=number + 1 < len(live)):
-                get_run_logger().warning(
-                    "Dropped the route %s for this run: %s", route.route_name, exc
-                )
                 continue
             raise
         book.succeeded(route)
@@ -190,7 +187,7 @@ def _generate(
         if len(routes) > 1 and context is not None:
             key = generation_cache_key(image_request, route)
             remember(cache_store(context.task), key, image, context.task.cache_expiration)
-        get_run_logger().info(
+        get_run_logger().debug(  # one line per image: the flow tells the run as a whole
             "Generated %r through %s: %d %s image(s) %dx%d, $%.4f",
             image_request.label,
             route.route_name,

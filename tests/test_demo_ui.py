@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,12 @@ def test_demo_ui_prints_the_run_page_and_keeps_it_up_until_ctrl_c(tmp_path: Path
         assert gallery["type"] == "markdown"
         assert gallery["data"].startswith("## 12 stored, 0 failed; 11 generated")
 
+        # The run's log tells what it did, each thing once; the console showed warnings only.
+        story = _log_of(api_url, run_id, until="12 stored, 0 failed")
+        assert any(line.startswith("12 prompts, 11 distinct: 0 from the cache") for line in story)
+        assert any(line.startswith("Routes: ") for line in story), story
+        assert sum(line.startswith("Dropped the route") for line in story) == 1, story
+
         # While the demo waits, the page opens in a browser, and so do the gallery's images.
         page = httpx.get(found.group(0), headers={"Accept": "text/html"})
         assert page.status_code == 200 and "<html" in page.text.lower()
@@ -89,3 +96,18 @@ def _artifacts(api_url: str, flow_run_id: str) -> dict[str, dict[str, Any]]:
     )
     response.raise_for_status()
     return {artifact["key"]: artifact for artifact in response.json() if artifact["key"]}
+
+
+def _log_of(api_url: str, flow_run_id: str, *, until: str) -> list[str]:
+    """The messages of the flow run's log, once one contains `until`: the demo's process
+    sends its lines in batches, every two seconds."""
+    deadline = time.monotonic() + 30
+    while True:
+        response = httpx.post(
+            f"{api_url}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}}
+        )
+        response.raise_for_status()
+        messages = [log["message"] for log in response.json()]
+        if any(until in message for message in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.5)

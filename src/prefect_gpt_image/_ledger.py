@@ -23,7 +23,17 @@ if TYPE_CHECKING:
     from prefect_gpt_image.blocks._route import GptImageRoute
 
 FAILURES_LISTED = 20
-"""How many failures the flow's failure message spells out."""
+"""How many failures the flow's failure message, and the run's log, spell out."""
+
+
+def failure_lines(failures: Sequence[PromptFailure]) -> tuple[list[str], int]:
+    """The first `FAILURES_LISTED` failures, one line each (its prompt, its name, its
+    error), and how many more there are: a run of thousands stays readable."""
+    lines = []
+    for failure in failures[:FAILURES_LISTED]:
+        named = f" ({failure.name})" if failure.name and failure.name != failure.prompt else ""
+        lines.append(f"{failure.prompt[:80]!r}{named}: {failure.error}")
+    return lines, max(0, len(failures) - FAILURES_LISTED)
 
 
 class RunLedger:
@@ -45,6 +55,7 @@ class RunLedger:
         `batch_api`: the requests go through OpenAI's Batch API, at its price."""
         refused = refused or {}
         self.requests = requests
+        self.refused_count = len(refused)
         self.routes = routes
         self.key_of = [
             f"refused-{index}" if index in refused else request_cache_key(request, routes)
@@ -221,9 +232,8 @@ class RunLedger:
                 f"The run stopped: {self.stopped_by} {skipped} of {len(self.requests)} "
                 f"prompts were not attempted. {stored}"
             )
-        listed = [f"- {f.prompt[:80]!r}: {f.error}" for f in report.failures[:FAILURES_LISTED]]
-        if (more := len(report.failures) - FAILURES_LISTED) > 0:
-            listed.append(f"... and {more} more")
+        lines, more = failure_lines(report.failures)
+        listed = [f"- {line}" for line in lines] + ([f"... and {more} more"] if more else [])
         return (
             f"{len(report.failures)} of {len(self.requests)} prompts failed "
             f"(allow_failures={allow_failures}); {stored}\n" + "\n".join(listed)

@@ -12,9 +12,13 @@ dead route for themselves, at the cost of a call or two.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 
 from prefect_gpt_image._retry_policy import GENERATION_RETRIES
 from prefect_gpt_image._run_scope import RunScoped
@@ -66,9 +70,10 @@ class RouteBook:
             self._paid_failures.pop(route_id(route), None)
 
     def failed(self, route: GptImageRoute, error: GptImageError, *, fallback: bool) -> bool:
-        """Record a failure; True if it drops the route (the request moves on). Being down
-        drops a route only when there is a `fallback` to go to: with none, the retry
-        policy goes on as it would, and a rate limit is never "down"."""
+        """Record a failure; True if it drops the route (the request moves on). The run's
+        log says so once, whichever request met it first. Being down drops a route only
+        when there is a `fallback` to go to: with none, the retry policy goes on as it
+        would, and a rate limit is never "down"."""
         key = route_id(route)
         with self._lock:
             if error.billed:
@@ -84,8 +89,16 @@ class RouteBook:
                 self._failures[key] = self._failures.get(key, 0) + 1
                 if self._failures[key] < DOWN_AFTER_FAILURES:
                     return False
-            self._dropped.setdefault(key, (route.route_name, error))
-            return True
+            if key in self._dropped:  # by another request meanwhile, which said so
+                return True
+            self._dropped[key] = (route.route_name, error)
+        _run_logger().warning(
+            "Dropped the route %s (%s) for the rest of this run: %s",
+            route.route_name,
+            route.model,
+            error,
+        )
+        return True
 
     def exhausted(self, routes: Sequence[GptImageRoute]) -> GptImageError:
         """The error when no route is left: the route's own for one, else one message
@@ -96,6 +109,15 @@ class RouteBook:
             return reasons[0][1]
         listed = "; ".join(f"{name}: {type(error).__name__}: {error}" for name, error in reasons)
         return NoRouteLeftError(f"Every route was dropped. {listed}")
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
+    """The logger of the current task or flow run, whose lines reach the run's page; a
+    book used outside any run logs to this module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 _books: RunScoped[RouteBook] = RunScoped(RouteBook)

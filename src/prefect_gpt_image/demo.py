@@ -56,7 +56,10 @@ def run_demo(directory: Path, *, verbose: bool = False, ui: bool = False) -> int
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # The console shows warnings only, unless `verbose`; the run's logs reach its page in
+    # the UI either way (a WARNING logging level would keep them from the API too).
+    console_level = "INFO" if verbose else "WARNING"
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", console_level)
     os.environ.pop("PREFECT_API_URL", None)
 
     print(f"Demo folder: {directory}")

@@ -1,0 +1,46 @@
+"""What a run's log tells a person who opens it in Prefect's UI: the plan, the routes, the
+outcome and each failure, each said once. Per-image lines stay at DEBUG, so that a run of
+ten thousand images logs a handful of lines."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from prefect_gpt_image._ledger import RunLedger, failure_lines
+from prefect_gpt_image.models import RunReport
+
+if TYPE_CHECKING:
+    from prefect_gpt_image._runner import Runner
+
+    Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+def tell_plan(logger: Logger, ledger: RunLedger, runner: Runner, destination: str) -> None:
+    """How many prompts, how many distinct, cached, new and refused, the most the new ones
+    can cost, and the routes they take, in order."""
+    distinct, new = len(ledger.groups), runner.new_generations
+    refused = f", {ledger.refused_count} refused" if ledger.refused_count else ""
+    logger.info(
+        "%d prompts, %d distinct: %d from the cache, %d new (at most $%.2f)%s; into %s",
+        len(ledger.requests),
+        distinct,
+        distinct - new - ledger.refused_count,
+        new,
+        runner.worst_case_usd,
+        refused,
+        destination,
+    )
+    routes = ", then ".join(f"{route.route_name} ({route.model})" for route in ledger.routes)
+    through = " through OpenAI's Batch API" if ledger.batch_api else ""
+    logger.info("%s%s: %s", "Routes" if len(ledger.routes) > 1 else "Route", through, routes)
+
+
+def tell_outcome(logger: Logger, report: RunReport) -> None:
+    """What the run stored and cost, where its manifest is, and each failure."""
+    logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
+    lines, more = failure_lines(report.failures)
+    for line in lines:
+        logger.warning("Failed: %s", line)
+    if more:
+        logger.warning("... and %d more failed, listed in %s", more, report.manifest_uri)
