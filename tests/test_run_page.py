@@ -12,7 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image import RapidAPICredentials, generate_images
+from prefect_gpt_image import PromptTemplate, RapidAPICredentials, generate_images
 from prefect_gpt_image.testing import GptImageEmulator
 
 
@@ -59,7 +59,7 @@ def test_links_use_a_public_base_url(
         ["a public puffin"],
         bucket=bucket,
         credentials=credentials,
-        public_base_url="https://cdn.example.com/creatives/",
+        links={"public_base_url": "https://cdn.example.com/creatives/"},
         return_state=True,
     )
     (row,) = json.loads(artifacts_of(state.state_details.flow_run_id)["table"].data)
@@ -70,8 +70,14 @@ def test_a_template_times_its_variables(
     api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
 ) -> None:
     report = generate_images(
-        template="a {product} on a {background} background, {style}",
-        variables={"product": ["mug", "vase"], "background": ["marble", "oak"], "style": ["flat"]},
+        PromptTemplate(
+            template="a {product} on a {background} background, {style}",
+            variables={
+                "product": ["mug", "vase"],
+                "background": ["marble", "oak"],
+                "style": ["flat"],
+            },
+        ),
         bucket=bucket,
         credentials=credentials,
         prefix="templated",
