@@ -91,7 +91,7 @@ def test_an_unreachable_cache_storage_is_found_before_any_paid_call(
 
     with pytest.raises(StorageError):
         generate_images(
-            ["a cacheless crane"], bucket=bucket, credentials=credentials, cache_storage=cache
+            ["a cacheless crane"], bucket=bucket, credentials=credentials, cache={"storage": cache}
         )
 
     assert api.calls == []
@@ -139,13 +139,15 @@ def test_a_paid_image_is_kept_when_the_s3_cache_goes_down(
         stopper = threading.Thread(target=stop_s3_once_the_api_is_called, daemon=True)
         stopper.start()
         with pytest.raises(RunFailedError):
-            generate_images(prompts, bucket=bucket, credentials=credentials, cache_storage=cache)
+            generate_images(
+                prompts, bucket=bucket, credentials=credentials, cache={"storage": cache}
+            )
         stopper.join()
         assert api.billed == 2
 
         s3.start()
         report = generate_images(
-            prompts, bucket=bucket, credentials=credentials, cache_storage=cache
+            prompts, bucket=bucket, credentials=credentials, cache={"storage": cache}
         )
 
         assert api.billed == 2
@@ -171,10 +173,14 @@ def test_a_size_under_the_pixel_minimum_is_refused_before_paying(
     route = model_route("gpt-image-2")
 
     with pytest.raises(InvalidRequestError, match=r"512x512 .*at least 655,360 pixels"):
-        generate_images(["a small snipe"], bucket=bucket, credentials=route, size="512x512")
+        generate_images(
+            ["a small snipe"], bucket=bucket, credentials=route, image={"size": "512x512"}
+        )
 
     assert api.calls == []
-    report = generate_images(["a least snipe"], bucket=bucket, credentials=route, size="1024x640")
+    report = generate_images(
+        ["a least snipe"], bucket=bucket, credentials=route, image={"size": "1024x640"}
+    )
     assert (report.images[0].width, report.images[0].height) == (1024, 640)
 
 
@@ -183,7 +189,10 @@ def test_xhigh_and_max_are_taken_by_gpt_image_2_5_only(
 ) -> None:
     with pytest.raises(InvalidRequestError, match="has no 'xhigh' quality: use low, medium"):
         generate_images(
-            ["a fine finch"], bucket=bucket, credentials=model_route("gpt-image-2"), quality="xhigh"
+            ["a fine finch"],
+            bucket=bucket,
+            credentials=model_route("gpt-image-2"),
+            image={"quality": "xhigh"},
         )
     assert api.calls == []
 
@@ -192,7 +201,7 @@ def test_xhigh_and_max_are_taken_by_gpt_image_2_5_only(
         [ImageRequest(prompt="a finer finch", quality="xhigh"), "a finest finch"],
         bucket=bucket,
         credentials=flare,
-        quality="max",
+        image={"quality": "max"},
     )
     assert len(report.images) == 2
     assert sorted(call.body["quality"] for call in api.calls) == ["max", "xhigh"]
@@ -254,7 +263,7 @@ def test_a_batch_run_of_a_model_the_batch_api_may_not_take_is_refused_before_sen
     flare = model_route("gpt-image-2.5-flare")
 
     with pytest.raises(InvalidRequestError) as refused:
-        generate_images(["a batched bittern"], bucket=bucket, credentials=flare, mode="batch")
+        generate_images(["a batched bittern"], bucket=bucket, credentials=flare, batch={})
 
     message = str(refused.value)
     assert f"cannot send {flare.model}" in message and "It takes gpt-image-2" in message

@@ -40,7 +40,7 @@ def test_a_run_over_budget_is_refused_before_any_paid_call(
 def test_the_spend_stops_submissions_at_the_budget(
     api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
 ) -> None:
-    """Broken answers are charged and retried, so a batch priced at its budget would run
+    """Broken answers are charged and retried, so a run priced at its budget would run
     over it; no call is sent once its worst case would pass the budget."""
     prompts = [f"a thrifty thistle #{n}" for n in range(5)]
     for prompt in prompts[:2]:
@@ -48,7 +48,11 @@ def test_the_spend_stops_submissions_at_the_budget(
 
     with pytest.raises(RunFailedError) as raised:
         generate_images(
-            prompts, bucket=bucket, credentials=credentials, max_concurrency=1, max_cost_usd=0.15
+            prompts,
+            bucket=bucket,
+            credentials=credentials,
+            limits={"max_concurrency": 1},
+            max_cost_usd=0.15,
         )
 
     report = raised.value.report
@@ -96,7 +100,9 @@ def test_systematic_paid_failures_stop_paying_the_route(
     prompts = [f"an unlucky ibis #{n}" for n in range(5)]
 
     with pytest.raises(RunFailedError) as raised:
-        generate_images(prompts, bucket=bucket, credentials=credentials, max_concurrency=1)
+        generate_images(
+            prompts, bucket=bucket, credentials=credentials, limits={"max_concurrency": 1}
+        )
 
     assert api.billed == 3
     assert "answers in a row" in str(raised.value) and "stops paying" in str(raised.value)
@@ -151,7 +157,7 @@ def test_gpt_image_2s_worst_case_is_its_published_price(
                 ["a dear heron"],
                 bucket=bucket,
                 credentials=route,
-                quality=quality,
+                image={"quality": quality},
                 max_cost_usd=0.2,
             )
     assert api.calls == []
@@ -174,7 +180,7 @@ def test_xhigh_and_max_are_priced_above_high_before_paying(
             ["an extra-fine egret"],
             bucket=bucket,
             credentials=flare,
-            quality="xhigh",
+            image={"quality": "xhigh"},
             max_cost_usd=round(high * 1.5, 2),
         )
     assert api.calls == []

@@ -72,7 +72,7 @@ def test_three_photos_in_two_scenes_are_six_objects_each_sent_as_it_is(
 ) -> None:
     report = generate_images(
         SCENES,
-        images=f"s3://{bucket.bucket_name}/products/",
+        edit={"images": f"s3://{bucket.bucket_name}/products/"},
         bucket=bucket,
         credentials=openai_credentials,
         prefix="scenes",
@@ -98,7 +98,7 @@ def test_three_photos_in_two_scenes_are_six_objects_each_sent_as_it_is(
 
     again = generate_images(
         SCENES,
-        images=f"s3://{bucket.bucket_name}/products/",
+        edit={"images": f"s3://{bucket.bucket_name}/products/"},
         bucket=bucket,
         credentials=openai_credentials,
         prefix="scenes",
@@ -109,7 +109,7 @@ def test_three_photos_in_two_scenes_are_six_objects_each_sent_as_it_is(
     put(s3_server, bucket, "products/mug.png", retouched)
     third = generate_images(
         SCENES,
-        images=f"s3://{bucket.bucket_name}/products/",
+        edit={"images": f"s3://{bucket.bucket_name}/products/"},
         bucket=bucket,
         credentials=openai_credentials,
         prefix="scenes",
@@ -128,9 +128,11 @@ def test_the_same_photo_under_another_name_is_not_paid_for_twice(
     first = put(s3_server, bucket, "a/mug.png", data)
     second = put(s3_server, bucket, "b/mug-copy.png", data)
 
-    generate_images(SCENES[:1], images=[first], bucket=bucket, credentials=openai_credentials)
+    generate_images(
+        SCENES[:1], edit={"images": [first]}, bucket=bucket, credentials=openai_credentials
+    )
     report = generate_images(
-        SCENES[:1], images=[second], bucket=bucket, credentials=openai_credentials
+        SCENES[:1], edit={"images": [second]}, bucket=bucket, credentials=openai_credentials
     )
 
     assert (len(edits_at(api)), report.from_cache) == (1, 1)
@@ -150,8 +152,7 @@ def test_a_mask_of_the_wrong_size_is_refused_before_any_call(
     with pytest.raises(InvalidRequestError) as refused:
         generate_images(
             SCENES,
-            images=f"s3://{bucket.bucket_name}/products/",
-            mask=str(mask),
+            edit={"images": f"s3://{bucket.bucket_name}/products/", "mask": str(mask)},
             bucket=bucket,
             credentials=openai_credentials,
         )
@@ -170,7 +171,9 @@ def test_a_missing_photo_fails_its_own_rows_and_no_others(
     given = [f"s3://{bucket.bucket_name}/products/{name}.png" for name in ("mug", "gone")]
 
     with pytest.raises(RunFailedError) as failed:
-        generate_images(SCENES, images=given, bucket=bucket, credentials=openai_credentials)
+        generate_images(
+            SCENES, edit={"images": given}, bucket=bucket, credentials=openai_credentials
+        )
 
     report = failed.value.report
     assert len(report.images) == 2 and len(edits_at(api)) == 2
@@ -190,7 +193,7 @@ def test_an_edit_run_with_no_route_that_edits_is_refused_before_any_call(
     with pytest.raises(InvalidRequestError) as refused:
         generate_images(
             SCENES,
-            images=f"s3://{bucket.bucket_name}/products/",
+            edit={"images": f"s3://{bucket.bucket_name}/products/"},
             bucket=bucket,
             credentials=credentials,
         )
@@ -255,7 +258,7 @@ def test_an_edit_costs_its_generation_and_its_image_input_tokens(
     source.write_bytes(photo("teal"))
 
     report = generate_images(
-        SCENES[:1], images=[str(source)], bucket=bucket, credentials=openai_credentials
+        SCENES[:1], edit={"images": [str(source)]}, bucket=bucket, credentials=openai_credentials
     )
 
     (call,) = edits_at(api)
@@ -282,7 +285,7 @@ def test_the_runs_table_names_each_edits_input_and_its_sha256(
 
     state = generate_images(
         SCENES[:1],
-        images=[str(source)],
+        edit={"images": [str(source)]},
         bucket=bucket,
         credentials=openai_credentials,
         return_state=True,

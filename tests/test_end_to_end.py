@@ -25,7 +25,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
-from prefect_gpt_image import OpenAICredentials, RapidAPICredentials
+from prefect_gpt_image import BatchOptions, OpenAICredentials, PromptTemplate, RapidAPICredentials
 from prefect_gpt_image._images import inspect_image
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server, prefect_server
 from prefect_gpt_image.testing.local_prefect import stop_process
@@ -119,15 +119,28 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     # Sent on Monday morning through the Batch API, and collected every 15 minutes after.
     crons = sorted(schedule["schedule"]["cron"] for schedule in weekly["schedules"])
     assert crons == ["*/15 0-6 * * 2", "*/15 6-23 * * 1"]
-    assert weekly["parameters"]["mode"] == "batch"
-    # The run form: a size to pick, block pickers, numbers with bounds.
-    form = weekly["parameter_openapi_schema"]["properties"]
-    assert form["size"]["anyOf"][0]["enum"] == ["1024x1024", "1536x1024", "1024x1536"]
-    assert form["quality"]["anyOf"][0]["enum"] == ["low", "medium", "high", "xhigh", "max", "auto"]
+    sent = BatchOptions.model_validate(weekly["parameters"]["batch"])
+    assert (sent.enabled, sent.wait_minutes) == (True, 0)
+    # The run form: a section per option group, a size checked as WIDTHxHEIGHT, a quality to
+    # pick, block pickers, numbers with bounds.
+    schema = weekly["parameter_openapi_schema"]
+    form, sections = schema["properties"], schema["definitions"]
+    assert form["image"]["$ref"] == "#/definitions/ImageOptions"
+    image = sections["ImageOptions"]["properties"]
+    assert (image["size"]["type"], image["size"]["default"]) == ("string", "1024x1024")
+    assert re.fullmatch(image["size"]["pattern"], "1536x1024")
+    assert not re.fullmatch(image["size"]["pattern"], "1536 by 1024")
+    assert image["quality"]["enum"] == ["low", "medium", "high", "xhigh", "max", "auto"]
     assert {"$ref": "#/definitions/RapidAPICredentials"} in form["credentials"]["anyOf"]
     assert {"$ref": "#/definitions/OpenAICredentials"} in form["credentials"]["anyOf"]
     assert {"$ref": "#/definitions/S3Bucket"} in form["bucket"]["anyOf"]
-    assert (form["max_concurrency"]["minimum"], form["max_concurrency"]["maximum"]) == (1, 256)
+    assert form["limits"]["$ref"] == "#/definitions/ApiLimits"
+    concurrency = sections["ApiLimits"]["properties"]["max_concurrency"]
+    assert (concurrency["minimum"], concurrency["maximum"]) == (1, 256)
+    # product-shots' template, with this run's own products: a run's `prompts` replaces the
+    # deployment's whole, so it restates the template.
+    shots = httpx.get(f"{api_url}/deployments/name/generate-images/product-shots").json()
+    template = PromptTemplate.model_validate(shots["parameters"]["prompts"]).template
 
     worker_log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
@@ -149,10 +162,13 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
                 "generate-images/product-shots",
                 "--param",
                 "prefix=e2e",
-                "--param",
-                "size=1536x1024",
                 "--params",
-                json.dumps({"variables": variables}),
+                json.dumps(
+                    {
+                        "prompts": {"template": template, "variables": variables},
+                        "image": {"size": "1536x1024"},
+                    }
+                ),
             ],
             env,
         )

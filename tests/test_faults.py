@@ -1,4 +1,4 @@
-"""Faults a batch must survive: a dead key, an S3 outage, a killed run, two runs at once."""
+"""Faults a run must survive: a dead key, an S3 outage, a killed run, two runs at once."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
     ],
     ids=["bad-key", "not-subscribed", "quota-spent"],
 )
-def test_a_dead_key_stops_the_batch(
+def test_a_dead_key_stops_the_run(
     fault: Fault,
     error_type: str,
     api: GptImageEmulator,
@@ -46,7 +46,9 @@ def test_a_dead_key_stops_the_batch(
     prompts = [f"a doomed dormouse #{n}" for n in range(40)]
 
     with pytest.raises(RunFailedError) as raised:
-        generate_images(prompts, bucket=bucket, credentials=credentials, max_concurrency=2)
+        generate_images(
+            prompts, bucket=bucket, credentials=credentials, limits={"max_concurrency": 2}
+        )
 
     # The calls submitted when the first answer came back: the flow keeps twice
     # max_concurrency tasks ready, so that the API never waits for a task to start.
@@ -181,7 +183,7 @@ def test_s3_throttling_is_retried(
     assert api.billed == 1
 
 
-def cli_batch(s3: LocalS3Server, folder: Path, prompts: list[str]) -> tuple[str, list[str]]:
+def cli_run(s3: LocalS3Server, folder: Path, prompts: list[str]) -> tuple[str, list[str]]:
     """A new bucket, and the command line that generates `prompts` into it."""
     bucket = f"cli-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(bucket)
@@ -194,7 +196,7 @@ def test_a_killed_run_resumes_without_paying_twice(
     tmp_path: Path, api: GptImageEmulator, s3_server: LocalS3Server, user_env: dict[str, str]
 ) -> None:
     prompts = [f"a resumable raccoon #{n}" for n in range(100)]
-    bucket, args = cli_batch(s3_server, tmp_path, prompts)
+    bucket, args = cli_run(s3_server, tmp_path, prompts)
     args += ["--max-concurrency", "4"]
     api.latency = 0.2
 
@@ -225,7 +227,7 @@ def test_two_runs_at_once_pay_once(
     tmp_path: Path, api: GptImageEmulator, s3_server: LocalS3Server, user_env: dict[str, str]
 ) -> None:
     prompts = [f"a twin tern #{n}" for n in range(12)]
-    _, args = cli_batch(s3_server, tmp_path, prompts)
+    _, args = cli_run(s3_server, tmp_path, prompts)
     api.latency = 0.5
 
     runs = [

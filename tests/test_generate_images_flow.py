@@ -6,17 +6,32 @@ import json
 import re
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.exceptions import ParameterTypeError
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image import (
+    ApiLimits,
+    BatchOptions,
+    CacheOptions,
+    EditOptions,
+    ImageOptions,
     ImageRequest,
+    LinkOptions,
+    PromptTemplate,
     RapidAPICredentials,
     RunReport,
     generate_image,
@@ -251,19 +266,25 @@ def test_prompt_files_local_and_on_s3(
         (["fine"], {"prefix": "../escape"}, "is not a safe S3 folder"),
         ("prompts.docx", {}, "is not a prompt file"),
         ([], {}, "The prompt set is empty"),
-        (None, {"template": "a {product}", "variables": {}}, "{product}, which has no values"),
-        (None, {"template": "a {x}", "variables": {"x": ["1"], "y": ["2"]}}, "'y' is not used"),
-        (None, {"template": "a {product}", "variables": {"product": []}}, "has no values"),
-        (None, {"template": "no fields"}, "has no {variable}"),
-        (None, {"template": "a {0}", "variables": {}}, "plain names"),
-        (None, {"template": "a {x", "variables": {"x": ["y"]}}, "not valid"),
+        (PromptTemplate(template="a {product}"), {}, "{product}, which has no values"),
         (
-            None,
-            {"template": "{a}{b}", "variables": {"a": ["1"] * 200, "b": ["2"] * 100}},
+            PromptTemplate(template="a {x}", variables={"x": ["1"], "y": ["2"]}),
+            {},
+            "'y' is not used",
+        ),
+        (
+            PromptTemplate(template="a {product}", variables={"product": []}),
+            {},
+            "has no values",
+        ),
+        (PromptTemplate(template="no fields"), {}, "has no {variable}"),
+        (PromptTemplate(template="a {0}"), {}, "plain names"),
+        (PromptTemplate(template="a {x", variables={"x": ["y"]}), {}, "not valid"),
+        (
+            PromptTemplate(template="{a}{b}", variables={"a": ["1"] * 200, "b": ["2"] * 100}),
+            {},
             "expands to 20,000 prompts",
         ),
-        (["x"], {"template": "a {b}", "variables": {"b": ["c"]}}, "either prompts or"),
-        (None, {}, "either prompts or"),
     ],
 )
 def test_bad_input_is_refused_before_any_paid_call(
@@ -284,7 +305,9 @@ def test_max_concurrency_bounds_calls_in_flight(
 ) -> None:
     api.latency = 0.3
     prompts = [f"a concurrent crane #{n}" for n in range(12)]
-    report = generate_images(prompts, bucket=bucket, credentials=credentials, max_concurrency=3)
+    report = generate_images(
+        prompts, bucket=bucket, credentials=credentials, limits={"max_concurrency": 3}
+    )
 
     assert len(report.images) == 12
     assert api.peak_concurrency == 3
@@ -361,3 +384,181 @@ def test_the_default_cache_is_where_paid_images_fall_back_to_so_a_run_looks_once
         return is_fallback(cache_store(generate_image)), is_fallback(fallback_store())
 
     assert stores() == (True, True)
+
+
+# -- the option groups ------------------------------------------------------------------------
+
+GROUPS_AS_MAPPINGS: dict[str, Any] = {
+    "image": {"size": "1536x1024", "quality": "high"},
+    "edit": {},
+    "batch": {"enabled": False},
+    "limits": {"max_concurrency": 2},
+    "cache": {"expiration_days": 1},
+    "links": {"expiry_hours": 2},
+}
+GROUPS_AS_MODELS: dict[str, Any] = {
+    "image": ImageOptions(size="1536x1024", quality="high"),
+    "edit": EditOptions(),
+    "batch": BatchOptions(enabled=False),
+    "limits": ApiLimits(max_concurrency=2),
+    "cache": CacheOptions(expiration_days=1),
+    "links": LinkOptions(expiry_hours=2),
+}
+
+
+@pytest.mark.parametrize("groups", [GROUPS_AS_MAPPINGS, GROUPS_AS_MODELS], ids=["dicts", "models"])
+def test_a_run_takes_every_option_group_as_a_mapping_or_as_its_model(
+    groups: dict[str, Any],
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+) -> None:
+    api.latency = 0.3
+    prompts = [f"a grouped grebe #{n}" for n in range(4)]
+    report = generate_images(prompts, bucket=bucket, credentials=credentials, **groups)
+
+    assert len(api.calls) == api.billed == 4
+    assert {(c.body["quality"], c.body["width"], c.body["height"]) for c in api.calls} == {
+        ("high", 1536, 1024)
+    }
+    assert api.peak_concurrency == 2
+    assert [image.prompt for image in report.images] == prompts
+    for image in report.images:
+        assert (image.width, image.height) == (1536, 1024)
+        assert read_object(s3_server, bucket, image.key)["Body"] == api.served[image.sha256]
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"image": {"qualty": "high"}}, "qualty"),
+        ({"edit": {"image": "s3://brand/mug.png"}}, "image"),
+        ({"batch": {"wait_minute": 0}}, "wait_minute"),
+        ({"limits": {"max_concurency": 2}}, "max_concurency"),
+        ({"cache": {"refresh_cache": True}}, "refresh_cache"),
+        ({"links": {"public_url": "https://cdn.example.com/"}}, "public_url"),
+    ],
+)
+def test_a_misspelt_option_is_refused_by_name_before_anything_is_paid(
+    options: dict[str, Any],
+    field: str,
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+) -> None:
+    with pytest.raises(ParameterTypeError) as refused:
+        generate_images(["a misspelt merlin"], bucket=bucket, credentials=credentials, **options)
+
+    (group,) = options
+    assert f"{group}.{field}" in str(refused.value)
+    assert "Extra inputs are not permitted" in str(refused.value)
+    assert api.calls == [] and api.billed == 0
+
+
+def table_links(flow_run_id: Any) -> list[str]:
+    """The links in a run's table artifact: what a user clicks on the run page."""
+    with get_client(sync_client=True) as client:
+        (table,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=["gpt-image-run"]),
+            )
+        )
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    return [row["link"] for row in rows]
+
+
+def test_the_environment_gives_the_links_base_url_and_a_runs_own_wins(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GPT_IMAGE_PUBLIC_BASE_URL", "https://cdn.example.com/")
+
+    pooled = generate_images(
+        ["a linked lapwing"], bucket=bucket, credentials=credentials, return_state=True
+    )
+    own = generate_images(
+        ["a linked lapwing"],
+        bucket=bucket,
+        credentials=credentials,
+        links={"public_base_url": "https://other.example.com/"},
+        return_state=True,
+    )
+
+    (link,) = table_links(pooled.state_details.flow_run_id)
+    assert link.startswith("https://cdn.example.com/a-linked-lapwing-")
+    (link,) = table_links(own.state_details.flow_run_id)
+    assert link.startswith("https://other.example.com/a-linked-lapwing-")
+
+
+def test_the_environment_gives_the_concurrency_and_a_form_default_does_not_replace_it(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prefect's run form sends back every default it shows: `max_concurrency=8` from the
+    form is no choice, and the work pool's setting stands."""
+    monkeypatch.setenv("GPT_IMAGE_MAX_CONCURRENCY", "1")
+    api.latency = 0.2
+
+    generate_images(
+        [f"a lone loon #{n}" for n in range(3)],
+        bucket=bucket,
+        credentials=credentials,
+        limits={"max_concurrency": ApiLimits().max_concurrency},
+    )
+    assert (len(api.calls), api.peak_concurrency) == (3, 1)
+
+    api.reset()
+    api.latency = 0.2
+    generate_images(
+        [f"a flock of loons #{n}" for n in range(4)],
+        bucket=bucket,
+        credentials=credentials,
+        limits={"max_concurrency": 2},
+    )
+    assert (len(api.calls), api.peak_concurrency) == (4, 2)
+
+
+def test_the_environment_gives_the_cache_storage_and_a_runs_own_wins(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    bucket: S3Bucket,
+    s3_server: LocalS3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def cached(folder: str) -> set[str]:
+        root = s3_server.object_path(bucket.bucket_name, folder)
+        return {p.name for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+    suffix = uuid.uuid4().hex[:6]
+    s3_server.bucket_block(bucket.bucket_name, bucket_folder="team-cache").save(
+        f"team-cache-{suffix}"
+    )
+    s3_server.bucket_block(bucket.bucket_name, bucket_folder="own-cache").save(
+        f"own-cache-{suffix}"
+    )
+    monkeypatch.setenv("GPT_IMAGE_CACHE_STORAGE", f"team-cache-{suffix}")
+
+    generate_images(["a pooled plover"], bucket=bucket, credentials=credentials)
+    in_team_cache = cached("team-cache")
+    assert len(in_team_cache) == 1 and cached("own-cache") == set()
+
+    generate_images(
+        ["an own oystercatcher"],
+        bucket=bucket,
+        credentials=credentials,
+        cache={"storage": f"own-cache-{suffix}"},
+    )
+    assert cached("team-cache") == in_team_cache and len(cached("own-cache")) == 1
+    assert len(api.calls) == 2
+
+    # Another machine of the same pool, with an empty bucket of its own, reads the
+    # team's cache and pays nothing.
+    elsewhere = s3_server.bucket_block(f"{bucket.bucket_name}-b")
+    again = generate_images(["a pooled plover"], bucket=elsewhere, credentials=credentials)
+    assert (again.generated, again.from_cache, len(api.calls)) == (0, 1, 2)

@@ -62,7 +62,7 @@ def test_two_thousand_prompts_through_faults_and_an_s3_restart(
                 prompts,
                 bucket=bucket,
                 credentials=creds,
-                max_concurrency=16,
+                limits={"max_concurrency": 16},
                 allow_failures=PROMPTS,
             )
         finally:

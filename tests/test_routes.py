@@ -83,7 +83,10 @@ def test_a_retired_model_falls_back_to_the_next_route(
     prompts = [f"a migrating crane #{n}" for n in range(6)]
 
     report = generate_images(
-        prompts, bucket=bucket, credentials=[retired, openai_credentials], max_concurrency=2
+        prompts,
+        bucket=bucket,
+        credentials=[retired, openai_credentials],
+        limits={"max_concurrency": 2},
     )
 
     # Every image went through the second route; the first was called at most once per
@@ -125,7 +128,7 @@ def test_a_rapidapi_route_that_is_gone_falls_back_to_openai(
         ["a heron at dusk", "a heron at dawn"],
         bucket=bucket,
         credentials=[gone, openai_credentials],
-        max_concurrency=1,
+        limits={"max_concurrency": 1},
     )
 
     assert [i.model for i in report.images] == [openai_credentials.model] * 2
@@ -186,7 +189,7 @@ def test_a_spent_quota_drops_the_route(
         ["a frugal finch", "a frugal wren"],
         bucket=bucket,
         credentials=[openai_credentials, credentials],
-        max_concurrency=1,
+        limits={"max_concurrency": 1},
     )
 
     assert [i.model for i in report.images] == [credentials.model] * 2
@@ -212,7 +215,7 @@ def test_when_every_route_is_gone_one_message_names_each(
             [f"a lost lark #{n}" for n in range(5)],
             bucket=bucket,
             credentials=[retired, revoked],
-            max_concurrency=1,
+            limits={"max_concurrency": 1},
         )
 
     message = str(raised.value)
@@ -259,7 +262,10 @@ def test_every_request_is_checked_against_every_route_before_paying(
     for size, rule in [("1000x1000", "multiples of 16"), ("3840x1200", "aspect ratio")]:
         with pytest.raises(InvalidRequestError, match=rule):
             generate_images(
-                ["an odd-sized owl"], bucket=bucket, credentials=openai_credentials, size=size
+                ["an odd-sized owl"],
+                bucket=bucket,
+                credentials=openai_credentials,
+                image={"size": size},
             )
     # gpt-image-2's transparent backgrounds are a preview: a block that takes them says so.
     preview = MODELS["gpt-image-2"].model_copy(update={"transparent_formats": ["png", "webp"]})
@@ -281,7 +287,7 @@ def test_n_stores_every_image_and_bills_every_image(
     s3_server: LocalS3Server,
 ) -> None:
     report = generate_images(
-        ["three takes of a tern"], bucket=bucket, credentials=openai_credentials, n=3
+        ["three takes of a tern"], bucket=bucket, credentials=openai_credentials, image={"n": 3}
     )
 
     assert len(report.images) == 3

@@ -22,7 +22,12 @@ from prefect.client.schemas.objects import Log
 from prefect.logging.handlers import APILogHandler
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image import OpenAICredentials, RapidAPICredentials, generate_images
+from prefect_gpt_image import (
+    OpenAICredentials,
+    PromptTemplate,
+    RapidAPICredentials,
+    generate_images,
+)
 from prefect_gpt_image._ledger import FAILURES_LISTED
 from prefect_gpt_image._run_story import tell_outcome
 from prefect_gpt_image.models import PromptFailure, RunReport
@@ -89,7 +94,7 @@ def test_links_use_a_public_base_url(
         ["a public puffin"],
         bucket=bucket,
         credentials=credentials,
-        public_base_url="https://cdn.example.com/creatives/",
+        links={"public_base_url": "https://cdn.example.com/creatives/"},
         return_state=True,
     )
     (row,) = json.loads(artifacts_of(state.state_details.flow_run_id)["table"].data)
@@ -100,8 +105,14 @@ def test_a_template_times_its_variables(
     api: GptImageEmulator, credentials: RapidAPICredentials, bucket: S3Bucket
 ) -> None:
     report = generate_images(
-        template="a {product} on a {background} background, {style}",
-        variables={"product": ["mug", "vase"], "background": ["marble", "oak"], "style": ["flat"]},
+        PromptTemplate(
+            template="a {product} on a {background} background, {style}",
+            variables={
+                "product": ["mug", "vase"],
+                "background": ["marble", "oak"],
+                "style": ["flat"],
+            },
+        ),
         bucket=bucket,
         credentials=credentials,
         prefix="templated",
@@ -166,7 +177,7 @@ def test_a_dropped_route_is_logged_once(
         [f"a dropped dodo #{n}" for n in range(8)],
         bucket=bucket,
         credentials=[retired, openai_credentials],
-        max_concurrency=4,
+        limits={"max_concurrency": 4},
         return_state=True,
     )
     assert state.is_completed()
