@@ -1,4 +1,4 @@
-"""What the Batch API's tests share: a run in `mode="batch"`, what it billed at the
+"""What the Batch API's tests share: a run through the Batch API, what it billed at the
 emulator, and what it stored in the bucket."""
 
 from __future__ import annotations
@@ -7,18 +7,27 @@ from typing import Any
 
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image import OpenAICredentials, generate_images
+from prefect_gpt_image import BatchOptions, OpenAICredentials, generate_images
 from prefect_gpt_image._billing import call_cost
 from prefect_gpt_image._responses import usage_of
 from prefect_gpt_image.models import ImageRequest, RunReport
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 
-def run(route: OpenAICredentials, bucket: S3Bucket, texts: list[str], **options: Any) -> RunReport:
-    """`generate_images` through the Batch API, waiting up to two minutes for its batches."""
-    options.setdefault("mode", "batch")
-    options.setdefault("batch_wait_minutes", 2)
-    report: RunReport = generate_images(texts, bucket=bucket, credentials=route, **options)
+def run(
+    route: OpenAICredentials,
+    bucket: S3Bucket,
+    texts: list[str],
+    *,
+    batch: dict[str, Any] | None = None,
+    **options: Any,
+) -> RunReport:
+    """`generate_images` through the Batch API, waiting up to two minutes for its batches;
+    `batch` sets the other fields of its `BatchOptions` (`{"enabled": False}`: synchronous)."""
+    batch_options = BatchOptions(**{"wait_minutes": 2, **(batch or {})})
+    report: RunReport = generate_images(
+        texts, bucket=bucket, credentials=route, batch=batch_options, **options
+    )
     return report
 
 

@@ -1,4 +1,5 @@
-"""`mode="batch"`: reading what OpenAI's batches answer, when the answers are not clean.
+"""The Batch API (`batch=BatchOptions()`): reading what OpenAI's batches answer, when the
+answers are not clean.
 
 Against the emulator's Batch API, with images stored in a real S3 server. What a user
 relies on: a line that cannot be read fails its own prompt and no other, and the next run
@@ -85,7 +86,9 @@ def test_a_refused_prompt_is_not_sent_again_until_it_changes_or_refresh_cache_as
     assert changed.failures[0].prompt == reworded
     assert batch_api.stats["batches_created"] == 2 and sent(batch_api, reworded) == 1
 
-    refreshed = run(openai_credentials, bucket, [refused], refresh_cache=True, allow_failures=1)
+    refreshed = run(
+        openai_credentials, bucket, [refused], cache={"refresh": True}, allow_failures=1
+    )
 
     assert refreshed.failures[0].error_type == "PromptRejectedError"
     assert batch_api.stats["batches_created"] == 3 and sent(batch_api, refused) == 2
@@ -103,7 +106,7 @@ def test_a_stray_line_with_a_cached_requests_id_is_ignored_and_its_image_still_s
     two = run(openai_credentials, bucket, [second])
 
     assert len(two.images) == 1 and not two.failures and two.images[0].prompt == second
-    again = run(openai_credentials, bucket, [first], mode="sync", prefix="again")
+    again = run(openai_credentials, bucket, [first], batch={"enabled": False}, prefix="again")
     assert batch_api.calls == [] and again.from_cache == 1
     assert again.images[0].sha256 == one.images[0].sha256
 
@@ -113,19 +116,24 @@ def test_a_batch_answer_never_replaces_a_different_image_already_cached(
 ) -> None:
     batch_api.batch_processing_seconds = 3
     first, second = prompts(2)
-    waiting = run(openai_credentials, bucket, [first, second], batch_wait_minutes=0)
+    waiting = run(openai_credentials, bucket, [first, second], batch={"wait_minutes": 0})
     assert len(waiting.waiting) == 2
     # Meanwhile a synchronous run pays for `first` anew (a batch holds it, so only
     # refresh_cache pays) and stores what it was served.
     synchronous = run(
-        openai_credentials, bucket, [first], mode="sync", prefix="p", refresh_cache=True
+        openai_credentials,
+        bucket,
+        [first],
+        batch={"enabled": False},
+        prefix="p",
+        cache={"refresh": True},
     )
     assert len(batch_api.calls) == 1
 
     later = run(openai_credentials, bucket, [first, second], prefix="p")
 
     assert len(later.images) == 2 and later.from_cache == 1
-    again = run(openai_credentials, bucket, [first], mode="sync", prefix="again")
+    again = run(openai_credentials, bucket, [first], batch={"enabled": False}, prefix="again")
     assert len(batch_api.calls) == 1 and again.from_cache == 1
     assert again.images[0].sha256 == synchronous.images[0].sha256
 

@@ -1,5 +1,5 @@
-"""`mode="batch"`: the flow through OpenAI's Batch API, against the emulator's Files and
-Batches APIs, with images stored in a real S3 server.
+"""`batch=BatchOptions()`: the flow through OpenAI's Batch API, against the emulator's
+Files and Batches APIs, with images stored in a real S3 server.
 
 What a user relies on: no synchronous call is made, one batch is created (or as many as
 the limits demand), every image lands in the bucket byte for byte, the bill is half the
@@ -49,7 +49,7 @@ def test_200_prompts_go_in_one_batch_at_half_price_and_a_sync_rerun_makes_no_cal
 ) -> None:
     texts = prompts(200)
 
-    report = run(openai_credentials, bucket, texts, max_concurrency=16)
+    report = run(openai_credentials, bucket, texts, limits={"max_concurrency": 16})
 
     assert len(report.images) == 200 and not report.failures and not report.waiting
     assert batch_api.calls == []  # not one synchronous call
@@ -63,7 +63,9 @@ def test_200_prompts_go_in_one_batch_at_half_price_and_a_sync_rerun_makes_no_cal
     assert report.cost_usd == pytest.approx(synchronous / 2, abs=5e-4)  # micro-dollars, rounded
     assert report.synchronous_cost_usd == pytest.approx(synchronous, abs=5e-4)
 
-    again = run(openai_credentials, bucket, texts, mode="sync", max_concurrency=16)
+    again = run(
+        openai_credentials, bucket, texts, batch={"enabled": False}, limits={"max_concurrency": 16}
+    )
 
     assert batch_api.calls == [] and len(batch_api.batch_calls) == 200
     assert again.from_cache == 200 and again.cost_usd == 0
@@ -100,7 +102,7 @@ def test_a_run_that_stops_waiting_leaves_the_batch_to_the_next_run_which_pays_no
     batch_api.batch_processing_seconds = 3
     texts = prompts(5)
 
-    first = run(openai_credentials, bucket, texts, batch_wait_minutes=0)
+    first = run(openai_credentials, bucket, texts, batch={"wait_minutes": 0})
 
     assert len(first.waiting) == 5 and not first.images and not first.failures
     assert "waiting in OpenAI batches" in first.summary()
@@ -128,7 +130,7 @@ def test_a_run_killed_while_it_waits_then_run_again_creates_no_new_batch(
     script = (
         "from prefect_gpt_image import generate_images\n"
         f"generate_images({texts!r}, bucket='batch-bucket-{suffix}', "
-        f"credentials='batch-route-{suffix}', mode='batch', batch_wait_minutes=5)\n"
+        f"credentials='batch-route-{suffix}', batch={{'wait_minutes': 5}})\n"
     )
     waiting = subprocess.Popen([sys.executable, "-c", script], env=user_env)
     try:
@@ -188,11 +190,11 @@ def test_cancelling_stops_the_batches_and_sends_nothing_new(
 ) -> None:
     batch_api.batch_processing_seconds = 60
     texts = prompts(4)
-    first = run(openai_credentials, bucket, texts, batch_wait_minutes=0)
+    first = run(openai_credentials, bucket, texts, batch={"wait_minutes": 0})
     assert len(first.waiting) == 4
 
     with pytest.raises(RunFailedError) as failed:
-        run(openai_credentials, bucket, [*texts, "one more prompt"], cancel_batches=True)
+        run(openai_credentials, bucket, [*texts, "one more prompt"], batch={"cancel": True})
 
     report = failed.value.report
     assert [batch["status"] for batch in batch_api.batches] == ["cancelled"]
@@ -227,7 +229,7 @@ def test_the_budget_is_held_at_the_batch_price(
     cap = synchronous_worst * 0.75
 
     with pytest.raises(BudgetExceededError):
-        run(openai_credentials, bucket, texts, mode="sync", max_cost_usd=cap)
+        run(openai_credentials, bucket, texts, batch={"enabled": False}, max_cost_usd=cap)
     report = run(openai_credentials, bucket, texts, max_cost_usd=cap)
 
     assert len(report.images) == 4 and report.cost_usd <= cap
@@ -243,14 +245,14 @@ def test_batch_mode_needs_an_openai_route_and_refuses_edits_before_anything_is_s
     photo = tmp_path / "mug.png"
     Image.new("RGB", (64, 64), "white").save(photo)
     with pytest.raises(ConfigurationError, match="OpenAICredentials"):
-        generate_images(prompts(2), bucket=bucket, credentials=credentials, mode="batch")
+        generate_images(prompts(2), bucket=bucket, credentials=credentials, batch={})
     with pytest.raises(InvalidRequestError, match="generations only"):
         generate_images(
             prompts(1),
             bucket=bucket,
             credentials=openai_credentials,
-            mode="batch",
-            images=[str(photo)],
+            batch={},
+            edit={"images": [str(photo)]},
         )
     assert batch_api.calls == [] and not batch_api.batches
 
@@ -286,7 +288,7 @@ def test_refresh_cache_pays_for_a_new_batch_instead_of_collecting_the_last_one(
     texts = prompts(2)
     run(openai_credentials, bucket, texts)
 
-    again = run(openai_credentials, bucket, texts, refresh_cache=True)
+    again = run(openai_credentials, bucket, texts, cache={"refresh": True})
 
     assert again.generated == 2 and again.cost_usd > 0
     assert batch_api.stats["batches_created"] == 2 and len(batch_api.batch_calls) == 4

@@ -98,7 +98,7 @@ def test_a_batch_record_cut_short_asks_the_api_instead_of_sending_again(
 ) -> None:
     batch_api.batch_processing_seconds = 3
     texts = prompts(4)
-    first = run(openai_credentials, bucket, texts, batch_wait_minutes=0)
+    first = run(openai_credentials, bucket, texts, batch={"wait_minutes": 0})
     assert len(first.waiting) == 4
     records = batch_records(texts)
     assert len(records) == 4
@@ -142,7 +142,7 @@ def test_a_batch_of_another_project_is_not_sent_again_and_its_project_collects_i
     texts = prompts(4)
     ours = openai_credentials.model_copy(update={"project": "proj_creatives"})
     theirs = openai_credentials.model_copy(update={"project": "proj_other"})
-    first = run(ours, bucket, texts, batch_wait_minutes=0)
+    first = run(ours, bucket, texts, batch={"wait_minutes": 0})
     assert len(first.waiting) == 4
 
     with pytest.raises(RunFailedError) as elsewhere:
@@ -239,11 +239,16 @@ def test_a_synchronous_run_does_not_pay_for_prompts_a_batch_is_answering(
 ) -> None:
     batch_api.batch_processing_seconds = 2
     texts = prompts(3)
-    first = run(openai_credentials, bucket, texts, batch_wait_minutes=0)
+    first = run(openai_credentials, bucket, texts, batch={"wait_minutes": 0})
     assert len(first.waiting) == 3
 
     with pytest.raises(RunFailedError) as held_back:
-        run(openai_credentials, bucket, [*texts, "a fourth kite, not in any batch"], mode="sync")
+        run(
+            openai_credentials,
+            bucket,
+            [*texts, "a fourth kite, not in any batch"],
+            batch={"enabled": False},
+        )
 
     report = held_back.value.report
     assert len(report.images) == 1 and len(report.failures) == 3

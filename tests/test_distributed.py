@@ -48,7 +48,7 @@ def test_the_flow_runs_unchanged_on_a_dask_cluster_of_processes(
     prompts = [f"a distributed dormouse #{n}" for n in range(6)]
 
     on_dask = generate_images.with_options(task_runner=dask_cluster_of_processes())
-    first = on_dask(prompts, bucket=bucket, credentials=credentials, max_concurrency=3)
+    first = on_dask(prompts, bucket=bucket, credentials=credentials, limits={"max_concurrency": 3})
 
     assert len(first.images) == 6 and api.billed == 6
     # Workers have a throttle each, so across processes the flow's window is the bound.
@@ -90,12 +90,12 @@ def test_an_error_on_a_dask_worker_comes_back_whole(
     assert [call.status for call in api.calls] == [503]
 
 
-RUN_ONE_BATCH = """
+RUN_THE_PROMPTS = """
 import json, sys
 from prefect_gpt_image import generate_images
 prompts, bucket, credentials, cache, prefix = json.loads(sys.argv[1])
 report = generate_images(
-    prompts, bucket=bucket, credentials=credentials, cache_storage=cache, prefix=prefix
+    prompts, bucket=bucket, credentials=credentials, cache={"storage": cache}, prefix=prefix
 )
 print(json.dumps({"generated": report.generated, "from_cache": report.from_cache}))
 """
@@ -128,7 +128,7 @@ def test_machines_sharing_an_s3_cache_pay_once(
         }
         args = [prompts, f"images-{suffix}", f"creds-{suffix}", f"cache-{suffix}", name]
         done = subprocess.run(
-            [sys.executable, "-c", RUN_ONE_BATCH, json.dumps(args)],
+            [sys.executable, "-c", RUN_THE_PROMPTS, json.dumps(args)],
             env=env,
             capture_output=True,
             text=True,
@@ -170,8 +170,7 @@ def test_a_global_concurrency_limit_caps_requests_across_runs(
         prompts,
         bucket=bucket,
         credentials=credentials,
-        max_concurrency=8,
-        global_concurrency_limit=name,
+        limits={"max_concurrency": 8, "global_concurrency_limit": name},
     )
 
     assert len(report.images) == 8
@@ -187,7 +186,7 @@ def test_an_unknown_global_limit_is_refused_before_any_paid_call(
             ["a lost limit"],
             bucket=bucket,
             credentials=credentials,
-            **{argument: "no-such-limit"},  # type: ignore[arg-type]
+            limits={argument: "no-such-limit"},
         )
     assert api.calls == []
 
@@ -198,7 +197,10 @@ def test_a_rate_limit_needs_slot_decay(
     name = global_limit(4)
     with pytest.raises(ConfigurationError, match="has no slot decay"):
         generate_images(
-            ["a decayless dodo"], bucket=bucket, credentials=credentials, global_rate_limit=name
+            ["a decayless dodo"],
+            bucket=bucket,
+            credentials=credentials,
+            limits={"global_rate_limit": name},
         )
     assert api.calls == []
 
@@ -211,7 +213,10 @@ def test_a_global_rate_limit_spaces_requests_across_runs(
 
     started = time.monotonic()
     report = generate_images(
-        prompts, bucket=bucket, credentials=credentials, max_concurrency=5, global_rate_limit=name
+        prompts,
+        bucket=bucket,
+        credentials=credentials,
+        limits={"max_concurrency": 5, "global_rate_limit": name},
     )
 
     assert len(report.images) == 5

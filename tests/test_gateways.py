@@ -116,7 +116,7 @@ def test_a_spent_quota_behind_a_gateway_drops_the_route_after_one_answer(
         ["a thrifty thrush", "a thrifty tern"],
         bucket=bucket,
         credentials=[spent, openai_credentials],
-        max_concurrency=1,
+        limits={"max_concurrency": 1},
     )
 
     assert [call.status for call in gateway.calls] == [429]
@@ -138,7 +138,7 @@ def test_a_model_the_gateway_does_not_host_drops_the_route(
         ["a homeless heron", "a homeless hoopoe"],
         bucket=bucket,
         credentials=[unhosted, openai_credentials],
-        max_concurrency=1,
+        limits={"max_concurrency": 1},
     )
 
     assert [call.status for call in gateway.calls] == [400]
@@ -191,8 +191,7 @@ def test_a_refused_line_in_a_gateways_shape_is_a_refusal_in_batch_mode(
         texts,
         bucket=bucket,
         credentials=openai_credentials,
-        mode="batch",
-        batch_wait_minutes=1,
+        batch={"wait_minutes": 1},
         allow_failures=1,
     )
 
@@ -217,7 +216,7 @@ def test_a_gateways_model_name_is_an_alias_of_a_table_entry(
 
     aliased = route.model_copy(update={"model_aliases": {name: "gpt-image-2"}})
     report = generate_images(
-        ["an aliased avocet"], bucket=bucket, credentials=aliased, size="1536x864"
+        ["an aliased avocet"], bucket=bucket, credentials=aliased, image={"size": "1536x864"}
     )
 
     (call,) = api.calls
@@ -241,13 +240,11 @@ def test_a_batch_run_through_an_alias_is_judged_by_the_entry_it_names(
     )
 
     if sent:
-        report = generate_images(
-            ["a batched bittern"], bucket=bucket, credentials=route, mode="batch"
-        )
+        report = generate_images(["a batched bittern"], bucket=bucket, credentials=route, batch={})
         assert len(report.images) == 1 and len(api.batches) == 1
     else:
         with pytest.raises(InvalidRequestError, match="cannot send image-gen"):
-            generate_images(["a batched bittern"], bucket=bucket, credentials=route, mode="batch")
+            generate_images(["a batched bittern"], bucket=bucket, credentials=route, batch={})
         assert api.batches == [] and api.calls == []
 
 

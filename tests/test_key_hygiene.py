@@ -272,9 +272,11 @@ def test_the_key_appears_nowhere_on_either_route(
     assert any("Illegal header value" in line and "***'" in line for line in debug_logs.lines)
 
 
-@pytest.mark.parametrize("mode", ["sync", "batch"])
+@pytest.mark.parametrize(
+    "batch", [{"enabled": False}, {"wait_minutes": 1}], ids=["sync", "batch-api"]
+)
 def test_a_key_a_gateway_quotes_in_its_401_is_masked_on_every_path(
-    mode: str,
+    batch: dict[str, Any],
     api: GptImageEmulator,
     openai_credentials: OpenAICredentials,
     bucket: S3Bucket,
@@ -293,8 +295,7 @@ def test_a_key_a_gateway_quotes_in_its_401_is_masked_on_every_path(
         [f"a quoted quail #{n}" for n in range(2)],
         bucket=bucket,
         credentials=route,
-        mode=mode,
-        batch_wait_minutes=1,
+        batch=batch,
         return_state=True,
     )
 
@@ -374,10 +375,10 @@ def _everything_written(
     session_dir: Path,
     debug_logs: Everything,
 ) -> dict[str, str]:
-    """What a failed batch flow run left behind: Prefect's records, the logs, the error,
+    """What a failed flow run left behind: Prefect's records, the logs, the error,
     the report, the manifest in the bucket, and the files under Prefect's home."""
     exc = state.result(raise_on_failure=False)
-    written = _what_prefect_stored(state.state_details.flow_run_id, "batch")
+    written = _what_prefect_stored(state.state_details.flow_run_id, "run")
     written["log"] = "\n".join(debug_logs.lines)
     written["error"] = "".join(traceback.format_exception(exc)) + repr(exc)
     written["state"] = f"{state!r} {state.message}"

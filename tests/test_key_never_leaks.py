@@ -77,11 +77,11 @@ def test_key_appears_nowhere(
     )
 
     assert state.is_failed() and wrong_state.is_failed()
-    assert api.billed == 3  # the batch did run: two images, and one answer lost to a fault
+    assert api.billed == 3  # the run went on: two images, and one answer lost to a fault
     assert any("AuthenticationError" in line for line in debug_logs.lines)
 
     written: dict[str, str] = {"log": "\n".join(debug_logs.lines)}
-    for name, flow_state in (("batch", state), ("wrong", wrong_state)):
+    for name, flow_state in (("run", state), ("wrong", wrong_state)):
         exc = flow_state.result(raise_on_failure=False)
         written[f"{name} error"] = "".join(traceback.format_exception(exc)) + repr(exc)
         written[f"{name} state"] = f"{flow_state!r} {flow_state.message}"

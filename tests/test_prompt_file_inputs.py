@@ -284,7 +284,7 @@ def test_a_local_prompt_file_may_reach_a_folder_the_user_names(
         str(prompts),
         bucket=bucket,
         credentials=openai_credentials,
-        input_roots=[str(tmp_path / "shared")],
+        edit={"input_roots": [str(tmp_path / "shared")]},
     )
     assert len(report.images) == 2 and not report.failures
     assert len(edits_at(api)) == 2  # the mug came from the cache

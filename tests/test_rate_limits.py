@@ -35,7 +35,10 @@ def test_a_flow_told_the_rate_is_never_refused(
     prompts = [f"a punctual puffin #{n}" for n in range(20)]
 
     report = generate_images(
-        prompts, bucket=bucket, credentials=credentials, max_concurrency=8, requests_per_second=5
+        prompts,
+        bucket=bucket,
+        credentials=credentials,
+        limits={"max_concurrency": 8, "requests_per_second": 5},
     )
 
     assert len(report.images) == 20
@@ -60,7 +63,9 @@ def test_a_flow_not_told_learns_the_rate(
     prompts = [f"a learning lapwing #{n}" for n in range(30)]
     creds = credentials if protocol == "rapidapi" else openai_credentials
 
-    report = generate_images(prompts, bucket=bucket, credentials=creds, max_concurrency=8)
+    report = generate_images(
+        prompts, bucket=bucket, credentials=creds, limits={"max_concurrency": 8}
+    )
 
     assert len(report.images) == 30 and limited_api.billed == 30
     # Unpaced, the later rounds would meet 429s too: 8 in flight, 5 allowed a second.

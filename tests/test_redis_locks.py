@@ -75,17 +75,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.wait(timeout=10)
 
 
-RUN_ONE_BATCH = """
+RUN_THE_PROMPTS = """
 import json, sys, time
 from pathlib import Path
 from prefect_gpt_image import generate_images
 prompts, bucket, credentials, cache, redis_lock_url, ready, go = json.loads(sys.argv[1])
 Path(ready).touch()
-while not Path(go).exists():  # both machines start their batch at the same moment
+while not Path(go).exists():  # both machines start their run at the same moment
     time.sleep(0.01)
 report = generate_images(
-    prompts, bucket=bucket, credentials=credentials, cache_storage=cache,
-    redis_lock_url=redis_lock_url, max_concurrency=10,
+    prompts, bucket=bucket, credentials=credentials,
+    cache={"storage": cache, "redis_lock_url": redis_lock_url},
+    limits={"max_concurrency": 10},
 )
 print(json.dumps({"generated": report.generated, "from_cache": report.from_cache}))
 """
@@ -123,7 +124,7 @@ def run_two_machines_at_once(
         }
         machines.append(
             subprocess.Popen(
-                [sys.executable, "-c", RUN_ONE_BATCH, args],
+                [sys.executable, "-c", RUN_THE_PROMPTS, args],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -174,7 +175,7 @@ def test_an_unreachable_redis_is_refused_before_any_paid_call(
             ["a lockless lyrebird"],
             bucket=bucket,
             credentials=credentials,
-            redis_lock_url=f"redis://:hunter2@127.0.0.1:{closed_port}/0",
+            cache={"redis_lock_url": f"redis://:hunter2@127.0.0.1:{closed_port}/0"},
         )
     assert "hunter2" not in str(refused.value)
     assert api.calls == []
