@@ -200,7 +200,7 @@ def test_cancelling_stops_the_batches_and_sends_nothing_new(
     assert [batch["status"] for batch in batch_api.batches] == ["cancelled"]
     assert batch_api.stats["batches_created"] == 1
     assert len(report.failures) == 5 and not report.images and report.cost_usd == 0
-    assert any("cancel_batches" in failure.error for failure in report.failures)
+    assert any("batch.cancel" in failure.error for failure in report.failures)
 
 
 def test_a_prompt_the_batch_refuses_fails_alone(

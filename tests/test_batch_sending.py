@@ -174,7 +174,7 @@ def test_a_batch_the_api_never_finds_is_reported_and_not_sent_again(
         run(openai_credentials, bucket, texts)
 
     failures = failed.value.report.failures
-    assert len(failures) == 2 and "refresh_cache=True" in failures[0].error
+    assert len(failures) == 2 and "cache.refresh" in failures[0].error
     batch_api.add_batch_api_fault("retrieve", Fault.not_found(), times=1)
     again = run(openai_credentials, bucket, texts)  # the 404 was passing: this run collects
     assert len(again.images) == 2
@@ -252,7 +252,7 @@ def test_a_synchronous_run_does_not_pay_for_prompts_a_batch_is_answering(
 
     report = held_back.value.report
     assert len(report.images) == 1 and len(report.failures) == 3
-    assert 'mode="batch" to collect it' in report.failures[0].error
+    assert "batch on to collect it" in report.failures[0].error
     assert len(batch_api.calls) == 1  # only the prompt no batch holds was paid for
     collected = run(openai_credentials, bucket, texts)
     assert len(collected.images) == 3

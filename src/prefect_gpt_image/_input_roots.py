@@ -7,7 +7,7 @@ it does not decide what the worker reads: an image it names must be in the file'
 nothing outside the roots is opened, listed or looked up, so a refusal says nothing about
 what is there.
 
-Images named in code (`ImageRequest(images=...)`, the flow's `images`) are the user's own
+Images named in code (`ImageRequest(images=...)`, the flow's `edit.images`) are the user's own
 choice, and are not confined.
 """
 

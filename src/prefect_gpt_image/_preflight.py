@@ -37,7 +37,7 @@ def check_global_limits(limits: ApiLimits) -> None:
             if name == limits.global_rate_limit and not limit.slot_decay_per_second:
                 raise ConfigurationError(
                     f"The global concurrency limit {name!r} has no slot decay, so it cannot "
-                    "limit a rate: give it one, or pass it as global_concurrency_limit."
+                    "limit a rate: give it one, or pass it as limits.global_concurrency_limit."
                 )
 
 
