@@ -88,7 +88,8 @@ def generate_images(
         credentials: The route to the model: a `RapidAPICredentials` or
             `OpenAICredentials` block or a saved block's name, or an ordered list of
             them (a route that retired the model, rejects the key or ran out of quota
-            is dropped, and the next takes over), or None to read `RAPIDAPI_KEY`.
+            is dropped, and the next takes over). Without it, the `RAPIDAPI_KEY`
+            environment variable is the key to RapidAPI's route.
         limits: How busy the run may keep the API: the plan's limits.
         cache: The generation cache: refresh, expiry, shared storage and its locks.
         links: The links in the run's artifacts.

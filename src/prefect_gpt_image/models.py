@@ -271,13 +271,13 @@ class ApiLimits(OptionGroup):
         default=None,
         min_length=1,
         description="The name of a Prefect global concurrency limit every request holds a "
-        "slot of while it runs: a cap on requests in flight across workers.",
+        "slot of while it runs: a cap on requests in flight across workers. Empty: none.",
     )
     global_rate_limit: str | None = Field(
         default=None,
         min_length=1,
         description="The name of a Prefect global concurrency limit with slot decay every "
-        "request takes a slot of: a rate limit across workers.",
+        "request takes a slot of: a rate limit across workers. Empty: none.",
     )
 
 
