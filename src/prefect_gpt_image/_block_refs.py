@@ -66,7 +66,7 @@ def _route(ref: RouteRef | GptImageRoute) -> GptImageRoute:
         )
     for block_type in (RapidAPICredentials, OpenAICredentials):
         try:
-            return block_type.load(ref)  # type: ignore[return-value]
+            return block_type.load(ref, _sync=True)  # type: ignore[return-value, call-arg]
         except ValueError:
             continue
     raise ConfigurationError(
@@ -94,7 +94,7 @@ def resolve_bucket(value: S3Bucket | str) -> S3Bucket:
 
 def _load(block_type: type[B], name: str) -> B:
     try:
-        return block_type.load(name)  # type: ignore[return-value]
+        return block_type.load(name, _sync=True)  # type: ignore[return-value, call-arg]
     except ValueError as exc:
         raise ConfigurationError(
             f"No saved {block_type.__name__} block named {name!r} ({exc}). Create it in the "
