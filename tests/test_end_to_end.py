@@ -119,15 +119,21 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     # Sent on Monday morning through the Batch API, and collected every 15 minutes after.
     crons = sorted(schedule["schedule"]["cron"] for schedule in weekly["schedules"])
     assert crons == ["*/15 0-6 * * 2", "*/15 6-23 * * 1"]
-    assert weekly["parameters"]["mode"] == "batch"
-    # The run form: a size to pick, block pickers, numbers with bounds.
-    form = weekly["parameter_openapi_schema"]["properties"]
-    assert form["size"]["anyOf"][0]["enum"] == ["1024x1024", "1536x1024", "1024x1536"]
-    assert form["quality"]["anyOf"][0]["enum"] == ["low", "medium", "high", "xhigh", "max", "auto"]
+    assert weekly["parameters"]["batch"] == {"wait_minutes": 0}
+    assert weekly["parameters"]["max_cost_usd"] == 50
+    # The run form: a section per option group, block pickers, numbers with bounds.
+    schema = weekly["parameter_openapi_schema"]
+    form, sections = schema["properties"], schema["definitions"]
+    assert form["image"]["$ref"] == "#/definitions/ImageOptions"
+    size = sections["ImageOptions"]["properties"]["size"]
+    assert (size["default"], size["pattern"]) == ("1024x1024", r"^[1-9]\d*x[1-9]\d*$")
+    quality = sections["ImageOptions"]["properties"]["quality"]
+    assert quality["enum"] == ["low", "medium", "high", "xhigh", "max", "auto"]
     assert {"$ref": "#/definitions/RapidAPICredentials"} in form["credentials"]["anyOf"]
     assert {"$ref": "#/definitions/OpenAICredentials"} in form["credentials"]["anyOf"]
     assert {"$ref": "#/definitions/S3Bucket"} in form["bucket"]["anyOf"]
-    assert (form["max_concurrency"]["minimum"], form["max_concurrency"]["maximum"]) == (1, 256)
+    concurrency = sections["ApiLimits"]["properties"]["max_concurrency"]
+    assert (concurrency["minimum"], concurrency["maximum"]) == (1, 256)
 
     worker_log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
@@ -137,6 +143,7 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
         stderr=subprocess.STDOUT,
     )
     try:
+        template = "{product} on a {background} background, {style}, product photo"
         variables = {
             "product": ["teapot", "lamp"],
             "background": ["linen"],
@@ -149,10 +156,13 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
                 "generate-images/product-shots",
                 "--param",
                 "prefix=e2e",
-                "--param",
-                "size=1536x1024",
                 "--params",
-                json.dumps({"variables": variables}),
+                json.dumps(
+                    {
+                        "prompts": {"template": template, "variables": variables},
+                        "image": {"size": "1536x1024"},
+                    }
+                ),
             ],
             env,
         )
