@@ -1,4 +1,4 @@
-"""The batch flow at scale, beside two references measured in the same run: the sequential
+"""The flow at scale, beside two references measured in the same run: the sequential
 loop users write by hand, and a plain asyncio + httpx + boto3 script with the same
 concurrency (the orchestration-free ceiling).
 
@@ -62,7 +62,7 @@ def child_main(spec: dict[str, Any]) -> None:
     """Run one measured job and print its figures as one JSON line."""
     prompts = [f"{spec['label']} #{n}" for n in range(spec["prompts"])]
     kind = spec["kind"]
-    # Imports are paid once per process, not per batch: out of the measurement.
+    # Imports are paid once per process, not per run: out of the measurement.
     import boto3  # noqa: F401
 
     if kind == "flow":
@@ -157,13 +157,17 @@ def run_flow(spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
     from pydantic import SecretStr
 
     from prefect_gpt_image import (
+        ApiLimits,
+        BatchOptions,
+        EditOptions,
+        ImageOptions,
         ImageRequest,
         OpenAICredentials,
         RapidAPICredentials,
         generate_images,
     )
 
-    batch: list[str | ImageRequest] = list(prompts)
+    requests: list[str | ImageRequest] = list(prompts)
     credentials: RapidAPICredentials | OpenAICredentials = RapidAPICredentials(
         api_key=SecretStr(API_KEY), base_url=spec["api_base"], model=spec["model"]
     )
@@ -186,16 +190,17 @@ def run_flow(spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
     )
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         report = generate_images(
-            batch,
+            requests,
             bucket=bucket,
             credentials=credentials,
             prefix=spec["prefix"],
-            max_concurrency=spec["concurrency"],
-            requests_per_second=spec.get("requests_per_second"),
-            images=spec.get("edit_images"),
-            quality=spec.get("quality"),
-            mode=spec.get("mode", "sync"),
-            batch_wait_minutes=60,
+            image=ImageOptions(quality=spec.get("quality")),
+            edit=EditOptions(images=spec.get("edit_images")),
+            batch=BatchOptions(enabled=spec.get("mode") == "batch", wait_minutes=60),
+            limits=ApiLimits(
+                max_concurrency=spec["concurrency"],
+                requests_per_second=spec.get("requests_per_second"),
+            ),
         )
     return {
         "stored": len(report.images),
@@ -313,7 +318,7 @@ class Bench:
 
 
 def wait_until_quiet(busy_below: float = 0.1, timeout: float = 120.0) -> None:
-    """Wait until the machine is idle: the server records a batch's task-run events for a
+    """Wait until the machine is idle: the server records a run's task-run events for a
     while after it ends, and a run measured meanwhile shares the CPUs with it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -485,7 +490,7 @@ def noise(bench: Bench, n: int, rate: float, rounds: int) -> list[str]:
 
 def memory(bench: Bench, sizes: list[int], image_bytes: int) -> list[str]:
     """Peak RSS by prompt count, and with small images for the same count: what grows
-    with the batch, and what grows with the bytes."""
+    with the prompts, and what grows with the bytes."""
     lines = [
         "### Memory: latency 0.2 s, concurrency 16",
         "",
@@ -505,8 +510,8 @@ def memory(bench: Bench, sizes: list[int], image_bytes: int) -> list[str]:
 
 
 def edit_memory(bench: Bench, photos: int, photo_bytes: int) -> list[str]:
-    """Peak RSS of an edit batch over `photos` product photos of `photo_bytes` each, beside
-    the same batch over small photos: an input is read when its request is sent, so
+    """Peak RSS of an edit run over `photos` product photos of `photo_bytes` each, beside
+    the same run over small photos: an input is read when its request is sent, so
     memory should not grow with the photos' bytes."""
     lines = [
         f"### Edit memory: {photos} photos edited with one prompt, latency 0.2 s, concurrency 16",

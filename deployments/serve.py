@@ -5,8 +5,10 @@
 Runs until stopped; Prefect starts a run every Monday at 06:00 in Europe/Paris,
 which sends the week's prompts through OpenAI's Batch API at half price, and the same
 run every 15 minutes after, which stores what the batch has answered (change the crons
-below). The UI's "Run" button starts one with your own parameters. The credentials and
-bucket are the names of saved blocks (see the README), so no secret is written here.
+below). The UI's "Run" button starts one with your own parameters, the flow's options in
+their groups (image, edit, batch, limits, cache, links). The credentials and bucket are the
+names of saved blocks (see the README), so no secret is written here; a run whose new images
+could cost more than `max_cost_usd` is refused before anything is paid.
 """
 
 from prefect.schedules import Cron
@@ -25,8 +27,8 @@ if __name__ == "__main__":
             "bucket": "creatives-bucket",
             "credentials": "openai-gpt-image",
             "prefix": "weekly",
-            "mode": "batch",
-            "batch_wait_minutes": 0,
+            "max_cost_usd": 50,
+            "batch": {"wait_minutes": 0},
         },
         tags=["gpt-image"],
     )

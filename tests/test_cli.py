@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from prefect_gpt_image import OpenAICredentials
@@ -26,6 +28,95 @@ def run(args: list[str], env: dict[str, str], timeout: float = 240) -> subproces
 def test_help_is_quick_to_reach_and_lists_the_commands() -> None:
     result = subprocess.run([COMMAND, "--help"], capture_output=True, text=True, check=True)
     assert "generate" in result.stdout and "demo" in result.stdout
+
+
+def test_generate_help_groups_the_flags_as_the_run_form_groups_the_options() -> None:
+    result = subprocess.run([COMMAND, "generate", "--help"], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    sections = [line for line in result.stdout.splitlines() if line[:1].isalpha()]
+    assert sections[-6:] == [
+        "image:",
+        "edit:",
+        "batch (OpenAI's Batch API):",
+        "limits:",
+        "cache:",
+        "links:",
+    ]
+    limits = result.stdout.split("\nlimits:\n")[1].split("\ncache:\n")[0]
+    assert "--max-concurrency" in limits and "GPT_IMAGE_MAX_CONCURRENCY" in limits
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "refusal"),
+    [
+        ("--size", "1536x", "'1536x' is not WIDTHxHEIGHT"),
+        ("--max-concurrency", "0", "greater than or equal to 1 (got '0')"),
+        ("--link-expiry-hours", "a day", "a valid number"),
+        ("--batch-wait-minutes", "2000", "less than or equal to 1440"),
+    ],
+)
+def test_a_flag_an_option_group_refuses_is_a_usage_error_naming_the_flag(
+    tmp_path: Path, flag: str, value: str, refusal: str
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a refused racoon\n", "utf-8")
+
+    result = subprocess.run(
+        [COMMAND, "generate", str(prompts), "--bucket", "s3://anything", flag, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert f"error: argument {flag}: " in error and refusal in error
+    assert "Traceback" not in result.stderr
+
+
+def test_flags_reach_the_flow_as_its_option_groups(
+    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator, s3_server: LocalS3Server
+) -> None:
+    bucket = f"cli-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a grouped gannet #{n}\n" for n in range(8)), "utf-8")
+    api.latency = 0.3  # long enough for the run to fill its concurrency
+
+    # The flag wins over the environment's setting.
+    env = {**user_env, "GPT_IMAGE_MAX_CONCURRENCY": "1"}
+    result = run(
+        [
+            *("generate", str(prompts), "--bucket", f"s3://{bucket}"),
+            *("--size", "1536x1024", "--quality", "high", "--max-concurrency", "3"),
+        ],
+        env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "8 stored, 0 failed; 8 generated" in result.stdout
+    assert {(c.width, c.height, c.body.get("quality")) for c in api.calls} == {(1536, 1024, "high")}
+    assert api.peak_concurrency == 3
+
+
+def test_a_flag_left_out_lets_the_environment_setting_apply(
+    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator, s3_server: LocalS3Server
+) -> None:
+    bucket = f"cli-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a settled sandpiper #{n}\n" for n in range(6)), "utf-8")
+    api.latency = 0.3
+
+    result = run(
+        ["generate", str(prompts), "--bucket", f"s3://{bucket}"],
+        {**user_env, "GPT_IMAGE_MAX_CONCURRENCY": "2"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "6 stored, 0 failed; 6 generated" in result.stdout
+    assert api.peak_concurrency == 2  # not the flow's default, 8
 
 
 def test_the_command_line_imports_no_prefect_boto3_or_rich_before_a_command_runs() -> None:
@@ -187,16 +278,26 @@ def test_generate_in_batch_mode_sends_one_batch_and_cancel_stops_it(
     s3_server.create_bucket(bucket)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a batched badger\na batched bittern\n", "utf-8")
-    command = ["generate", str(prompts), "--bucket", f"s3://{bucket}", "--credentials", name]
+    command = [
+        *("generate", str(prompts), "--bucket", f"s3://{bucket}", "--credentials", name),
+        *("--mode", "batch", "--quality", "high"),
+    ]
     api.batch_processing_seconds = 40  # in progress for half a minute; cancelling takes 4 s
 
-    sent = run([*command, "--mode", "batch", "--batch-wait-minutes", "0"], user_env)
+    sent = run([*command, "--batch-wait-minutes", "0"], user_env)
 
     assert sent.returncode == 0, sent.stderr
-    assert "2 waiting in OpenAI batches" in sent.stdout + sent.stderr
+    assert "2 waiting in OpenAI batches" in sent.stdout + sent.stderr  # it did not wait
     assert api.calls == [] and [b["status"] for b in api.batches] != ["cancelled"]
+    (batch,) = api.batches
+    key = openai_credentials.api_key.get_secret_value()
+    sent_lines = httpx.get(
+        f"{api.openai_base_url}/files/{batch['input_file_id']}/content",
+        headers={"Authorization": f"Bearer {key}"},
+    ).text.splitlines()
+    assert [json.loads(line)["body"]["quality"] for line in sent_lines] == ["high", "high"]
 
-    cancelled = run([*command, "--mode", "batch", "--cancel-batches"], user_env)
+    cancelled = run([*command, "--cancel-batches"], user_env)
 
     assert cancelled.returncode == 1  # the prompts were not made
     assert [b["status"] for b in api.batches] == ["cancelled"]

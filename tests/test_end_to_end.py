@@ -121,6 +121,7 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     assert crons == ["*/15 0-6 * * 2", "*/15 6-23 * * 1"]
     sent = BatchOptions.model_validate(weekly["parameters"]["batch"])
     assert (sent.enabled, sent.wait_minutes) == (True, 0)
+    assert weekly["parameters"]["max_cost_usd"] == 50
     # The run form: a section per option group, a size checked as WIDTHxHEIGHT, a quality to
     # pick, block pickers, numbers with bounds.
     schema = weekly["parameter_openapi_schema"]

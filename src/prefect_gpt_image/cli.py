@@ -11,26 +11,30 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, TypeVar, get_args
 
 from prefect_gpt_image._console import print_report, progress_bar
-from prefect_gpt_image._image_sizes import IMAGE_SIZES, parse_size
-from prefect_gpt_image.model_table import Complexity, Quality
+from prefect_gpt_image._image_sizes import IMAGE_SIZES
+from prefect_gpt_image.model_table import Background, Complexity, Moderation, OutputFormat, Quality
+from prefect_gpt_image.models import InputFidelity
 
 if TYPE_CHECKING:
     from prefect_gpt_image._billing import RoutePrice
+    from prefect_gpt_image._form_schema import OptionGroup
     from prefect_gpt_image.blocks._route import GptImageRoute
 
-MAX_CONCURRENCY = 256
-MAX_REQUESTS_PER_SECOND = 1000.0
-"""The flow's own bounds on `max_concurrency` and `requests_per_second`, checked here so that
-a typo is a usage error before Prefect starts."""
+Group = TypeVar("Group", bound="OptionGroup")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command: Callable[[argparse.Namespace], int] = args.command
-    return command(args)
+    try:
+        return command(args)
+    except _FlagError as exc:  # before anything runs: a usage error, as argparse's own
+        parser: argparse.ArgumentParser = args.parser
+        flags = [a.option_strings[-1] for a in parser._actions if a.dest == exc.dest]
+        parser.error(f"argument {flags[0] if flags else exc.dest}: {exc}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,58 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_credentials(generate)
     generate.add_argument("--prefix", default="", help="folder for this run's images")
-    _add_request_fields(generate)
-    generate.add_argument(
-        "--images",
-        action="append",
-        metavar="IMAGE",
-        help="edit instead of generate: an image to edit with every prompt (a path or "
-        "s3:// URI; repeat for more), or one s3:// folder or local directory of them",
-    )
-    _add_input_roots(generate)
-    generate.add_argument("--mask", metavar="PNG", help="for edits: the area to repaint")
-    generate.add_argument("--input-fidelity", choices=("high", "low"), help="for edits")
-    generate.add_argument(
-        "--max-concurrency", type=_whole(1, MAX_CONCURRENCY), default=8, metavar="N"
-    )
-    generate.add_argument(
-        "--requests-per-second",
-        type=_amount(above=0, at_most=MAX_REQUESTS_PER_SECOND),
-        metavar="R",
-        help="the plan's rate limit (default: learned from the API's 429s)",
-    )
     generate.add_argument(
         "--max-cost-usd",
-        type=_amount(at_least=0),
+        type=_amount,
         metavar="USD",
         help="refuse a run whose new images would cost more, and stop at this spend",
     )
-    generate.add_argument("--allow-failures", type=_whole(0), default=0, metavar="N")
-    generate.add_argument(
-        "--refresh-cache", action="store_true", help="generate again even where cached (pays)"
-    )
-    generate.add_argument(
-        "--mode",
-        choices=("sync", "batch"),
-        default="sync",
-        help="batch: through OpenAI's Batch API, at half price, within 24 hours; run the "
-        "same command again to collect what is ready",
-    )
-    generate.add_argument(
-        "--batch-wait-minutes",
-        type=_amount(at_least=0, at_most=1440),
-        default=10,
-        metavar="M",
-        help="with --mode batch: how long to wait for the batches before leaving them to a "
-        "later run",
-    )
-    generate.add_argument(
-        "--cancel-batches",
-        action="store_true",
-        help="with --mode batch: cancel these prompts' batches, store what they answered, "
-        "send nothing new",
-    )
-    generate.set_defaults(command=_generate)
+    generate.add_argument("--allow-failures", type=_count, default=0, metavar="N")
+    _add_image_options(generate)
+    _add_edit_options(generate)
+    _add_batch_options(generate)
+    _add_limits(generate)
+    _add_cache_options(generate)
+    _add_link_options(generate)
+    generate.set_defaults(command=_generate, parser=generate)
 
     price = commands.add_parser(
         "price",
@@ -129,9 +95,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="a model of the built-in table, priced through OpenAI (repeatable)",
     )
-    _add_request_fields(price)
-    _add_input_roots(price)
-    price.set_defaults(command=_price)
+    _add_image_options(price)
+    _add_input_roots(price.add_argument_group("edit"))
+    price.set_defaults(command=_price, parser=price)
 
     demo = commands.add_parser(
         "demo",
@@ -170,9 +136,39 @@ def _add_credentials(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_input_roots(command: argparse.ArgumentParser) -> None:
-    command.add_argument(
+def _add_image_options(command: argparse.ArgumentParser) -> None:
+    """`ImageOptions`: a flag left unset leaves its field to the model's default."""
+    image = command.add_argument_group(
+        "image", "what every image looks like, for prompts that do not say otherwise"
+    )
+    image.add_argument(
+        "--size",
+        dest="image.size",
+        metavar="WxH",
+        help=f"{', '.join(IMAGE_SIZES)}, or any size the model makes (default: 1024x1024)",
+    )
+    image.add_argument(
+        "--quality",
+        dest="image.quality",
+        choices=get_args(Quality),
+        help="xhigh and max on gpt-image-2.5 and 2.6 only",
+    )
+    image.add_argument(
+        "--complexity", dest="image.complexity", choices=get_args(Complexity), help="gpt-image-2.6"
+    )
+    image.add_argument("--n", dest="image.n", metavar="N", help="images per prompt (default: 1)")
+    image.add_argument(
+        "--output-format", dest="image.output_format", choices=get_args(OutputFormat)
+    )
+    image.add_argument("--output-compression", dest="image.output_compression", metavar="PERCENT")
+    image.add_argument("--background", dest="image.background", choices=get_args(Background))
+    image.add_argument("--moderation", dest="image.moderation", choices=get_args(Moderation))
+
+
+def _add_input_roots(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--input-root",
+        dest="edit.input_roots",
         action="append",
         metavar="FOLDER",
         help="a folder (local, or s3://bucket/prefix/) whose images the prompt file may "
@@ -181,97 +177,186 @@ def _add_input_roots(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_request_fields(command: argparse.ArgumentParser) -> None:
-    """The request fields the flow takes as defaults for prompts that do not give them."""
-    command.add_argument(
-        "--size",
-        default="1024x1024",
-        type=_size,
-        metavar="WxH",
-        help=f"size of prompts that do not give one: {', '.join(IMAGE_SIZES)}, or any "
-        "size the model makes (default: %(default)s)",
+def _add_edit_options(command: argparse.ArgumentParser) -> None:
+    edit = command.add_argument_group("edit", "edit images instead of generating them")
+    edit.add_argument(
+        "--images",
+        dest="edit.images",
+        action="append",
+        metavar="IMAGE",
+        help="an image to edit with every prompt (a path or s3:// URI; repeat for more), or "
+        "one s3:// folder or local directory of them",
     )
-    command.add_argument(
-        "--quality",
-        choices=get_args(Quality),
-        help="xhigh and max on gpt-image-2.5 and 2.6 only",
+    edit.add_argument("--mask", dest="edit.mask", metavar="PNG", help="the area to repaint")
+    edit.add_argument(
+        "--input-fidelity", dest="edit.input_fidelity", choices=get_args(InputFidelity)
     )
-    command.add_argument("--complexity", choices=get_args(Complexity), help="gpt-image-2.6 only")
-    command.add_argument(
-        "--n", type=_whole(1), default=1, metavar="N", help="images per prompt (default: 1)"
+    _add_input_roots(edit)
+
+
+def _add_batch_options(command: argparse.ArgumentParser) -> None:
+    batch = command.add_argument_group(
+        "batch (OpenAI's Batch API)",
+        "half the price, answered within 24 hours; run the same command again to collect "
+        "what is ready",
     )
-    command.add_argument("--output-format", choices=("png", "jpeg", "webp"))
-    command.add_argument("--output-compression", type=_whole(0, 100), metavar="PERCENT")
-    command.add_argument("--background", choices=("transparent", "opaque", "auto"))
-    command.add_argument("--moderation", choices=("low", "auto"))
+    batch.add_argument(
+        "--mode",
+        choices=("sync", "batch"),
+        default="sync",
+        help="batch: send the new requests through OpenAI's Batch API (default: sync)",
+    )
+    batch.add_argument(
+        "--batch-wait-minutes",
+        dest="batch.wait_minutes",
+        metavar="M",
+        help="how long to wait for the batches before leaving them to a later run (default: 10)",
+    )
+    batch.add_argument(
+        "--cancel-batches",
+        dest="batch.cancel",
+        action="store_true",
+        default=None,
+        help="cancel these prompts' batches, store what they answered, send nothing new",
+    )
 
 
-def _one_or_many(values: list[str] | None) -> list[str] | str | None:
-    """One `--images` is a file or a folder; several are files."""
-    return values[0] if values and len(values) == 1 else values
+def _add_limits(command: argparse.ArgumentParser) -> None:
+    limits = command.add_argument_group(
+        "limits",
+        "how busy the run may keep the API; a flag left out takes its GPT_IMAGE_* setting",
+    )
+    limits.add_argument(
+        "--max-concurrency",
+        dest="limits.max_concurrency",
+        metavar="N",
+        help="requests in flight at once (default: GPT_IMAGE_MAX_CONCURRENCY, or 8)",
+    )
+    limits.add_argument(
+        "--requests-per-second",
+        dest="limits.requests_per_second",
+        metavar="R",
+        help="the plan's rate limit (default: GPT_IMAGE_REQUESTS_PER_SECOND, or learned from "
+        "the API's 429s)",
+    )
+    limits.add_argument(
+        "--global-concurrency-limit",
+        dest="limits.global_concurrency_limit",
+        metavar="NAME",
+        help="a Prefect global concurrency limit capping requests in flight across workers",
+    )
+    limits.add_argument(
+        "--global-rate-limit",
+        dest="limits.global_rate_limit",
+        metavar="NAME",
+        help="a Prefect global concurrency limit with slot decay: a rate across workers",
+    )
 
 
-def _size(text: str) -> str:
+def _add_cache_options(command: argparse.ArgumentParser) -> None:
+    cache = command.add_argument_group(
+        "cache",
+        "a prompt asked for again is served from the cache, unpaid; a flag left out takes "
+        "its GPT_IMAGE_* setting",
+    )
+    cache.add_argument(
+        "--refresh-cache",
+        dest="cache.refresh",
+        action="store_true",
+        default=None,
+        help="generate again even where cached (pays)",
+    )
+    cache.add_argument(
+        "--cache-expiration-days",
+        dest="cache.expiration_days",
+        metavar="DAYS",
+        help="how long images are served from the cache (default: for good)",
+    )
+    cache.add_argument(
+        "--cache-storage",
+        dest="cache.storage",
+        metavar="BLOCK",
+        help="a saved S3Bucket block's name or s3://bucket/folder, shared by workers on "
+        "other machines (default: Prefect's result storage)",
+    )
+    cache.add_argument(
+        "--redis-lock-url",
+        dest="cache.redis_lock_url",
+        metavar="URL",
+        help="redis://host:6379/0 holding the cache's locks across machines",
+    )
+
+
+def _add_link_options(command: argparse.ArgumentParser) -> None:
+    links = command.add_argument_group(
+        "links",
+        "the links in the run's artifacts; a flag left out takes its GPT_IMAGE_* setting",
+    )
+    links.add_argument(
+        "--public-base-url",
+        dest="links.public_base_url",
+        metavar="URL",
+        help="where the bucket is served publicly (default: presigned links)",
+    )
+    links.add_argument(
+        "--link-expiry-hours",
+        dest="links.expiry_hours",
+        metavar="HOURS",
+        help="how long presigned links work (default: 24)",
+    )
+
+
+def _count(text: str) -> int:
+    """An argparse type for a count of 0 or more: argparse turns its refusal into a usage
+    error (exit 2), where the flow's own check would come late, as a traceback."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
+    return int(text)
+
+
+def _amount(text: str) -> float:
+    """An argparse type for a finite amount of 0 or more, refused as `_count` refuses."""
     try:
-        width, height = parse_size(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1536x1024") from None
-    return f"{width}x{height}"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number, 0 or more")
+    return value
 
 
-def _whole(at_least: int, at_most: int | None = None) -> Callable[[str], int]:
-    """An argparse type for a count: argparse turns its refusal into a usage error (exit 2),
-    where the flow's own check would come late, as a traceback."""
+class _FlagError(Exception):
+    """A flag's value an option group refused: a usage error, naming the flag."""
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < at_least or (at_most is not None and value > at_most):
-            bound = f"{at_least} to {at_most}" if at_most is not None else f"{at_least} or more"
-            raise argparse.ArgumentTypeError(f"{value} is out of range: give {bound}")
-        return value
-
-    return parse
+    def __init__(self, dest: str, message: str) -> None:
+        super().__init__(message)
+        self.dest = dest
 
 
-def _amount(
-    *, at_least: float | None = None, above: float | None = None, at_most: float | None = None
-) -> Callable[[str], float]:
-    """An argparse type for a finite number within bounds, refused as `_whole` refuses."""
+def _options(args: argparse.Namespace, name: str, model: type[Group]) -> Group:
+    """The flow's option group `name` as the flags set it: a flag's `dest` is `name.field`,
+    and a flag left unset leaves its field unset, for the model's default or the
+    environment's setting to fill."""
+    from pydantic import ValidationError
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if at_least is not None and value < at_least:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: give {at_least:g} or more")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: give more than {above:g}")
-        if at_most is not None and value > at_most:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: give {at_most:g} at most")
-        return value
-
-    return parse
-
-
-def _request_fields(args: argparse.Namespace) -> dict[str, object]:
-    width, height = parse_size(args.size)
-    return {
-        "width": width,
-        "height": height,
-        "quality": args.quality,
-        "n": args.n,
-        "output_format": args.output_format,
-        "output_compression": args.output_compression,
-        "background": args.background,
-        "moderation": args.moderation,
-        "complexity": args.complexity,
+    given = {
+        dest.removeprefix(f"{name}."): value
+        for dest, value in vars(args).items()
+        if dest.startswith(f"{name}.") and value is not None
     }
+    if name == "edit" and "images" in given:  # one --images is a file or a folder
+        given["images"] = given["images"][0] if len(given["images"]) == 1 else given["images"]
+    if name == "batch":
+        given["enabled"] = args.mode == "batch"
+    try:
+        return model.model_validate(given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(map(str, error["loc"][:1]))
+        message = error["msg"].removeprefix("Value error, ")  # a validator's names the value
+        if error["type"] != "value_error":
+            message = f"{message} (got {error['input']!r})"
+        raise _FlagError(f"{name}.{field}", message) from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -279,7 +364,21 @@ def _generate(args: argparse.Namespace) -> int:
     from prefect_gpt_image._prompt_sets import read_prompt_set
     from prefect_gpt_image.errors import GptImageError, RunFailedError
     from prefect_gpt_image.flows.generate_images import generate_images
+    from prefect_gpt_image.models import ApiLimits
+    from prefect_gpt_image.options import (
+        BatchOptions,
+        CacheOptions,
+        EditOptions,
+        ImageOptions,
+        LinkOptions,
+    )
 
+    image = _options(args, "image", ImageOptions)
+    edit = _options(args, "edit", EditOptions)
+    batch = _options(args, "batch", BatchOptions)
+    limits = _options(args, "limits", ApiLimits)
+    cache = _options(args, "cache", CacheOptions)
+    links = _options(args, "links", LinkOptions)
     try:
         # A local file is checked before a flow run starts, so a typo is a one-line error.
         # The flow checks again, as it does for every caller; rows refused for their
@@ -287,36 +386,24 @@ def _generate(args: argparse.Namespace) -> int:
         if not args.prompts_file.startswith("s3://"):
             read_prompt_set(
                 args.prompts_file,
-                defaults=_request_fields(args),
-                input_roots=args.input_root or (),
+                defaults=image.request_fields(),
+                input_roots=edit.input_roots,
             )
         normalize_prefix(args.prefix)
         with progress_bar():
             report = generate_images(
-                prompts=args.prompts_file,
-                bucket=args.bucket,
-                credentials=args.credentials,
-                prefix=args.prefix,
-                size=args.size,
-                quality=args.quality,
-                n=args.n,
-                output_format=args.output_format,
-                output_compression=args.output_compression,
-                background=args.background,
-                moderation=args.moderation,
-                complexity=args.complexity,
-                images=_one_or_many(args.images),
-                input_roots=args.input_root,
-                mask=args.mask,
-                input_fidelity=args.input_fidelity,
-                max_concurrency=args.max_concurrency,
-                requests_per_second=args.requests_per_second,
+                args.prompts_file,
+                image=image,
+                edit=edit,
                 max_cost_usd=args.max_cost_usd,
                 allow_failures=args.allow_failures,
-                refresh_cache=args.refresh_cache,
-                mode=args.mode,
-                batch_wait_minutes=args.batch_wait_minutes,
-                cancel_batches=args.cancel_batches,
+                batch=batch,
+                bucket=args.bucket,
+                prefix=args.prefix,
+                credentials=args.credentials,
+                limits=limits,
+                cache=cache,
+                links=links,
             )
     except RunFailedError as exc:
         print_report(exc.report)
@@ -333,10 +420,13 @@ def _price(args: argparse.Namespace) -> int:
     from prefect_gpt_image._billing import price_on_route
     from prefect_gpt_image._prompt_sets import read_prompt_set
     from prefect_gpt_image.errors import GptImageError
+    from prefect_gpt_image.options import EditOptions, ImageOptions
 
+    image = _options(args, "image", ImageOptions)
+    edit = _options(args, "edit", EditOptions)
     try:
         prompt_set = read_prompt_set(
-            args.prompts_file, defaults=_request_fields(args), input_roots=args.input_root or ()
+            args.prompts_file, defaults=image.request_fields(), input_roots=edit.input_roots
         )
         requests = prompt_set.admitted
         routes = _pricing_routes(args.credentials, args.model)

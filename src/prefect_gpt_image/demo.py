@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from prefect_gpt_image.models import ImageRequest
+from prefect_gpt_image.models import ApiLimits, ImageRequest
 
 DEMO_API_KEY = "demo-key-not-secret"
 DEMO_BUCKET = "gpt-image-demo"
@@ -77,6 +77,7 @@ def _run(directory: Path, *, ui_url: str | None) -> int:
     from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
     from prefect_gpt_image.errors import RunFailedError
     from prefect_gpt_image.flows.generate_images import generate_images
+    from prefect_gpt_image.options import ImageOptions
     from prefect_gpt_image.testing import Fault, GptImageEmulator, LocalS3Server
 
     bucket_root = directory / "s3"
@@ -101,12 +102,12 @@ def _run(directory: Path, *, ui_url: str | None) -> int:
         try:
             with progress_bar():
                 state = generate_images(
-                    prompts=DEMO_PROMPTS,
+                    DEMO_PROMPTS,
+                    image=ImageOptions(quality="medium"),
                     bucket=s3.bucket_block(DEMO_BUCKET),
-                    credentials=routes,
                     prefix=DEMO_PREFIX,
-                    quality="medium",
-                    max_concurrency=4,
+                    credentials=routes,
+                    limits=ApiLimits(max_concurrency=4),
                     return_state=True,
                 )
             report = state.result()
