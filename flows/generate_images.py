@@ -1,7 +1,7 @@
 """The flow: a prompt set in, every good image in the bucket, a manifest beside them.
 
 It reads top to bottom: resolve the inputs, plan (check everything that can be checked
-before paying, and what the cache already holds), run (`batch_runner`), publish (the
+before paying, and what the cache already holds), run (`_runner`), publish (the
 manifest and the run's artifacts).
 """
 

@@ -20,7 +20,7 @@ REPORT_MAX_IMAGES = 20
 
 
 def print_report(report: RunReport) -> None:
-    """Where each image landed, what failed, and the batch's summary line."""
+    """Where each image landed, what failed, and the run's summary line."""
     for image in report.images[:REPORT_MAX_IMAGES]:
         print(f"  {image.uri}  ({image.width}x{image.height}, {image.size:,} bytes)")
     if len(report.images) > REPORT_MAX_IMAGES:

@@ -1,4 +1,4 @@
-"""The manifest: one JSON line per prompt, beside the batch's images."""
+"""The manifest: one JSON line per prompt, beside the run's images."""
 
 from __future__ import annotations
 
