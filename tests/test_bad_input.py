@@ -178,8 +178,8 @@ def test_the_command_line_says_what_is_wrong_and_exits_2(
         ("--requests-per-second", "-2", "-2 is out of range: give more than 0"),
         ("--requests-per-second", "inf", "'inf' is not a finite number"),
         ("--allow-failures", "-1", "-1 is out of range: give 0 or more"),
-        ("--n", "0", "0 is out of range: give 1 or more"),
-        ("--n", "-3", "-3 is out of range: give 1 or more"),
+        ("--n", "0", "0 is out of range: give 1 to 10"),
+        ("--n", "-3", "-3 is out of range: give 1 to 10"),
         ("--output-compression", "101", "101 is out of range: give 0 to 100"),
     ],
 )

@@ -51,9 +51,9 @@ def test_generate_help_groups_the_flags_as_the_run_form_groups_the_options() -> 
     ("flag", "value", "refusal"),
     [
         ("--size", "1536x", "'1536x' is not WIDTHxHEIGHT"),
-        ("--max-concurrency", "0", "greater than or equal to 1 (got '0')"),
-        ("--link-expiry-hours", "a day", "a valid number"),
-        ("--batch-wait-minutes", "2000", "less than or equal to 1440"),
+        ("--max-concurrency", "0", "0 is out of range: give 1 to 256"),
+        ("--link-expiry-hours", "a day", "'a day' is not a number"),
+        ("--batch-wait-minutes", "2000", "2000 is out of range: give 0 to 1440"),
     ],
 )
 def test_a_flag_an_option_group_refuses_is_a_usage_error_naming_the_flag(

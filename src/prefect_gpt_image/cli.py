@@ -19,6 +19,8 @@ from prefect_gpt_image.model_table import Background, Complexity, Moderation, Ou
 from prefect_gpt_image.models import InputFidelity
 
 if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
     from prefect_gpt_image._billing import RoutePrice
     from prefect_gpt_image._form_schema import OptionGroup
     from prefect_gpt_image.blocks._route import GptImageRoute
@@ -309,20 +311,54 @@ def _add_link_options(command: argparse.ArgumentParser) -> None:
 def _count(text: str) -> int:
     """An argparse type for a count of 0 or more: argparse turns its refusal into a usage
     error (exit 2), where the flow's own check would come late, as a traceback."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
-    return int(text)
+    return int(_number(text, int, at_least=0))
 
 
 def _amount(text: str) -> float:
     """An argparse type for a finite amount of 0 or more, refused as `_count` refuses."""
+    return _number(text, float, at_least=0)
+
+
+def _number(
+    text: str,
+    kind: type[int] | type[float],
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+) -> float:
+    """`text` as a number of `kind` within the bounds, or the refusal a person reads."""
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number, 0 or more")
+        whole = " whole" if kind is int else ""
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{whole} number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    if above is not None and value <= above:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give more than {above:g}")
+    low = at_least is not None and value < at_least
+    if low or (at_most is not None and value > at_most):
+        if at_least is not None and at_most is not None:
+            bound = f"{at_least:g} to {at_most:g}"
+        else:
+            bound = f"{at_least:g} or more" if low else f"{at_most:g} at most"
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give {bound}")
     return value
+
+
+def _within_field(text: str, field: FieldInfo) -> None:
+    """Refuse `text` as `_number` does, by the bounds of the numeric option field it is
+    for."""
+    if field.annotation not in (int, float, int | None, float | None):
+        return
+    bounds: dict[str, float] = {}
+    for rule in field.metadata:
+        for name, key in (("ge", "at_least"), ("gt", "above"), ("le", "at_most")):
+            if (bound := getattr(rule, name, None)) is not None:
+                bounds[key] = bound
+    kind = int if field.annotation in (int, int | None) else float
+    _number(text, kind, **bounds)
 
 
 class _FlagError(Exception):
@@ -352,9 +388,14 @@ def _options(args: argparse.Namespace, name: str, model: type[Group]) -> Group:
         return model.model_validate(given)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(map(str, error["loc"][:1]))
+        field = str(error["loc"][0])
         message = error["msg"].removeprefix("Value error, ")  # a validator's names the value
-        if error["type"] != "value_error":
+        if isinstance(value := error["input"], str) and field in model.model_fields:
+            try:  # a number out of bounds: in the words of the flags' own numbers
+                _within_field(value, model.model_fields[field])
+            except argparse.ArgumentTypeError as refusal:
+                message = str(refusal)
+        if error["type"] != "value_error" and message == error["msg"]:
             message = f"{message} (got {error['input']!r})"
         raise _FlagError(f"{name}.{field}", message) from None
 

@@ -261,6 +261,7 @@ class ApiLimits(OptionGroup):
         default=8, ge=1, le=256, description="Requests in flight at once, in this process."
     )
     requests_per_second: float | None = Field(
+        allow_inf_nan=False,
         default=None,
         gt=0,
         le=1000,

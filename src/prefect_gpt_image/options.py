@@ -141,6 +141,7 @@ class BatchOptions(OptionGroup):
         "the full price.",
     )
     wait_minutes: float = Field(
+        allow_inf_nan=False,
         default=10,
         ge=0,
         le=1440,
@@ -165,6 +166,7 @@ class CacheOptions(OptionGroup):
         description="Generate again even where a cached image exists (and pay for it).",
     )
     expiration_days: float | None = Field(
+        allow_inf_nan=False,
         default=None,
         gt=0,
         description="How long generated images are served from the cache. Empty: for good.",
@@ -190,7 +192,11 @@ class LinkOptions(OptionGroup):
         description="Where the bucket is served publicly (a CDN). Empty: presigned URLs.",
     )
     expiry_hours: float = Field(
-        default=24, gt=0, le=168, description="How long presigned links work, in hours."
+        allow_inf_nan=False,
+        default=24,
+        gt=0,
+        le=168,
+        description="How long presigned links work, in hours.",
     )
 
 
