@@ -169,7 +169,7 @@ def test_a_dropped_route_is_logged_once(
     api: GptImageEmulator, api_key: str, openai_credentials: OpenAICredentials, bucket: S3Bucket
 ) -> None:
     api.models.pop("gpt-image-1.5", None)  # retired: it answers 404 model_not_found
-    api.latency = 0.2  # every request in flight meets the retired route before it is dropped
+    api.latency = 1.0  # every request in flight meets the retired route before it is dropped
     retired = OpenAICredentials(
         api_key=api_key, base_url=api.openai_base_url, model="gpt-image-1.5", timeout_seconds=10
     )
