@@ -10,22 +10,29 @@ deployment's form as headless Chromium renders it (and takes its screenshot:
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import httpx
 import pytest
+import websockets
 import yaml
 from test_end_to_end import CHROMIUM_FLAGS, chromium, prefect
 
+from prefect_gpt_image import ImageOptions
 from prefect_gpt_image.flows.generate_images import generate_images
 from prefect_gpt_image.testing import prefect_server
+from prefect_gpt_image.testing.local_prefect import stop_process
 
 __all__ = ["chromium"]  # the fixture, shared with the end-to-end test
 
@@ -249,6 +256,123 @@ def test_the_run_form_in_a_browser(
     update = os.environ.get("UPDATE_SCREENSHOTS") == "1" and deployment == "product-shots"
     screenshot = SCREENSHOT if update else tmp_path / f"{deployment}.png"
     screenshot.parent.mkdir(exist_ok=True)
-    browse(chromium, tmp_path, f"--screenshot={screenshot}", page)
+    with Browser(chromium, tmp_path / "shot") as browser:  # once the form has loaded
+        assert browser.run(page, WAIT_FOR_FORM, screenshot=screenshot) == [True]
     assert screenshot.read_bytes().startswith(b"\x89PNG")
     assert screenshot.stat().st_size > 50_000  # a drawn form, not a blank page
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol: a page a test can click in."""
+
+    def __init__(self, chromium: str, profile: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self._port = probe.getsockname()[1]
+        flags = [flag for flag in CHROMIUM_FLAGS if not flag.startswith("--virtual-time")]
+        self._process = subprocess.Popen(
+            [
+                chromium,
+                *flags,
+                "--window-size=1400,3000",
+                f"--user-data-dir={profile}",
+                f"--remote-debugging-port={self._port}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._calls = 0
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        stop_process(self._process, timeout=10)
+
+    def run(self, page: str, *steps: str, screenshot: Path | None = None) -> list[Any]:
+        """Open `page`, then evaluate each JavaScript step (awaited; each may wait for the
+        page), and return their values; `screenshot` saves the page as it ends."""
+        return asyncio.run(self._run(page, steps, screenshot))
+
+    async def _run(self, page: str, steps: tuple[str, ...], screenshot: Path | None) -> list[Any]:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{self._port}/json").json()
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        target = next(t for t in targets if t["type"] == "page")
+        async with websockets.connect(target["webSocketDebuggerUrl"], max_size=2**26) as ws:
+
+            async def call(method: str, **params: Any) -> dict[str, Any]:
+                self._calls += 1
+                await ws.send(json.dumps({"id": self._calls, "method": method, "params": params}))
+                while True:
+                    message = json.loads(await ws.recv())
+                    if message.get("id") == self._calls:
+                        return cast(dict[str, Any], message.get("result", {}))
+
+            await call("Page.navigate", url=page)
+            values = []
+            for step in steps:
+                answer = await call(
+                    "Runtime.evaluate", expression=step, awaitPromise=True, returnByValue=True
+                )
+                values.append(answer.get("result", {}).get("value"))
+            if screenshot is not None:
+                shot = await call(
+                    "Page.captureScreenshot", format="png", captureBeyondViewport=True
+                )
+                screenshot.write_bytes(base64.b64decode(shot["data"]))
+            return values
+
+
+WAIT_FOR_FORM = """new Promise((done, fail) => {
+  const start = Date.now();
+  const look = () => {
+    const buttons = [...document.querySelectorAll('button')];
+    const submit = buttons.find(b => b.innerText.trim() == 'Submit');
+    if (submit && document.querySelectorAll('.schema-form-property').length > 12) done(true);
+    else if (Date.now() - start > 60000) fail('the form did not load');
+    else setTimeout(look, 250);
+  };
+  look();
+})"""
+SUBMIT = """(() => {
+  [...document.querySelectorAll('button')].find(b => b.innerText.trim() == 'Submit').click();
+  return new Promise(done => setTimeout(() => done(document.body.innerText), 3000));
+})()"""
+
+
+@pytest.mark.scenario
+@pytest.mark.parametrize("deployment", [entry["name"] for entry in DEPLOYED["deployments"]])
+def test_the_form_as_it_opens_starts_a_run_the_flow_accepts(
+    deployment: str,
+    deployed: tuple[str, dict[str, str]],
+    chromium: str,
+    tmp_path: Path,
+) -> None:
+    """A person who opens the form and presses Submit starts a run: the form refuses none of
+    the values it shows, the server takes them, and they are the flow's own parameters."""
+    api_url, _ = deployed
+    stored = httpx.get(f"{api_url}/deployments/name/generate-images/{deployment}").json()
+    page = f"{api_url.removesuffix('/api')}/deployments/deployment/{stored['id']}/run"
+
+    with Browser(chromium, tmp_path / "chrome") as browser:
+        opened, after = browser.run(page, WAIT_FOR_FORM, SUBMIT)
+    assert opened is True
+    assert "not valid" not in after and "is not of type" not in after, after
+
+    runs = httpx.post(
+        f"{api_url}/flow_runs/filter",
+        json={"deployments": {"id": {"any_": [stored["id"]]}}},
+    ).json()
+    (run,) = [run for run in runs if not run["auto_scheduled"]]  # not the schedule's own
+    assert run["parameters"]["prompts"] == stored["parameters"]["prompts"]
+    validated = generate_images.validate_parameters(run["parameters"])
+    assert isinstance(validated["image"], ImageOptions)
+    assert validated["batch"].enabled == ("batch" in stored["parameters"])
