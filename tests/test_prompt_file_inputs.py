@@ -146,7 +146,8 @@ def test_a_local_prompt_files_images_stay_below_its_folder_and_outside_is_never_
         f"scenes.jsonl, line 2: refused, and nothing read for it: the input image "
         f"'{private / 'id_rsa'}' is not below the prompt file's folder or an input root "
         f"({folder}). A prompt file may name only images below its own folder; to edit "
-        "images elsewhere, name their folder in edit.input_roots (--input-root on the command line)."
+        "images elsewhere, name their folder in edit.input_roots (--input-root on the command "
+        "line)."
     )
     assert "'../private/id_rsa'" in str(refused[3])
     assert "the mask '/etc/shadow'" in str(refused[6])
