@@ -342,10 +342,17 @@ WAIT_FOR_FORM = """new Promise((done, fail) => {
   };
   look();
 })"""
-SUBMIT = """(() => {
+SUBMIT = """new Promise((done) => {
+  const form = location.href, name = document.querySelector('input').value;  // Run Name
   [...document.querySelectorAll('button')].find(b => b.innerText.trim() == 'Submit').click();
-  return new Promise(done => setTimeout(() => done(document.body.innerText), 3000));
-})()"""
+  const start = Date.now();
+  const look = () => {  // the UI opens the new run's page once the server has taken it
+    if (location.href != form || Date.now() - start > 60000)
+      done({name: name, page: document.body.innerText});
+    else setTimeout(look, 250);
+  };
+  look();
+})"""
 
 
 @pytest.mark.scenario
@@ -363,15 +370,17 @@ def test_the_form_as_it_opens_starts_a_run_the_flow_accepts(
     page = f"{api_url.removesuffix('/api')}/deployments/deployment/{stored['id']}/run"
 
     with Browser(chromium, tmp_path / "chrome") as browser:
-        opened, after = browser.run(page, WAIT_FOR_FORM, SUBMIT)
+        opened, submitted = browser.run(page, WAIT_FOR_FORM, SUBMIT)
     assert opened is True
+    after = submitted["page"]
     assert "not valid" not in after and "is not of type" not in after, after
 
     runs = httpx.post(
         f"{api_url}/flow_runs/filter",
-        json={"deployments": {"id": {"any_": [stored["id"]]}}},
+        json={"flow_runs": {"name": {"any_": [submitted["name"]]}}},
     ).json()
-    (run,) = [run for run in runs if not run["auto_scheduled"]]  # not the schedule's own
+    (run,) = runs
+    assert run["deployment_id"] == stored["id"]
     assert run["parameters"]["prompts"] == stored["parameters"]["prompts"]
     validated = generate_images.validate_parameters(run["parameters"])
     assert isinstance(validated["image"], ImageOptions)
