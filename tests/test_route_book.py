@@ -1,7 +1,11 @@
 """The route book on its own, without a flow or a client: when a route is dropped, and what
-a batch is told when no route is left."""
+a run is told when no route is left."""
 
 from __future__ import annotations
+
+import logging
+
+import pytest
 
 from prefect_gpt_image import OpenAICredentials
 from prefect_gpt_image._charges import Charges
@@ -107,3 +111,19 @@ def test_with_every_route_dropped_one_message_names_each() -> None:
         f"key; {SECOND.route_name}: ServerError: 503"
     )
     assert book.live([FIRST, SECOND]) == []
+
+
+def test_a_dropped_route_is_told_once_however_many_requests_meet_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Requests in flight when a route goes each learn it was dropped; the run's log says
+    so once."""
+    book = RouteBook()
+    with caplog.at_level(logging.WARNING, logger="prefect_gpt_image._routes"):
+        for _ in range(4):
+            rejected = AuthenticationError("rejected the API key", status_code=401)
+            assert book.failed(FIRST, rejected, fallback=True)
+
+    (told,) = [record.getMessage() for record in caplog.records]
+    assert told.startswith(f"Dropped the route {FIRST.route_name} (gpt-image-2)")
+    assert "rejected the API key" in told
