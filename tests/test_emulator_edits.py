@@ -100,6 +100,30 @@ def test_edits_photos_with_a_mask_and_records_their_bytes(
     assert (api.billed, api.billed_images, len(api.served)) == (1, 2, 2)
 
 
+def test_a_masked_edit_keeps_the_photo_where_the_mask_is_opaque(
+    client: openai.OpenAI, model: str
+) -> None:
+    red = (200, 30, 30)
+    half = Image.new("RGBA", (SIDE, SIDE), (0, 0, 0, 0))
+    half.paste((0, 0, 0, 255), (0, 0, SIDE // 2, SIDE))  # keep the left half
+    buffer = io.BytesIO()
+    half.save(buffer, "PNG")
+
+    result = client.images.edit(
+        model=model,
+        image=png("photo.png", red),
+        mask=("mask.png", buffer.getvalue(), "image/png"),
+        prompt="extend the scene to the right",
+    )
+
+    assert result.data is not None
+    image = decode(result.data[0].b64_json).convert("RGB")
+    kept = image.crop((0, 0, SIDE // 2, SIDE)).getcolors()
+    drawn = image.crop((SIDE // 2, 0, SIDE, SIDE)).getcolors(SIDE * SIDE) or []
+    assert kept == [(SIDE * SIDE // 2, red)]
+    assert red not in {colour for _, colour in drawn}
+
+
 def test_image_tokens_grow_with_the_photos_and_their_fidelity(
     client: openai.OpenAI, api: GptImageEmulator, model: str
 ) -> None:

@@ -491,6 +491,7 @@ class _Upload:
     width: int
     height: int
     alpha: bool
+    data: bytes = dataclasses.field(default=b"", repr=False, compare=False)
 
     def tokens(self, fidelity: str | None) -> int:
         """Image input tokens for reading it at `fidelity` (see `_IMAGE_TILES`)."""
@@ -518,6 +519,9 @@ class _ImageRequest:
     uploads: tuple[_Upload, ...] = ()
     mask: str | None = None
     input_fidelity: str | None = None
+    kept: tuple[bytes, bytes] | None = dataclasses.field(default=None, repr=False)
+    """A masked edit's first image and mask: the output keeps the image where the mask is
+    opaque, as the model does, and draws only where it is transparent."""
 
     @property
     def size(self) -> tuple[int, int]:
@@ -909,7 +913,7 @@ def _upload(part: _Part, param: str, types: Mapping[str, str], limit: int) -> _U
     except (OSError, ValueError, Image.DecompressionBombError):
         message = f"Invalid file '{param}': its bytes are not a {' or '.join(formats)} image."
         raise _invalid(message, param, "invalid_image_format") from None
-    return _Upload(hashlib.sha256(part.data).hexdigest(), width, height, alpha)
+    return _Upload(hashlib.sha256(part.data).hexdigest(), width, height, alpha, part.data)
 
 
 def _parse_edit(
@@ -977,6 +981,7 @@ def _read_edit(
         uploads=uploads,
         mask=mask.sha256 if mask is not None else None,
         input_fidelity=fidelity,
+        kept=(uploads[0].data, mask.data) if mask is not None else None,
     )
 
 
@@ -1100,6 +1105,23 @@ def _render(
     pillow_format = _FORMATS[image_format][0]
     buffer = io.BytesIO()
     image.save(buffer, pillow_format, **_SAVE_OPTIONS.get(pillow_format, {}))
+    return buffer.getvalue()
+
+
+def _keep_unmasked(drawn: bytes, image: bytes, mask: bytes, image_format: str) -> bytes:
+    """`drawn`, with `image` (resized to it) pasted wherever `mask` is not transparent: a
+    masked edit changes only the masked area."""
+    with Image.open(io.BytesIO(drawn)) as opened:
+        out = opened.convert("RGBA")
+    with Image.open(io.BytesIO(image)) as first, Image.open(io.BytesIO(mask)) as cover:
+        original = first.convert("RGBA").resize(out.size, Image.Resampling.BILINEAR)
+        keep = cover.convert("RGBA").getchannel("A").resize(out.size, Image.Resampling.NEAREST)
+    out.paste(original, mask=keep.point(lambda alpha: 255 if alpha else 0))
+    pillow_format = _FORMATS[image_format][0]
+    if pillow_format == "JPEG":
+        out = out.convert("RGB")
+    buffer = io.BytesIO()
+    out.save(buffer, pillow_format, **_SAVE_OPTIONS.get(pillow_format, {}))
     return buffer.getvalue()
 
 
@@ -1879,7 +1901,13 @@ class GptImageEmulator:
         started = time.monotonic()
         transparent = request.background == "transparent"
         images = [
-            self._draw(prompt, *request.size, request.output_format, transparent=transparent)
+            self._draw(
+                prompt,
+                *request.size,
+                request.output_format,
+                transparent=transparent,
+                kept=request.kept,
+            )
             for _ in range(request.n)
         ]
         latency = self.latency if latency is None else latency
@@ -1888,10 +1916,20 @@ class GptImageEmulator:
         return _json(200, request.answer([{"b64_json": _b64(data)} for data in images]))
 
     def _draw(
-        self, prompt: str, width: int, height: int, image_format: str, *, transparent: bool = False
+        self,
+        prompt: str,
+        width: int,
+        height: int,
+        image_format: str,
+        *,
+        transparent: bool = False,
+        kept: tuple[bytes, bytes] | None = None,
     ) -> bytes:
-        """A new valid image, counted in `served`."""
+        """A new valid image, counted in `served`; a masked edit's keeps its image's
+        unmasked area (`kept`)."""
         data = self._image(prompt, width, height, image_format, transparent=transparent)
+        if kept is not None:
+            data = _keep_unmasked(data, *kept, image_format)
         with self._lock:
             self._served[hashlib.sha256(data).hexdigest()] = data if self.keep_images else b""
         return data
