@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import partial
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from prefect import Task, flow
 from prefect.logging import get_run_logger
@@ -23,9 +23,11 @@ from prefect_gpt_image._caching import generation_cache_policy
 from prefect_gpt_image._edit_inputs import InputRef, expand_inputs
 from prefect_gpt_image._edits import check_edits
 from prefect_gpt_image._form_schema import EmptyInForm
+from prefect_gpt_image._image_sizes import parse_size
 from prefect_gpt_image._ledger import RunLedger
 from prefect_gpt_image._manifest import write_manifest
 from prefect_gpt_image._object_keys import check_bucket_name, join_key, normalize_prefix
+from prefect_gpt_image._placement_plan import Campaign
 from prefect_gpt_image._preflight import (
     batch_api_route,
     check_global_limits,
@@ -48,8 +50,12 @@ from prefect_gpt_image.options import (
     LinkOptions,
     PromptTemplate,
 )
+from prefect_gpt_image.placement_table import Adapt, Placement, resolve_placements
 from prefect_gpt_image.settings import with_environment
 from prefect_gpt_image.tasks.generate import generate_image
+
+if TYPE_CHECKING:
+    from prefect_gpt_image.blocks._route import GptImageRoute
 
 
 @flow(name="generate-images")
@@ -57,6 +63,8 @@ def generate_images(
     prompts: list[str | ImageRequest] | str | PromptTemplate,
     *,
     image: ImageOptions = ImageOptions(),
+    placements: list[str | Placement] = [],  # noqa: B006 (Prefect validates a copy)
+    adapt: Adapt = "crop",
     edit: EditOptions = EditOptions(),
     max_cost_usd: Annotated[float | None, Field(ge=0), EmptyInForm()] = None,
     allow_failures: Annotated[int, Field(ge=0)] = 0,
@@ -76,6 +84,16 @@ def generate_images(
             `PromptTemplate`, whose every combination of values is a prompt.
         image: What every image looks like (size, quality, n, format...), for prompts
             that do not say otherwise.
+        placements: Where the images run, one item each: a preset (meta-feed-square,
+            meta-feed-portrait, meta-stories, meta-reels, meta-link, linkedin-landscape,
+            linkedin-square, google-display-landscape, google-display-square,
+            display-medium-rectangle, display-leaderboard, display-half-page,
+            display-wide-skyscraper, display-billboard, display-mobile-banner), a size such
+            as 1200x628, or a `Placement`. Each prompt's image (its master) is then delivered
+            at each placement's exact pixels, format and file-size limit, beside it.
+        adapt: How a master becomes a placement of another shape: `"crop"` cuts it (one
+            paid image per prompt); `"extend"` extends its canvas with an edit, once per
+            other aspect; `"generate"` makes an image per other aspect.
         edit: Images to edit with every prompt, instead of generating.
         max_cost_usd: A hard cap: refuse to start a run whose uncached part could cost
             more, and send no call, first or retry, whose worst case could pass it.
@@ -141,6 +159,9 @@ def generate_images(
     batch_route = batch_api_route(routes, requests) if batch.enabled else None
     if batch_route is not None:  # through its Batch API alone
         routes = [batch_route]
+    campaign = _campaign(placements, adapt, routes, image)
+    if campaign is not None:  # each request becomes a master; its renditions are checked
+        requests = campaign.check(requests)
     for request in requests:  # valid on every route it may take, before anything is paid
         for route in serving_routes(request, routes):
             route.check_request(request)
@@ -151,14 +172,16 @@ def generate_images(
     check_global_limits(limits)
     check_storage(s3, folder, cache_bucket)
     run_budget().max_usd = max_cost_usd  # every paid attempt, retries too, is held to it
-    ledger = RunLedger(requests, routes, refused, batch_api=batch.enabled)
+    ledger = RunLedger(requests, routes, refused, batch_api=batch.enabled, campaign=campaign)
     link = partial(
         object_link,
         s3,
         public_base_url=links.public_base_url,
         expires_in=int(links.expiry_hours * 3600),
     )
-    runner = Runner(ledger, generate, routes, limits, s3, folder, max_cost_usd, link)
+    runner = Runner(
+        ledger, generate, routes, limits, s3, folder, max_cost_usd, link, campaign=campaign
+    )
     if not cache.refresh:
         runner.reuse_cached()
     runner.check_budget()
@@ -183,7 +206,7 @@ def generate_images(
     rows = ledger.rows()
     write_manifest(s3, folder, report, rows)
     tell_outcome(logger, report)
-    publish_results(rows, report, runner.link)
+    publish_results(rows, report, runner.link, campaign.safe_zones() if campaign else None)
     if ledger.failed(report, allow_failures):
         raise RunFailedError(ledger.failure_message(report, allow_failures), report)
     return report
@@ -202,6 +225,21 @@ def _prompt_set(
     return read_prompt_set(
         prompts, defaults=defaults, read_uri=partial(read_uri, bucket), input_roots=input_roots
     )
+
+
+def _campaign(
+    placements: list[str | Placement],
+    adapt: Adapt,
+    routes: list[GptImageRoute],
+    image: ImageOptions,
+) -> Campaign | None:
+    """The run's placements, resolved; None without any. A size the run gives is every
+    master's; else each master's is chosen to serve the placements."""
+    resolved = resolve_placements(placements)
+    if not resolved:
+        return None
+    master_size = parse_size(image.size) if "size" in image.given() else None
+    return Campaign(resolved, adapt, routes, master_size)
 
 
 def _edits_of(

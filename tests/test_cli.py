@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from prefect_gpt_image import OpenAICredentials
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
@@ -35,8 +37,9 @@ def test_generate_help_groups_the_flags_as_the_run_form_groups_the_options() -> 
 
     assert result.returncode == 0, result.stderr
     sections = [line for line in result.stdout.splitlines() if line[:1].isalpha()]
-    assert sections[-6:] == [
+    assert sections[-7:] == [
         "image:",
+        "placements:",
         "edit:",
         "batch (OpenAI's Batch API):",
         "limits:",
@@ -345,3 +348,64 @@ def test_generate_edits_a_folder_of_photos_with_every_prompt(
         for p in photos.iterdir()
         for _ in range(2)
     )
+
+
+def test_placements_and_adapt_reach_the_flow(
+    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator, s3_server: LocalS3Server
+) -> None:
+    bucket = f"cli-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a placed pelican\n", "utf-8")
+    env = {**user_env, "GPT_IMAGE_PLACEMENTS": '{"shop-tile": {"width": 400, "height": 300}}'}
+
+    result = run(
+        [
+            *("generate", str(prompts), "--bucket", f"s3://{bucket}"),
+            *("--placement", "meta-feed-square", "--placement", "shop-tile"),
+            *("--placement", "640x320", "--adapt", "crop"),
+        ],
+        env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "1 image and 3 renditions stored, 0 failed; 1 generated" in result.stdout
+    assert api.billed == 1
+    stored = {p.name: p for p in s3_server.object_path(bucket, "").iterdir()}
+    renditions = {
+        rest.rsplit("-", 1)[0]: path
+        for name, path in stored.items()
+        if "-" in (rest := name.partition("-pelican-")[2])  # not the master
+    }
+    sizes = {name: Image.open(path).size for name, path in renditions.items()}
+    assert sizes == {
+        "meta-feed-square-1080x1080": (1080, 1080),
+        "shop-tile-400x300": (400, 300),
+        "640x320-640x320": (640, 320),
+    }
+
+
+def test_price_shows_each_adapt_strategy_side_by_side(
+    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a priced pangolin\na priced puffin\n", "utf-8")
+    placements = ("meta-feed-square", "meta-reels", "meta-link")
+
+    result = run(
+        ["price", str(prompts), *(arg for p in placements for arg in ("--placement", p))],
+        user_env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert f"each at 3 placements ({', '.join(placements)})" in result.stdout
+    lines = result.stdout.splitlines()
+    (line,) = [line for line in lines if "api.openai.com gpt-image-2 " in line]
+    costs = dict(re.findall(r"(crop|extend|generate) \$([\d.,]+)", line))
+    assert list(costs) == ["crop", "extend", "generate"]
+    crop, extend, generate = (float(costs[a].replace(",", "")) for a in costs)
+    assert 0 < crop < extend and crop < generate  # one paid image a prompt, against three
+    rapidapi = next(n for n, line in enumerate(lines) if "rapidapi.com gpt-image" in line)
+    assert "extend refused" in lines[rapidapi]
+    assert "can edit images" in lines[rapidapi + 1]  # RapidAPI's endpoint only generates
+    assert api.calls == []

@@ -343,6 +343,15 @@ def edits_products(world: World, output: str) -> None:
     assert world.namespace["image"].media_type == "image/png"
 
 
+def delivers_a_campaign(world: World, output: str) -> None:
+    report = world.namespace["report"]
+    world.assert_stored(report, 2 + 2 * 7)  # two masters, each in seven placements
+    assert world.api.billed == 2 and report.generated == 2
+    hero = [image for image in report.images if image.placement == "newsletter-hero"]
+    assert [(image.width, image.height) for image in hero] == [(1200, 400)] * 2
+    assert all(image.size <= 200_000 for image in hero)
+
+
 def edits_from_a_prompt_file(world: World, output: str) -> None:
     report = world.namespace["_result"]
     world.assert_stored(report, 2)
@@ -398,6 +407,7 @@ CHECKS: dict[str, Callable[[World, str], None]] = {
     'template="{product} on a {background} background, {style}"': generates_a_template,
     '"images": "s3://creatives/products/"': edits_products,
     '"s3://creatives/briefs/spring.csv"': edits_from_a_prompt_file,
+    'name="newsletter-hero"': delivers_a_campaign,
     "batch=BatchOptions(wait_minutes=0)": sends_a_batch,
     "def my_flow(": maps_in_your_own_flow,
     "async def my_async_flow(": awaits_the_twins,

@@ -1,7 +1,8 @@
 """Generate images with GPT Image inside Prefect, and store them in S3-compatible buckets.
 
 The public API is what this module exports, with the `blocks`, `tasks`, `flows`,
-`models`, `options`, `settings`, `errors`, `model_table` and `testing` modules; modules
+`models`, `options`, `settings`, `errors`, `model_table`, `placement_table` and `testing`
+modules; modules
 whose names start with an underscore are internal, and may change in any release.
 
 Names are imported on first use, so that `import prefect_gpt_image` (and the
@@ -19,6 +20,8 @@ _EXPORTS = {
     "RapidAPICredentials": "prefect_gpt_image.blocks.credentials",
     "OpenAICredentials": "prefect_gpt_image.blocks.openai_credentials",
     "ModelSpec": "prefect_gpt_image.model_table",
+    "Placement": "prefect_gpt_image.placement_table",
+    "SafeZone": "prefect_gpt_image.placement_table",
     "ApiLimits": "prefect_gpt_image.models",
     "ImageRequest": "prefect_gpt_image.models",
     "GeneratedImage": "prefect_gpt_image.models",
@@ -54,10 +57,12 @@ __all__ = [
     "LinkOptions",
     "ModelSpec",
     "OpenAICredentials",
+    "Placement",
     "PromptFailure",
     "PromptTemplate",
     "RapidAPICredentials",
     "RunReport",
+    "SafeZone",
     "StoredImage",
     "__version__",
     "agenerate_image",
@@ -91,6 +96,7 @@ if TYPE_CHECKING:
         LinkOptions,
         PromptTemplate,
     )
+    from prefect_gpt_image.placement_table import Placement, SafeZone
     from prefect_gpt_image.tasks.generate import agenerate_image, generate_image
     from prefect_gpt_image.tasks.upload import aupload_image, upload_image
 

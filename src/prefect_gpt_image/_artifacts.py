@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -18,7 +18,7 @@ from prefect.artifacts import (
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
-from prefect_gpt_image.models import RunReport
+from prefect_gpt_image.models import RunReport, StoredImage
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,10 @@ TABLE_KEY = "gpt-image-run"
 GALLERY_KEY = "gpt-image-gallery"
 GALLERY_MAX_IMAGES = 60
 THUMBNAIL_WIDTH = 200
+THUMBNAIL_HEIGHT = 120
+"""With placements, every thumbnail of a concept is this tall, so their shapes compare..."""
+THUMBNAIL_MAX_WIDTH = 480
+"""...but for the widest (a 728x90 banner), which is this wide instead."""
 PROGRESS_INTERVAL_SECONDS = 2.0
 """Progress is published at most this often, from a thread of its own: a busy Prefect
 server can take seconds to answer, and the run must not wait for it."""
@@ -83,22 +87,31 @@ class ProgressArtifact:
             logger.warning("Could not update the progress artifact", exc_info=True)
 
 
-def publish_results(rows: Sequence[dict[str, Any]], report: RunReport, link: Link) -> None:
-    """The table of every prompt (with an edit's inputs, where there are edits), and the
-    gallery of the stored images."""
+def publish_results(
+    rows: Sequence[dict[str, Any]],
+    report: RunReport,
+    link: Link,
+    safe_zones: Mapping[str, str] | None = None,
+) -> None:
+    """The table of every prompt (with an edit's inputs, where there are edits, and each
+    rendition's placement, where there are placements), and the gallery of the stored
+    images."""
     edits = any(row.get("inputs") for row in rows)
+    placements = any(row.get("placement") for row in rows)
     create_table_artifact(
         key=TABLE_KEY,
-        table=[_table_row(row, link, edits) for row in rows],
+        table=[_table_row(row, link, edits, placements) for row in rows],
         description=report.summary(),
     )
-    create_markdown_artifact(key=GALLERY_KEY, markdown=gallery(report, link))
+    create_markdown_artifact(key=GALLERY_KEY, markdown=gallery(report, link, safe_zones))
 
 
-def _table_row(row: dict[str, Any], link: Link, edits: bool) -> dict[str, Any]:
+def _table_row(row: dict[str, Any], link: Link, edits: bool, placements: bool) -> dict[str, Any]:
     inputs = {"inputs": _inputs(row.get("inputs") or [])} if edits else {}
+    placement = {"placement": row.get("placement") or ""} if placements else {}
     return {
         "prompt": row["prompt"],
+        **placement,
         **inputs,
         "status": row["status"],
         "object": row.get("uri", ""),
@@ -116,8 +129,11 @@ def _inputs(inputs: Sequence[dict[str, Any]]) -> str:
     return "; ".join(f"{image['uri']} sha256:{image['sha256']}" for image in inputs)
 
 
-def gallery(report: RunReport, link: Link) -> str:
-    """Thumbnails of the stored images, each linking to the full image.
+def gallery(report: RunReport, link: Link, safe_zones: Mapping[str, str] | None = None) -> str:
+    """Thumbnails of the stored images, each linking to the full image; with placements,
+    one row per concept: its master, then its renditions side by side at their shapes,
+    each captioned with its placement, its pixels and any safe zone (`safe_zones`, by
+    placement name).
 
     HTML, because markdown cannot size an image: the UI would show each at full width.
     """
@@ -125,15 +141,68 @@ def gallery(report: RunReport, link: Link) -> str:
     lines = [f"## {report.summary()}", ""]
     if not images:
         return "\n".join([*lines, "No image was stored."])
-    thumbnails = []
-    for image in images[:GALLERY_MAX_IMAGES]:
-        url = html.escape(link(image.key))
-        caption = html.escape(" ".join(image.title.split())[:120])
-        thumbnails.append(
-            f'<a href="{url}"><img src="{url}" width="{THUMBNAIL_WIDTH}" '
-            f'alt="{caption}" title="{caption}"></a>'
+    shown = images[:GALLERY_MAX_IMAGES]
+    if not any(image.is_rendition for image in shown):
+        lines.append(" ".join(_thumbnail(image, link, width=THUMBNAIL_WIDTH) for image in shown))
+    for concept in _concepts(shown):
+        master = concept[0]
+        lines += ["", f"**{html.escape(' '.join(master.title.split())[:120])}**", ""]
+        zones = safe_zones or {}
+        lines.append(
+            " ".join(
+                _thumbnail(image, link, width=_at_one_height(image), zones=zones)
+                for image in concept
+            )
         )
-    lines.append(" ".join(thumbnails))
+        lines += ["", " · ".join(html.escape(_caption(image, zones)) for image in concept)]
     if len(images) > GALLERY_MAX_IMAGES:
         lines += ["", f"... and {len(images) - GALLERY_MAX_IMAGES} more, listed in the table."]
     return "\n".join(lines)
+
+
+def _concepts(images: Sequence[StoredImage]) -> list[list[StoredImage]]:
+    """Each master with the renditions that follow it, where there are renditions."""
+    if not any(image.is_rendition for image in images):
+        return []
+    concepts: list[list[StoredImage]] = []
+    for image in images:
+        if image.is_rendition and concepts:
+            concepts[-1].append(image)
+        else:
+            concepts.append([image])
+    return concepts
+
+
+def _thumbnail(
+    image: StoredImage,
+    link: Link,
+    *,
+    width: int,
+    zones: Mapping[str, str] | None = None,
+) -> str:
+    """A linked thumbnail `width` pixels wide (the UI sizes images by their width), titled
+    with its concept, or, with placements (`zones` given), its placement."""
+    url = html.escape(link(image.key))
+    caption = html.escape(_caption(image, zones) if zones is not None else _title(image))
+    return (
+        f'<a href="{url}"><img src="{url}" width="{width}" alt="{caption}" title="{caption}"></a>'
+    )
+
+
+def _at_one_height(image: StoredImage) -> int:
+    """The width that shows `image` `THUMBNAIL_HEIGHT` tall, within `THUMBNAIL_MAX_WIDTH`."""
+    return min(round(THUMBNAIL_HEIGHT * image.width / max(image.height, 1)), THUMBNAIL_MAX_WIDTH)
+
+
+def _title(image: StoredImage) -> str:
+    return " ".join(image.title.split())[:120]
+
+
+def _caption(image: StoredImage, zones: Mapping[str, str] | None) -> str:
+    """A concept's image as the gallery names it: the master, or a rendition's placement,
+    pixels and safe zone."""
+    if image.placement is None:
+        return f"master {image.width}x{image.height}"
+    zone = (zones or {}).get(image.placement)
+    caption = f"{image.placement} {image.width}x{image.height}"
+    return caption + (f" (keep the {zone} free of text)" if zone else "")

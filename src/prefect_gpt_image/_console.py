@@ -26,7 +26,8 @@ def print_report(report: RunReport) -> None:
     if len(report.images) > REPORT_MAX_IMAGES:
         print(f"  ... and {len(report.images) - REPORT_MAX_IMAGES} more")
     for failure in report.failures:
-        print(f"  FAILED {failure.prompt[:60]!r}: {failure.error}")
+        at = f" at {failure.placement}" if failure.placement else ""
+        print(f"  FAILED {failure.prompt[:60]!r}{at}: {failure.error}")
     for waiting in report.waiting[:REPORT_MAX_IMAGES]:
         print(f"  WAITING {waiting.prompt[:60]!r} in OpenAI batch {waiting.batch_id}")
     print(report.summary())

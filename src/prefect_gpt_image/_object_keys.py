@@ -1,8 +1,12 @@
-"""Object keys, in one place: `{bucket_folder}/{prefix}/{slug}-{sha256[:12]}.{ext}`.
+"""Object keys, in one place: `{bucket_folder}/{prefix}/{slug}-{sha256[:12]}.{ext}` for an
+image as the API made it, and `{slug}-{placement}-{WIDTHxHEIGHT}-{recipe[:12]}.{ext}` beside
+it for each of its renditions.
 
 Readable (the slug comes from the name or the prompt), content-addressed (the
 same bytes always land on the same key, so re-uploads are idempotent) and safe:
-whatever a prompt or name says, a key never escapes its prefix.
+whatever a prompt or name says, a key never escapes its prefix. A rendition's key is
+addressed by its recipe (its master's SHA-256, the placement and how it was adapted),
+which is known before anything is drawn: a re-run finds it without rendering it again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING
 from prefect_gpt_image.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.models import GeneratedImage
+    from prefect_gpt_image.models import GeneratedImage, ImageRequest
 
 SLUG_MAX_CHARS = 48
 HASH_CHARS = 12
@@ -108,16 +112,38 @@ def join_key(*parts: str) -> str:
 
 def image_key(bucket_folder: str, prefix: str, image: GeneratedImage) -> str:
     """Where an image is stored."""
-    request = image.request
-    first = request.inputs[0].name + " " if request.is_edit and request.inputs else ""
-    slug = slugify(first + request.title)
-    filename = f"{slug}-{image.sha256[:HASH_CHARS]}.{image.extension}"
+    filename = f"{_slug(image.request)}-{image.sha256[:HASH_CHARS]}.{image.extension}"
     return join_key(bucket_folder, normalize_prefix(prefix), filename)
 
 
+def rendition_key(
+    bucket_folder: str,
+    prefix: str,
+    request: ImageRequest,
+    placement: str,
+    size: str,
+    recipe_sha256: str,
+    extension: str,
+) -> str:
+    """Where a rendition of `request`'s master is stored, beside it: the concept, the
+    placement and its pixels, then the start of its recipe's SHA-256."""
+    name = slugify(placement, max_chars=PLACEMENT_SLUG_MAX_CHARS)
+    filename = f"{_slug(request)}-{name}-{size}-{recipe_sha256[:HASH_CHARS]}.{extension}"
+    return join_key(bucket_folder, normalize_prefix(prefix), filename)
+
+
+def _slug(request: ImageRequest) -> str:
+    """An image's name in its key: an edit's first input, then the request's title."""
+    first = request.inputs[0].name + " " if request.is_edit and request.inputs else ""
+    return slugify(first + request.title)
+
+
+PLACEMENT_SLUG_MAX_CHARS = 40
 MAX_KEY_BYTES = 1024
 """S3's limit on an object key, in UTF-8 bytes."""
-_LONGEST_IMAGE_NAME = SLUG_MAX_CHARS + 1 + HASH_CHARS + len(".webp")
+_LONGEST_IMAGE_NAME = (
+    SLUG_MAX_CHARS + PLACEMENT_SLUG_MAX_CHARS + len("-9999x9999-") + 1 + HASH_CHARS + len(".webp")
+)
 _LONGEST_MANIFEST_NAME = len("manifest-") + 80 + len(".jsonl")
 
 

@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any
 from prefect_gpt_image._ledger import RunLedger, failure_lines
 from prefect_gpt_image.models import RunReport
 
+CROP_WORTH_TELLING = 0.25
+"""A placement whose renditions lose this share of their source or more is named in the log."""
+
 if TYPE_CHECKING:
     from prefect_gpt_image._runner import Runner
 
@@ -31,6 +34,15 @@ def tell_plan(logger: Logger, ledger: RunLedger, runner: Runner, destination: st
         refused,
         destination,
     )
+    if (campaign := ledger.campaign) is not None:
+        masters = sorted({request.size for request in ledger.requests[: ledger.prompt_count]})
+        logger.info(
+            "Each delivered at %d placements (%s), adapt=%s, from masters of %s",
+            len(campaign.placements),
+            ", ".join(f"{p.name} {p.size}" for p in campaign.placements),
+            campaign.adapt,
+            ", ".join(masters),
+        )
     routes = ", then ".join(f"{route.route_name} ({route.model})" for route in ledger.routes)
     through = " through OpenAI's Batch API" if ledger.batch_api else ""
     logger.info("%s%s: %s", "Routes" if len(ledger.routes) > 1 else "Route", through, routes)
@@ -39,6 +51,16 @@ def tell_plan(logger: Logger, ledger: RunLedger, runner: Runner, destination: st
 def tell_outcome(logger: Logger, report: RunReport) -> None:
     """What the run stored and cost, where its manifest is, and each failure."""
     logger.info("%s; manifest at %s", report.summary(), report.manifest_uri)
+    cropped: dict[str, float] = {}
+    for image in report.images:
+        if image.placement is not None and (image.cropped or 0) >= CROP_WORTH_TELLING:
+            cropped[image.placement] = max(cropped.get(image.placement, 0.0), image.cropped or 0)
+    for placement, share in cropped.items():
+        logger.info(
+            "%s is cut from an image of another shape: up to %.0f%% of it cropped away",
+            placement,
+            100 * share,
+        )
     lines, more = failure_lines(report.failures)
     for line in lines:
         logger.warning("Failed: %s", line)

@@ -50,6 +50,8 @@ from prefect_gpt_image._charges import NO_CHARGES
 from prefect_gpt_image._ledger import RunLedger
 from prefect_gpt_image._locking import held
 from prefect_gpt_image._object_keys import join_key
+from prefect_gpt_image._placement_plan import Campaign
+from prefect_gpt_image._rendition_store import store_renditions
 from prefect_gpt_image._retry_policy import call_with_retries
 from prefect_gpt_image._storage import object_sizes
 from prefect_gpt_image.blocks._route import GptImageRoute
@@ -62,6 +64,7 @@ from prefect_gpt_image.errors import (
     StorageError,
 )
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, StoredImage
+from prefect_gpt_image.placement_table import Placement
 from prefect_gpt_image.tasks.upload import planned_record, store_image
 
 _EPSILON_USD = 1e-9
@@ -89,10 +92,15 @@ class Runner:
         folder: str,
         max_cost_usd: float | None,
         link: Link,
+        *,
+        campaign: Campaign | None = None,
     ) -> None:
         """`link` makes the URL a person opens for an object key, for the run's artifacts:
-        made as each image is stored, while the API works, not all at the end."""
+        made as each image is stored, while the API works, not all at the end.
+        `campaign`: the placements every master is delivered at: each master's renditions
+        are drawn and stored as it comes, beside its upload."""
         self.ledger = ledger
+        self._campaign = campaign
         self._link = link
         self._links: dict[str, str] = {}
         self._generate = generate
@@ -142,7 +150,9 @@ class Runner:
                 for variant in image.variants()
                 for index in ledger.uploads(key)
             ]
-            if all(in_bucket.get(record.key) == record.size for _, record in stored):
+            if self._campaign is None and all(
+                in_bucket.get(record.key) == record.size for _, record in stored
+            ):  # with placements, the run finds its renditions (and sources) as it goes
                 ledger.generated(key, image, cached=True)
                 for index, record in stored:
                     ledger.stored(index, record)
@@ -183,13 +193,19 @@ class Runner:
             self._submit_generations()
             while not ledger.finished:
                 stage, tag, future = self._events.get()
-                if stage == "generate":
-                    self._in_flight.discard(tag)
-                    self._generation_done(tag, future, uploads)
-                    self._submit_generations()
-                else:
-                    self._upload_done(tag, future)
+                self._dispatch(stage, tag, future, uploads)
                 self._report(progress)
+
+    def _dispatch(self, stage: str, tag: Any, future: Any, uploads: ThreadPoolExecutor) -> None:
+        """Record what a generation, an upload or a rendition came to."""
+        if stage == "generate":
+            self._in_flight.discard(tag)
+            self._generation_done(tag, future, uploads)
+            self._submit_generations()
+        elif stage == "render":
+            self._render_done(tag, future)
+        else:
+            self._upload_done(tag, future)
 
     def _hold_back_batched(self) -> None:
         """Fail, unpaid, the requests a batch-mode run sent (as `sent` rules): their batch
@@ -260,6 +276,8 @@ class Runner:
                     ledger.wait(tag, payload.batch_id)
                 elif isinstance(payload, Progress):
                     in_batches = payload.completed
+                elif stage in ("generate", "render"):  # a source of renditions, made at once
+                    self._dispatch(stage, tag, payload, uploads)
                 elif stage == "collector failed":
                     self._logger.warning(
                         "Stopped collecting the batches (%s); the next run collects them.",
@@ -321,7 +339,7 @@ class Runner:
     def _report(self, progress: ProgressArtifact, in_batches: int = 0) -> None:
         """Progress: prompts done, and requests OpenAI's batches have answered meanwhile."""
         progress.update(self.ledger.done + in_batches)
-        progress_listeners.report(self.ledger.done, len(self.ledger.requests))
+        progress_listeners.report(self.ledger.done, self.ledger.prompt_count)
 
     def _submit_generations(self) -> None:
         max_concurrency = self._limits.max_concurrency
@@ -386,10 +404,18 @@ class Runner:
     def _generated(
         self, key: str, image: GeneratedImage, uploads: ThreadPoolExecutor, *, cached: bool
     ) -> list[Future[Any]]:
-        """Record `key`'s image, and store an object for each of its prompts; returns the
-        uploads."""
+        """Record `key`'s image, and store an object for each of its prompts (with their
+        renditions); returns the uploads."""
         ledger = self.ledger
         ledger.generated(key, image, cached=cached)
+        if (source := ledger.source_of(key)) is not None:
+            master_key, placements = source
+            renders = [
+                self._render(image, placements, index, master_key, uploads)
+                for index in ledger.uploads(key)
+            ]
+            ledger.source_done(key)
+            return renders
         futures: list[Future[Any]] = []
         for variant in image.variants():
             for index in ledger.uploads(key):
@@ -403,16 +429,86 @@ class Runner:
                 )
                 futures.append(uploads.submit(self._store, store))
                 self._watch("upload", index, futures[-1])
+        if self._campaign is not None:
+            futures += self._adapt(key, image, uploads)
         return futures
+
+    # --- placements ------------------------------------------------------------------------
+
+    def _adapt(
+        self, key: str, image: GeneratedImage, uploads: ThreadPoolExecutor
+    ) -> list[Future[Any]]:
+        """Draw the master's renditions, and queue the sources its other placements need
+        (sent at once, whatever the run's mode)."""
+        assert self._campaign is not None
+        ledger = self.ledger
+        master = ledger.requests[ledger.groups[key][0]]
+        placements = self._campaign.master_placements(master)
+        futures = [
+            self._render(image, placements, index, key, uploads) for index in ledger.uploads(key)
+        ]
+        for request, served in self._campaign.derived(master, image):
+            source_key = ledger.add_source(request, key, served)
+            self._uncached.add(source_key)
+            self._waiting.append(source_key)
+        self._submit_generations()
+        return futures
+
+    def _render(
+        self,
+        image: GeneratedImage,
+        placements: tuple[Placement, ...],
+        index: int,
+        master_key: str,
+        uploads: ThreadPoolExecutor,
+    ) -> Future[Any]:
+        """Store `image`'s renditions for `placements`, for the prompt at `index`."""
+        assert self._campaign is not None
+        self.ledger.expect_renditions(len(placements))
+        job = partial(
+            store_renditions,
+            image,
+            placements,
+            self._bucket,
+            self._folder,
+            self.ledger.requests[index],
+            master_sha256=self.ledger.master_sha256[master_key],
+            adapt=self._campaign.adapt,
+        )
+        future = uploads.submit(self._linked, job)
+        self._watch("render", (index, placements), future)
+        return future
+
+    def _linked(
+        self, job: Callable[[], list[StoredImage | GptImageError]]
+    ) -> list[StoredImage | GptImageError]:
+        outcomes = job()
+        for outcome in outcomes:
+            if isinstance(outcome, StoredImage):
+                self._make_link(outcome.key)
+        return outcomes
+
+    def _render_done(
+        self,
+        tag: tuple[int, tuple[Placement, ...]],
+        future: Future[list[StoredImage | GptImageError]],
+    ) -> None:
+        index, placements = tag
+        error = future.exception()
+        outcomes = future.result() if error is None else [error] * len(placements)
+        for placement, outcome in zip(placements, outcomes, strict=True):
+            self.ledger.rendered(index, placement.name, outcome)
 
     def _store(self, store: Callable[[], tuple[StoredImage, bool]]) -> tuple[StoredImage, bool]:
         stored = call_with_retries(store)
-        key = stored[0].key
+        self._make_link(stored[0].key)
+        return stored
+
+    def _make_link(self, key: str) -> None:
         try:
             self._links[key] = self._link(key)
         except Exception as exc:  # never fail a stored image over its link: publishing retries
             self._logger.debug("Could not make the link of %s yet: %s", key, exc)
-        return stored
 
     def link(self, key: str) -> str:
         """The URL a person opens for an object key."""

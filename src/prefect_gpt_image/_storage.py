@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -121,6 +122,22 @@ def put_image(
 
 
 def _stored_size(bucket: S3Bucket, key: str) -> int | None:
+    existing = stored_object(bucket, key)
+    return None if existing is None else existing.size
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What a HEAD tells of an object; its metadata's names in lower case, as S3 keeps
+    them (some S3-compatible servers title-case them)."""
+
+    size: int
+    content_type: str
+    metadata: dict[str, str]
+
+
+def stored_object(bucket: S3Bucket, key: str) -> StoredObject | None:
+    """The object at `key`, or None if there is none (or HEAD is forbidden)."""
     try:
         existing = s3_client(bucket).head_object(Bucket=bucket.bucket_name, Key=key)
     except ClientError as exc:
@@ -130,7 +147,11 @@ def _stored_size(bucket: S3Bucket, key: str) -> int | None:
         raise storage_error(exc, bucket.bucket_name, "check") from None
     except BotoCoreError as exc:
         raise storage_error(exc, bucket.bucket_name, "check") from None
-    return int(existing["ContentLength"])
+    return StoredObject(
+        size=int(existing["ContentLength"]),
+        content_type=str(existing.get("ContentType", "")),
+        metadata={name.lower(): value for name, value in existing.get("Metadata", {}).items()},
+    )
 
 
 def put_bytes(

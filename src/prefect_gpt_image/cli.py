@@ -17,6 +17,7 @@ from prefect_gpt_image._console import print_report, progress_bar
 from prefect_gpt_image._image_sizes import IMAGE_SIZES
 from prefect_gpt_image.model_table import Background, Complexity, Moderation, OutputFormat, Quality
 from prefect_gpt_image.models import InputFidelity
+from prefect_gpt_image.placement_table import Adapt
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--allow-failures", type=_count, default=0, metavar="N")
     _add_image_options(generate)
+    _add_placement_options(generate)
     _add_edit_options(generate)
     _add_batch_options(generate)
     _add_limits(generate)
@@ -98,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a model of the built-in table, priced through OpenAI (repeatable)",
     )
     _add_image_options(price)
+    _add_placement_options(price, adapt=False)
     _add_input_roots(price.add_argument_group("edit"))
     price.set_defaults(command=_price, parser=price)
 
@@ -165,6 +168,29 @@ def _add_image_options(command: argparse.ArgumentParser) -> None:
     image.add_argument("--output-compression", dest="image.output_compression", metavar="PERCENT")
     image.add_argument("--background", dest="image.background", choices=get_args(Background))
     image.add_argument("--moderation", dest="image.moderation", choices=get_args(Moderation))
+
+
+def _add_placement_options(command: argparse.ArgumentParser, *, adapt: bool = True) -> None:
+    group = command.add_argument_group(
+        "placements", "each image delivered at each placement's exact pixels, format and size"
+    )
+    group.add_argument(
+        "--placement",
+        action="append",
+        dest="placements",
+        default=[],
+        metavar="NAME|WxH",
+        help="a preset's name (e.g. meta-feed-portrait, display-medium-rectangle) or "
+        "WIDTHxHEIGHT (repeatable)",
+    )
+    if adapt:
+        group.add_argument(
+            "--adapt",
+            choices=get_args(Adapt),
+            default="crop",
+            help="how a master becomes a placement of another shape: cut from it (crop, the "
+            "default), its canvas extended by an edit (extend), or generated again (generate)",
+        )
 
 
 def _add_input_roots(group: argparse._ArgumentGroup) -> None:
@@ -445,6 +471,8 @@ def _generate(args: argparse.Namespace) -> int:
                 limits=limits,
                 cache=cache,
                 links=links,
+                placements=args.placements,
+                adapt=args.adapt,
             )
     except RunFailedError as exc:
         print_report(exc.report)
@@ -459,9 +487,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _price(args: argparse.Namespace) -> int:
     from prefect_gpt_image._billing import price_on_route
+    from prefect_gpt_image._image_sizes import parse_size
+    from prefect_gpt_image._placement_plan import price_strategies
     from prefect_gpt_image._prompt_sets import read_prompt_set
     from prefect_gpt_image.errors import GptImageError
     from prefect_gpt_image.options import EditOptions, ImageOptions
+    from prefect_gpt_image.placement_table import resolve_placements
 
     image = _options(args, "image", ImageOptions)
     edit = _options(args, "edit", EditOptions)
@@ -472,6 +503,12 @@ def _price(args: argparse.Namespace) -> int:
         requests = prompt_set.admitted
         routes = _pricing_routes(args.credentials, args.model)
         prices = [price_on_route(requests, route) for route in routes]
+        placements = resolve_placements(args.placements)
+        size = parse_size(image.size) if "size" in image.given() else None
+        strategies = [
+            price_strategies(requests, placements, route, size) if placements else None
+            for route in routes
+        ]
     except GptImageError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
@@ -479,8 +516,11 @@ def _price(args: argparse.Namespace) -> int:
     if prompt_set.refused:
         first = prompt_set.refused[min(prompt_set.refused)]
         print(f"  ({len(prompt_set.refused)} rows refused, not priced: {first})")
+    if placements:
+        names = ", ".join(placement.name for placement in placements)
+        print(f"  each at {len(placements)} placements ({names}); by how they are adapted:")
     width = max(len(f"{p.route} {p.model}") for p in prices)
-    for price in prices:
+    for price, by_strategy in zip(prices, strategies, strict=True):
         where = f"{price.route} {price.model}".ljust(width)
         cost = f"${price.worst_case_usd:,.2f}".rjust(10)
         line = f"  {where}  {cost}  for {price.images} images"
@@ -488,9 +528,21 @@ def _price(args: argparse.Namespace) -> int:
             line += f" (${price.batch_worst_case_usd:,.2f} through the Batch API)"
         if price.refused:
             line += f"; {len(price.refused)} requests refused, e.g. {price.refused[0]}"
+        if by_strategy is not None:
+            line = f"  {where}  " + "  ".join(
+                f"{adapt} {_strategy_cost(cost)}" for adapt, cost in by_strategy.items()
+            )
+            refused = [
+                f"{adapt}: {cost}" for adapt, cost in by_strategy.items() if isinstance(cost, str)
+            ]
+            line += "".join(f"\n  {''.ljust(width)}  ({reason})" for reason in refused)
         print(line)
         print(f"  {''.ljust(width)}  {_model_terms(price)}")
     return 0
+
+
+def _strategy_cost(cost: float | str) -> str:
+    return f"${cost:,.2f}" if isinstance(cost, float) else "refused"
 
 
 def _model_terms(price: RoutePrice) -> str:

@@ -142,6 +142,28 @@ class ImageRequest(BaseModel):
         default=None,
         description="For an edit, how closely to keep the inputs' features: high or low.",
     )
+    focus: tuple[float, float] | None = Field(
+        default=None,
+        description="For placements: the point each cropped rendition is centred on, as "
+        "fractions of the width and height (0.5, 0.5 is the centre); None: the centre. It "
+        "is not sent to the API, so it never changes the generation or its cache key.",
+    )
+
+    @field_validator("focus", mode="before")
+    @classmethod
+    def _focus_from_text(cls, value: Any) -> Any:
+        """A prompt file's `focus` cell, "0.5,0.3", is the pair it reads as."""
+        if isinstance(value, str):
+            parts = value.replace(" ", ",").split(",")
+            return tuple(part for part in parts if part)
+        return value
+
+    @field_validator("focus")
+    @classmethod
+    def _focus_within(cls, focus: tuple[float, float] | None) -> tuple[float, float] | None:
+        if focus is not None and not all(0 <= part <= 1 for part in focus):
+            raise ValueError("focus is two fractions between 0 and 1, such as (0.5, 0.3)")
+        return focus
 
     @model_validator(mode="before")
     @classmethod
@@ -393,10 +415,27 @@ class StoredImage(BaseModel):
         default_factory=list,
         description="The other images of its call, where `upload_image` stored them all.",
     )
+    placement: str | None = Field(
+        default=None,
+        description="For a rendition, the placement it was made for; None for a master (an "
+        "image as the API made it).",
+    )
+    source_sha256: str | None = Field(
+        default=None, description="For a rendition, the SHA-256 of the master it comes from."
+    )
+    cropped: float | None = Field(
+        default=None,
+        description="For a rendition, the share of its source's area cut away to reach the "
+        "placement's aspect (0 to 1).",
+    )
 
     @property
     def title(self) -> str:
         return title_of(self.name, self.prompt)
+
+    @property
+    def is_rendition(self) -> bool:
+        return self.placement is not None
 
     @classmethod
     def of(cls, image: GeneratedImage, bucket: str, key: str) -> StoredImage:
@@ -420,7 +459,7 @@ class StoredImage(BaseModel):
         )
 
 
-FailureStage = Literal["check", "generate", "upload", "not attempted"]
+FailureStage = Literal["check", "generate", "upload", "render", "not attempted"]
 
 
 class PromptFailure(BaseModel):
@@ -432,7 +471,10 @@ class PromptFailure(BaseModel):
     error_type: str = Field(description="The exception class, e.g. PromptRejectedError.")
     stage: FailureStage = Field(
         description="Where it failed: 'check' for an input refused before anything was "
-        "sent; 'not attempted' when the run stopped before it."
+        "sent; 'render' for a rendition; 'not attempted' when the run stopped before it."
+    )
+    placement: str | None = Field(
+        default=None, description="For a rendition that failed alone, its placement."
     )
 
 
@@ -485,8 +527,16 @@ class RunReport(BaseModel):
             if self.synchronous_cost_usd is not None
             else ""
         )
+        renditions = sum(image.is_rendition for image in self.images)
+        masters = len(self.images) - renditions
+        stored = (
+            f"{masters} image{'s' * (masters != 1)} and {renditions} "
+            f"rendition{'s' * (renditions != 1)} stored"
+            if renditions
+            else f"{len(self.images)} stored"
+        )
         return (
-            f"{len(self.images)} stored, {len(self.failures)} failed{waiting}; "
+            f"{stored}, {len(self.failures)} failed{waiting}; "
             f"{self.generated} generated, {self.from_cache} from cache; "
             f"cost ${self.cost_usd:.2f}{price}{possibly}"
         )
