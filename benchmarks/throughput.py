@@ -49,6 +49,15 @@ SECTIONS = [
     "memory",
     "edit-memory",
     "batch",
+    "placements",
+]
+CAMPAIGN = [
+    "meta-feed-square",
+    "meta-feed-portrait",
+    "meta-reels",
+    "meta-link",
+    "display-medium-rectangle",
+    "display-leaderboard",
 ]
 ASYNCIO_RETRY_SECONDS = 1.0
 """The asyncio script's wait before it retries a 429, outside its slot: what a hand-written
@@ -194,7 +203,8 @@ def run_flow(spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
             bucket=bucket,
             credentials=credentials,
             prefix=spec["prefix"],
-            image=ImageOptions(quality=spec.get("quality")),
+            image=ImageOptions(quality=spec.get("quality"), size=spec.get("size", "1024x1024")),
+            placements=spec.get("placements", []),
             edit=EditOptions(images=spec.get("edit_images")),
             batch=BatchOptions(enabled=spec.get("mode") == "batch", wait_minutes=60),
             limits=ApiLimits(
@@ -204,6 +214,7 @@ def run_flow(spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
         )
     return {
         "stored": len(report.images),
+        "renditions": sum(image.is_rendition for image in report.images),
         "generated": report.generated,
         "bytes_stored": sum(image.size for image in report.images),
         "cost_usd": report.cost_usd,
@@ -581,6 +592,47 @@ def batch_api(bench: Bench, n: int, image_bytes: int) -> list[str]:
     return lines
 
 
+def placements(bench: Bench, n: int, rounds: int, latency: float) -> list[str]:
+    """`n` prompts delivered at six placements (`CAMPAIGN`, cropped from 1536x1024 masters),
+    beside the same run without placements, in turns: what drawing and storing the
+    renditions adds to a run's time, CPU and memory."""
+    runs: dict[str, list[dict[str, Any]]] = {"without placements": [], "6 placements": []}
+    with emulator(latency) as api:
+        for turn in range(rounds):
+            for name, chosen in (("without placements", []), ("6 placements", CAMPAIGN)):
+                model = f"bench-placements-{len(chosen)}-{turn}-{bench.run_id}"
+                r = bench.run(api, "flow", n, model=model, size="1536x1024", placements=chosen)
+                assert r["renditions"] == n * len(chosen) and r["billed"] == n, r
+                runs[name].append(r)
+    lines = [
+        f"### Placements: {n} prompts, latency {latency:g} s, concurrency 16, masters of "
+        "1536x1024, "
+        f"medians of {rounds} turns",
+        "",
+        "| run | objects stored | wall s | CPU s | peak RSS MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    medians = {}
+    for name, results in runs.items():
+        wall, cpu, rss = (
+            statistics.median(r[figure] for r in results)
+            for figure in ("seconds", "cpu_seconds", "peak_rss_mb")
+        )
+        medians[name] = (wall, cpu, rss)
+        lines.append(f"| {name} | {results[0]['stored']} | {wall:.1f} | {cpu:.1f} | {rss:.0f} |")
+    (wall, cpu, rss), (base_wall, base_cpu, base_rss) = (
+        medians["6 placements"],
+        medians["without placements"],
+    )
+    lines += [
+        "",
+        f"With placements, the run takes {wall / base_wall:.2f}x the time, {cpu / base_cpu:.2f}x "
+        f"the CPU and {rss / base_rss:.2f}x the memory of the same run without them "
+        f"({(cpu - base_cpu) / (n * len(CAMPAIGN)) * 1000:.0f} ms of CPU a rendition).",
+    ]
+    return lines
+
+
 def scaling(bench: Bench, limit: float, levels: list[int]) -> list[str]:
     lines = [
         f"### Scaling: latency 1 s, the API allows {limit:g} requests/s, the flow is told so",
@@ -649,6 +701,8 @@ def main() -> int:
                 show(edit_memory(bench, 40 if quick else 500, 10_000_000))
             if "batch" in chosen:
                 show(batch_api(bench, 100 if quick else 1000, 1_000_000))
+            if "placements" in chosen:
+                show(placements(bench, 40 if quick else 500, 1 if quick else 3, 2.0))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
