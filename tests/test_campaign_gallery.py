@@ -17,6 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 from test_end_to_end import chromium, server
+from test_placements import CAMPAIGN as PLACEMENTS
 from test_run_form import Browser
 
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
@@ -30,14 +31,6 @@ SCREENSHOT = REPO / "docs" / "campaign-gallery.png"
 README_HEIGHT = 880
 """The screenshot's pixels down to the end of the second concept's captions."""
 COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
-PLACEMENTS = [
-    "meta-feed-square",
-    "meta-feed-portrait",
-    "meta-reels",
-    "meta-link",
-    "display-medium-rectangle",
-    "display-leaderboard",
-]
 WAIT_FOR_PICTURES = """new Promise((done, fail) => {
   const start = Date.now();
   const look = () => {

@@ -2,8 +2,8 @@
 
 The public API is what this module exports, with the `blocks`, `tasks`, `flows`,
 `models`, `options`, `settings`, `errors`, `model_table`, `placement_table` and `testing`
-modules; modules
-whose names start with an underscore are internal, and may change in any release.
+modules; modules whose names start with an underscore are internal, and may change in any
+release.
 
 Names are imported on first use, so that `import prefect_gpt_image` (and the
 command line's `--help`) does not pay for importing Prefect and boto3.
