@@ -2,7 +2,8 @@
 
 It reads top to bottom: resolve the inputs, plan (check everything that can be checked
 before paying, and what the cache already holds), run (`_runner`), publish (the
-manifest and the run's artifacts).
+manifest and the run's artifacts), and, with `review`, wait for a person's decision and
+publish what was approved (`_review`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from prefect.logging import get_run_logger
 from prefect_aws import S3Bucket
 from pydantic import Field
 
-from prefect_gpt_image._artifacts import ProgressArtifact, publish_results
+from prefect_gpt_image._artifacts import Link, ProgressArtifact, publish_results
 from prefect_gpt_image._block_refs import Routes, resolve_bucket, resolve_routes, serving_routes
 from prefect_gpt_image._budget import run_budget
 from prefect_gpt_image._caching import generation_cache_policy
@@ -36,12 +37,14 @@ from prefect_gpt_image._preflight import (
     saved_block,
 )
 from prefect_gpt_image._prompt_sets import PromptSet, expand_template, read_prompt_set
+from prefect_gpt_image._review import Review, check_review
 from prefect_gpt_image._run_story import tell_outcome, tell_plan
 from prefect_gpt_image._runner import Runner
 from prefect_gpt_image._storage import object_link, object_uri, read_uri
 from prefect_gpt_image.errors import InvalidRequestError, RunFailedError
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest, RunReport
 from prefect_gpt_image.options import (
+    NO_REVIEW,
     SYNCHRONOUS,
     BatchOptions,
     CacheOptions,
@@ -49,6 +52,7 @@ from prefect_gpt_image.options import (
     ImageOptions,
     LinkOptions,
     PromptTemplate,
+    ReviewOptions,
 )
 from prefect_gpt_image.placement_table import Adapt, Placement, resolve_placements
 from prefect_gpt_image.settings import with_environment
@@ -56,6 +60,7 @@ from prefect_gpt_image.tasks.generate import generate_image
 
 if TYPE_CHECKING:
     from prefect_gpt_image.blocks._route import GptImageRoute
+    from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
 
 
 @flow(name="generate-images")
@@ -69,6 +74,7 @@ def generate_images(
     max_cost_usd: Annotated[float | None, Field(ge=0), EmptyInForm()] = None,
     allow_failures: Annotated[int, Field(ge=0)] = 0,
     batch: BatchOptions = SYNCHRONOUS,
+    review: ReviewOptions = NO_REVIEW,
     bucket: S3Bucket | str,
     prefix: str = "",
     credentials: Annotated[Routes, EmptyInForm()] = None,
@@ -100,6 +106,10 @@ def generate_images(
         allow_failures: Failed prompts tolerated before the run ends Failed.
         batch: Through OpenAI's Batch API, at half the price, answered within 24 hours
             (`BatchOptions()`); by default every image is generated now.
+        review: A person approves each image before it is published
+            (`ReviewOptions()`): the run waits for a decision in Prefect's UI, copies what
+            was approved to the publish folder, and edits what was rejected with a note.
+            By default nothing is published, and the run does not wait.
         bucket: An `S3Bucket` block, a saved block's name, or `s3://bucket/folder`
             (with the environment's AWS credentials).
         prefix: The folder, within the bucket folder, for this run's images.
@@ -157,59 +167,127 @@ def generate_images(
         requests, refused = _edits_of(prompt_set, expand_inputs(edit.images, bucket=s3), edit)
     requests, refused = check_edits(requests, bucket=s3, refused=refused)
     batch_route = batch_api_route(routes, requests) if batch.enabled else None
-    if batch_route is not None:  # through its Batch API alone
-        routes = [batch_route]
-    campaign = _campaign(placements, adapt, routes, image)
-    if campaign is not None:  # each request becomes a master; its renditions are checked
-        requests = campaign.check(requests)
-    for request in requests:  # valid on every route it may take, before anything is paid
-        for route in serving_routes(request, routes):
-            route.check_request(request)
+    first_routes: list[GptImageRoute] = routes if batch_route is None else [batch_route]
+    campaign = _campaign(placements, adapt, first_routes, image)
+    requests = _checked(requests, campaign, first_routes)
     cache_bucket = saved_block(resolve_bucket(cache.storage)) if cache.storage else None
     generate = _generation_task(cache, cache_bucket)
 
     # Plan: what would fail after paying fails now; what is cached is not sent again.
     check_global_limits(limits)
     check_storage(s3, folder, cache_bucket)
+    if review.enabled:
+        check_review(review, routes)
     run_budget().max_usd = max_cost_usd  # every paid attempt, retries too, is held to it
-    ledger = RunLedger(requests, routes, refused, batch_api=batch.enabled, campaign=campaign)
     link = partial(
         object_link,
         s3,
         public_base_url=links.public_base_url,
         expires_in=int(links.expiry_hours * 3600),
     )
-    runner = Runner(
-        ledger, generate, routes, limits, s3, folder, max_cost_usd, link, campaign=campaign
+    production = _Production(
+        generate, routes, limits, s3, folder, max_cost_usd, link, campaign, cache.refresh
     )
-    if not cache.refresh:
-        runner.reuse_cached()
-    runner.check_budget()
-    tell_plan(logger, ledger, runner, object_uri(s3, join_key(s3.bucket_folder, folder)))
 
     # Run.
-    progress = ProgressArtifact(total=len(requests))
-    try:
-        progress.update(ledger.done)
-        if batch_route is not None:
-            wait_seconds = batch.wait_minutes * 60
-            runner.run_batch_api(
-                progress, batch_route, wait_seconds=wait_seconds, cancel=batch.cancel
-            )
-        else:
-            runner.run(progress)
-    finally:
-        progress.close()
+    ledger = production.run(requests, refused, batch=batch, batch_route=batch_route)
 
     # Publish: the manifest, the table and the gallery, then the verdict.
     report = ledger.report()
     rows = ledger.rows()
     write_manifest(s3, folder, report, rows)
     tell_outcome(logger, report)
-    publish_results(rows, report, runner.link, campaign.safe_zones() if campaign else None)
+    zones = campaign.safe_zones() if campaign else None
+    publish_results(rows, report, link, zones, review=review.enabled)
     if ledger.failed(report, allow_failures):
         raise RunFailedError(ledger.failure_message(report, allow_failures), report)
+
+    # Review: what a person approves is published; what they reject with a note is edited
+    # for the next round.
+    if review.enabled:
+        report = Review(review, s3, folder, link, zones, production.revise).run(report, rows)
     return report
+
+
+class _Production:
+    """A run's settings for making images: the first round's, and each review round's."""
+
+    def __init__(
+        self,
+        generate: Task[..., GeneratedImage],
+        routes: list[GptImageRoute],
+        limits: ApiLimits,
+        s3: S3Bucket,
+        folder: str,
+        max_cost_usd: float | None,
+        link: Link,
+        campaign: Campaign | None,
+        refresh: bool,
+    ) -> None:
+        self.generate, self.routes, self.limits = generate, routes, limits
+        self.s3, self.folder, self.max_cost_usd, self.link = s3, folder, max_cost_usd, link
+        self.campaign, self.refresh = campaign, refresh
+
+    def run(
+        self,
+        requests: list[ImageRequest],
+        refused: dict[int, InvalidRequestError],
+        *,
+        batch: BatchOptions = SYNCHRONOUS,
+        batch_route: OpenAICredentials | None = None,
+    ) -> RunLedger:
+        """Make and store `requests`' images, with what the cache holds already unpaid."""
+        routes = self.routes if batch_route is None else [batch_route]  # its Batch API alone
+        ledger = RunLedger(
+            requests, routes, refused, batch_api=batch.enabled, campaign=self.campaign
+        )
+        runner = Runner(
+            ledger,
+            self.generate,
+            routes,
+            self.limits,
+            self.s3,
+            self.folder,
+            self.max_cost_usd,
+            self.link,
+            campaign=self.campaign,
+        )
+        if not self.refresh:
+            runner.reuse_cached()
+        runner.check_budget()
+        folder_uri = object_uri(self.s3, join_key(self.s3.bucket_folder, self.folder))
+        tell_plan(get_run_logger(), ledger, runner, folder_uri)
+        progress = ProgressArtifact(total=len(requests))
+        try:
+            progress.update(ledger.done)
+            if batch_route is not None:
+                wait_seconds = batch.wait_minutes * 60
+                runner.run_batch_api(
+                    progress, batch_route, wait_seconds=wait_seconds, cancel=batch.cancel
+                )
+            else:
+                runner.run(progress)
+        finally:
+            progress.close()
+        return ledger
+
+    def revise(self, revisions: list[ImageRequest]) -> RunLedger:
+        """A review round's edits, through the synchronous routes: checked, then made."""
+        requests, _ = check_edits(revisions, bucket=self.s3)
+        return self.run(_checked(requests, self.campaign, self.routes), {})
+
+
+def _checked(
+    requests: list[ImageRequest], campaign: Campaign | None, routes: list[GptImageRoute]
+) -> list[ImageRequest]:
+    """`requests` as masters of the campaign, if any, each valid on every route it may take
+    (its extensions and extra generations too): checked before anything is paid."""
+    if campaign is not None:
+        requests = campaign.check(requests)
+    for request in requests:
+        for route in serving_routes(request, routes):
+            route.check_request(request)
+    return requests
 
 
 def _prompt_set(

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +144,7 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
     shots = httpx.get(f"{api_url}/deployments/name/generate-images/product-shots").json()
     template = PromptTemplate.model_validate(shots["parameters"]["prompts"]).template
 
-    worker_log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "creatives"],
-        env=env,
-        stdout=worker_log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    with process_worker(env, tmp_path / "worker.log"):
         variables = {
             "product": ["teapot", "lamp"],
             "background": ["linen"],
@@ -176,9 +170,6 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
         match = re.search(r"UUID: ([0-9a-f-]{36})", started)
         assert match, started
         flow_run = wait_for_final_state(api_url, match.group(1))
-    finally:
-        stop_process(worker)
-        worker_log.close()
 
     assert flow_run["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
 
@@ -230,6 +221,22 @@ def test_scheduled_deployment_runs_from_a_worker_and_shows_its_gallery(
         check=True,
     )
     assert screenshot.stat().st_size > 20_000  # a page with pictures, not a blank one
+
+
+@contextmanager
+def process_worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`prefect worker start --pool creatives`, its output in `log`, stopped on exit."""
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "creatives"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield worker
+        finally:
+            stop_process(worker)
 
 
 def wait_for_final_state(api_url: str, flow_run_id: str, timeout: float = 240) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import io
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,9 +39,11 @@ from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ParameterBindError
+from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.utilities.callables import get_call_parameters
 from prefect_aws import S3Bucket
+from prefect_events import paused_flow_runs
 
 # The Dask example's Redis: the `redis_url` fixture of the tests of the locks, a real redis-server.
 from test_redis_locks import redis_url  # noqa: F401
@@ -229,6 +232,7 @@ def readme_world(
     this_week = [f"{prompt} {unique}" for prompt in THIS_WEEK_PROMPTS]
     world.put("s3://my-creatives/prompts/spring.txt", "\n".join(spring).encode())
     world.put("s3://my-creatives/prompts/this-week.txt", "\n".join(this_week).encode())
+    world.put("s3://my-creatives/prompts/campaign.txt", "\n".join(spring).encode())
     world.put("s3://creatives/products/mug.png", png(colour=10))
     world.put("s3://creatives/products/vase.png", png(colour=200))
     world.put("s3://creatives/briefs/shots/cup.png", png(colour=60))
@@ -352,6 +356,39 @@ def delivers_a_campaign(world: World, output: str) -> None:
     assert all(image.size <= 200_000 for image in hero)
 
 
+def publishes_what_was_approved(world: World, output: str) -> None:
+    report = world.namespace["report"]
+    world.assert_stored(report, 2 + 2 * 2)  # two masters, each in two placements
+    published = world.keys("my-creatives", "generated/spring/published/")
+    assert {key.rsplit("/", 1)[-1] for key in published} == {i.file_name for i in report.images}
+    assert world.api.billed == 2
+
+
+class Reviewer:
+    """A person who approves every image of the next run that waits for review: the
+    review example waits for a decision, which comes from this thread, through Prefect."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._approve, daemon=True)
+        self.thread.start()
+
+    def _approve(self) -> None:
+        with get_client(sync_client=True) as client:
+            while not self.stop.wait(0.3):
+                for flow_run in paused_flow_runs():
+                    try:
+                        client.read_flow_run_input(flow_run.id, "paused-review-1-0-schema")
+                    except Exception:  # not waiting for its review yet
+                        continue
+                    resume_flow_run(flow_run.id, run_input={"approve_all": True})
+                    return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def edits_from_a_prompt_file(world: World, output: str) -> None:
     report = world.namespace["_result"]
     world.assert_stored(report, 2)
@@ -408,6 +445,7 @@ CHECKS: dict[str, Callable[[World, str], None]] = {
     '"images": "s3://creatives/products/"': edits_products,
     '"s3://creatives/briefs/spring.csv"': edits_from_a_prompt_file,
     'name="newsletter-hero"': delivers_a_campaign,
+    "review=ReviewOptions(": publishes_what_was_approved,
     "batch=BatchOptions(wait_minutes=0)": sends_a_batch,
     "def my_flow(": maps_in_your_own_flow,
     "async def my_async_flow(": awaits_the_twins,
@@ -435,7 +473,12 @@ def run(example: Example, world: World, capsys: pytest.CaptureFixture[str]) -> N
         world.replaced.append(name)
     capsys.readouterr()
     world.namespace["_example"] = example.code
-    exec(compiled(example), world.namespace)
+    reviewer = Reviewer() if "review=ReviewOptions(" in example.code else None
+    try:
+        exec(compiled(example), world.namespace)
+    finally:
+        if reviewer is not None:
+            reviewer.close()
     check(world, capsys.readouterr().out)
 
 

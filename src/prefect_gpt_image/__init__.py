@@ -38,6 +38,8 @@ _EXPORTS = {
     "ImageOptions": "prefect_gpt_image.options",
     "EditOptions": "prefect_gpt_image.options",
     "BatchOptions": "prefect_gpt_image.options",
+    "ReviewDecision": "prefect_gpt_image.options",
+    "ReviewOptions": "prefect_gpt_image.options",
     "CacheOptions": "prefect_gpt_image.options",
     "LinkOptions": "prefect_gpt_image.options",
     "PromptTemplate": "prefect_gpt_image.options",
@@ -61,6 +63,8 @@ __all__ = [
     "PromptFailure",
     "PromptTemplate",
     "RapidAPICredentials",
+    "ReviewDecision",
+    "ReviewOptions",
     "RunReport",
     "SafeZone",
     "StoredImage",
@@ -95,6 +99,8 @@ if TYPE_CHECKING:
         ImageOptions,
         LinkOptions,
         PromptTemplate,
+        ReviewDecision,
+        ReviewOptions,
     )
     from prefect_gpt_image.placement_table import Placement, SafeZone
     from prefect_gpt_image.tasks.generate import agenerate_image, generate_image

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 TABLE_KEY = "gpt-image-run"
 GALLERY_KEY = "gpt-image-gallery"
+PUBLISHED_KEY = "gpt-image-published"
 GALLERY_MAX_IMAGES = 60
 THUMBNAIL_WIDTH = 200
 THUMBNAIL_HEIGHT = 120
@@ -92,10 +93,12 @@ def publish_results(
     report: RunReport,
     link: Link,
     safe_zones: Mapping[str, str] | None = None,
+    *,
+    review: bool = False,
 ) -> None:
     """The table of every prompt (with an edit's inputs, where there are edits, and each
     rendition's placement, where there are placements), and the gallery of the stored
-    images."""
+    images: with `review`, each concept captioned with the name a reviewer decides on."""
     edits = any(row.get("inputs") for row in rows)
     placements = any(row.get("placement") for row in rows)
     create_table_artifact(
@@ -103,7 +106,20 @@ def publish_results(
         table=[_table_row(row, link, edits, placements) for row in rows],
         description=report.summary(),
     )
-    create_markdown_artifact(key=GALLERY_KEY, markdown=gallery(report, link, safe_zones))
+    markdown = gallery(report, link, safe_zones, review=review)
+    create_markdown_artifact(key=GALLERY_KEY, markdown=markdown)
+
+
+def publish_published(published: Sequence[StoredImage], link: Link) -> None:
+    """The `published` artifact: every object a review published, with a link to each."""
+    lines = [f"## {len(published)} object(s) published", ""]
+    if published:
+        lines += ["| object | placement | link |", "| --- | --- | --- |"]
+        lines += [
+            f"| `{image.uri}` | {image.placement or 'master'} | [open]({link(image.key)}) |"
+            for image in published
+        ]
+    create_markdown_artifact(key=PUBLISHED_KEY, markdown="\n".join(lines))
 
 
 def _table_row(row: dict[str, Any], link: Link, edits: bool, placements: bool) -> dict[str, Any]:
@@ -129,7 +145,13 @@ def _inputs(inputs: Sequence[dict[str, Any]]) -> str:
     return "; ".join(f"{image['uri']} sha256:{image['sha256']}" for image in inputs)
 
 
-def gallery(report: RunReport, link: Link, safe_zones: Mapping[str, str] | None = None) -> str:
+def gallery(
+    report: RunReport,
+    link: Link,
+    safe_zones: Mapping[str, str] | None = None,
+    *,
+    review: bool = False,
+) -> str:
     """Thumbnails of the stored images, each linking to the full image; with placements,
     one row per concept: its master, then its renditions side by side at their shapes,
     each captioned with its placement, its pixels and any safe zone (`safe_zones`, by
@@ -142,11 +164,14 @@ def gallery(report: RunReport, link: Link, safe_zones: Mapping[str, str] | None 
     if not images:
         return "\n".join([*lines, "No image was stored."])
     shown = images[:GALLERY_MAX_IMAGES]
-    if not any(image.is_rendition for image in shown):
+    by_concept = review or any(image.is_rendition for image in shown)
+    if not by_concept:
         lines.append(" ".join(_thumbnail(image, link, width=THUMBNAIL_WIDTH) for image in shown))
-    for concept in _concepts(shown):
+    for concept in _concepts(shown) if by_concept else []:
         master = concept[0]
         lines += ["", f"**{html.escape(' '.join(master.title.split())[:120])}**", ""]
+        if review:
+            lines += [f"`{master.file_name}`", ""]
         zones = safe_zones or {}
         lines.append(
             " ".join(
@@ -161,9 +186,7 @@ def gallery(report: RunReport, link: Link, safe_zones: Mapping[str, str] | None 
 
 
 def _concepts(images: Sequence[StoredImage]) -> list[list[StoredImage]]:
-    """Each master with the renditions that follow it, where there are renditions."""
-    if not any(image.is_rendition for image in images):
-        return []
+    """Each master with the renditions that follow it."""
     concepts: list[list[StoredImage]] = []
     for image in images:
         if image.is_rendition and concepts:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
+from prefect_gpt_image._events import ROUTE_DROPPED, emit
 from prefect_gpt_image._retry_policy import GENERATION_RETRIES
 from prefect_gpt_image._run_scope import RunScoped
 from prefect_gpt_image.errors import (
@@ -97,6 +98,16 @@ class RouteBook:
             route.route_name,
             route.model,
             error,
+        )
+        emit(
+            ROUTE_DROPPED,
+            {
+                "route": route.route_name,
+                "model": route.model,
+                "reason": str(error),
+                "error_type": type(error).__name__,
+                "fallback": fallback,
+            },
         )
         return True
 

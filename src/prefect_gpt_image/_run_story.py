@@ -7,7 +7,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from prefect_gpt_image._budget import run_budget
+from prefect_gpt_image._events import BATCH_WAITING, BUDGET_EXHAUSTED, emit
 from prefect_gpt_image._ledger import RunLedger, failure_lines
+from prefect_gpt_image.errors import BudgetExceededError
 from prefect_gpt_image.models import RunReport
 
 CROP_WORTH_TELLING = 0.25
@@ -66,3 +69,20 @@ def tell_outcome(logger: Logger, report: RunReport) -> None:
         logger.warning("Failed: %s", line)
     if more:
         logger.warning("... and %d more failed, listed in %s", more, report.manifest_uri)
+    stopped = [f for f in report.failures if f.error_type == BudgetExceededError.__name__]
+    if stopped:
+        emit(
+            BUDGET_EXHAUSTED,
+            {
+                "max_cost_usd": run_budget().max_usd,
+                "spent_usd": report.cost_usd,
+                "not_attempted": sum(f.stage == "not attempted" for f in stopped),
+                "stopped": len(stopped),
+            },
+        )
+    if report.waiting:
+        batches = sorted({prompt.batch_id for prompt in report.waiting})
+        emit(
+            BATCH_WAITING,
+            {"prompts": len(report.waiting), "batches": batches, "manifest": report.manifest_uri},
+        )

@@ -173,6 +173,16 @@ def put_bytes(
         raise storage_error(exc, bucket.bucket_name, "write") from None
 
 
+def copy_object(bucket: S3Bucket, source_key: str, key: str) -> None:
+    """Copy `source_key` to `key` within the bucket, server-side: the bytes never leave S3,
+    and the object keeps its type and metadata."""
+    source = {"Bucket": bucket.bucket_name, "Key": source_key}
+    try:
+        s3_client(bucket).copy_object(Bucket=bucket.bucket_name, Key=key, CopySource=source)
+    except (ClientError, BotoCoreError) as exc:
+        raise storage_error(exc, bucket.bucket_name, f"copy {source_key}") from None
+
+
 WRITE_CHECK_NAME = ".prefect-gpt-image-write-check"
 """The empty object written, then deleted, to prove a bucket takes writes before paying."""
 

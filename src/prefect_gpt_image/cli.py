@@ -1,5 +1,5 @@
 """The `prefect-gpt-image` command line: `generate` a prompt file, `price` it on each
-route first, or run the `demo`.
+route first, `publish` what a review approved, or run the `demo`.
 
 Prefect and boto3 are imported only once a command runs, so `--help` is instant.
 """
@@ -103,6 +103,38 @@ def _parser() -> argparse.ArgumentParser:
     _add_placement_options(price, adapt=False)
     _add_input_roots(price.add_argument_group("edit"))
     price.set_defaults(command=_price, parser=price)
+
+    publish = commands.add_parser(
+        "publish",
+        help="publish images of a run's manifest, as a review would, without a flow run",
+        description=(
+            "Copy the images a run's manifest names (each with its renditions), server-side, "
+            "to the publish folder beside them, and record the decision in the manifest: for "
+            "a run whose review timed out, or images approved outside Prefect. A name the "
+            "manifest does not hold is refused, and nothing is published."
+        ),
+    )
+    publish.add_argument("manifest", metavar="MANIFEST_URI", help="s3://bucket/key of the manifest")
+    chosen = publish.add_mutually_exclusive_group(required=True)
+    chosen.add_argument(
+        "--approve",
+        action="append",
+        metavar="NAME",
+        help="an image's name, as the run's gallery and table show it (repeatable)",
+    )
+    chosen.add_argument("--approve-all", action="store_true", help="every image of the run")
+    publish.add_argument(
+        "--publish-prefix",
+        default="published",
+        metavar="FOLDER",
+        help="the folder beside the images to publish to (default: published)",
+    )
+    publish.add_argument(
+        "--bucket",
+        metavar="BLOCK",
+        help="a saved S3Bucket block whose credentials read the bucket (default: AWS_*)",
+    )
+    publish.set_defaults(command=_publish, parser=publish)
 
     demo = commands.add_parser(
         "demo",
@@ -576,6 +608,28 @@ def _pricing_routes(names: list[str] | None, models: list[str] | None) -> list[G
         model_spec(model)  # an unknown model says how to describe it
         routes.append(OpenAICredentials(api_key=unused_key, model=model))
     return routes
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from prefect_gpt_image._block_refs import resolve_bucket
+    from prefect_gpt_image._object_keys import split_s3_uri
+    from prefect_gpt_image._review import publish_from_manifest
+    from prefect_gpt_image.errors import GptImageError
+
+    try:
+        bucket_name, key = split_s3_uri(args.manifest)
+        bucket = resolve_bucket(args.bucket or f"s3://{bucket_name}")
+        if bucket.bucket_name != bucket_name:
+            bucket = bucket.model_copy(update={"bucket_name": bucket_name, "bucket_folder": ""})
+        approved = None if args.approve_all else args.approve
+        published = publish_from_manifest(bucket, key, approved, args.publish_prefix)
+    except GptImageError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    for image in published:
+        print(image.uri)
+    print(f"{len(published)} object(s) published.")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

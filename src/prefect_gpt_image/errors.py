@@ -219,3 +219,10 @@ class RunFailedError(GptImageError):
     def __init__(self, message: str, report: RunReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+class ReviewTimeoutError(GptImageError):
+    """No review decision came in time: nothing was published, and every image is kept.
+
+    Its message says how to publish later, from the run's manifest.
+    """

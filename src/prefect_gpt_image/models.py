@@ -437,6 +437,11 @@ class StoredImage(BaseModel):
     def is_rendition(self) -> bool:
         return self.placement is not None
 
+    @property
+    def file_name(self) -> str:
+        """Its object's name in its folder: unique within a run, the name it is reviewed as."""
+        return self.key.rsplit("/", 1)[-1]
+
     @classmethod
     def of(cls, image: GeneratedImage, bucket: str, key: str) -> StoredImage:
         """The record of `image` stored at `key`."""

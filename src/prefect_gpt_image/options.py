@@ -2,9 +2,9 @@
 form, a pydantic model in Python, and a plain mapping in a deployment's YAML.
 
 Creative choices (`ImageOptions`, `EditOptions`, `PromptTemplate`) come first; delivery
-(`BatchOptions`); then what a team sets once for every run (`ApiLimits` in
-`prefect_gpt_image.models`, `CacheOptions`, `LinkOptions`), which environment settings fill
-too (`prefect_gpt_image.settings`).
+(`BatchOptions`, `ReviewOptions`, and the `ReviewDecision` a reviewer gives); then what a
+team sets once for every run (`ApiLimits` in `prefect_gpt_image.models`, `CacheOptions`,
+`LinkOptions`), which environment settings fill too (`prefect_gpt_image.settings`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from prefect.input import RunInput
 from prefect_aws import S3Bucket
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -156,6 +157,69 @@ class BatchOptions(OptionGroup):
 
 SYNCHRONOUS = BatchOptions(enabled=False)
 """The flow's default: no Batch API, every image generated now."""
+
+
+class ReviewOptions(OptionGroup):
+    """A person approves each image before it is published: once every image is stored, the
+    run waits for a decision in Prefect's UI, then copies what was approved to the publish
+    folder, and edits what was rejected with a note, for the next round.
+
+    Example:
+        ```python
+        ReviewOptions(publish_prefix="live", timeout_hours=48)
+        ```
+    """
+
+    enabled: bool = Field(
+        default=True,
+        description="Wait for a person's approval before publishing. Off: nothing is "
+        "published, and the run does not wait.",
+    )
+    publish_prefix: str = Field(
+        default="published",
+        min_length=1,
+        description="The folder, within the run's folder, that approved images are copied "
+        "to; nothing else is ever written there.",
+    )
+    timeout_hours: float = Field(
+        allow_inf_nan=False,
+        default=24,
+        gt=0,
+        le=24 * 30,
+        description="How long a round waits for a decision; then the run fails, publishing "
+        "nothing and keeping every image.",
+    )
+    max_rounds: int = Field(
+        default=2,
+        ge=1,
+        le=10,
+        description="Rounds of review, the first included: a rejection with a note in the "
+        "last round drops the image instead of editing it.",
+    )
+
+    @field_validator("publish_prefix")
+    @classmethod
+    def _a_folder(cls, prefix: str) -> str:
+        if not prefix.strip("/"):
+            raise ValueError("publish_prefix names a folder, such as 'published'")
+        return prefix
+
+
+NO_REVIEW = ReviewOptions(enabled=False)
+"""The flow's default: images are stored, and nothing is published."""
+
+
+class ReviewDecision(RunInput):
+    """A reviewer's decision on a round of a run's images, named as the run's gallery and
+    table show them. Every image neither approved nor rejected is dropped: not published."""
+
+    approve_all: bool = Field(default=False, description="Approve every image not rejected below.")
+    approved: list[str] = Field(default_factory=list, description="The images to publish, by name.")
+    rejected: dict[str, str] = Field(
+        default_factory=dict,
+        description="Image name → note. A note asks for a new version, edited from this one "
+        "with the note, for the next round; an empty note drops the image.",
+    )
 
 
 class CacheOptions(OptionGroup):
