@@ -4,26 +4,18 @@ recursion limit, and numbers no flag can take."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import in_process, usage_error
 
 from prefect_gpt_image._prompt_sets import MAX_JSON_DEPTH, load_prompts
 from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.models import ImageRequest
 from prefect_gpt_image.testing import GptImageEmulator
 
-COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
 CSV_FIELD_LIMIT = 131_072
 """Python's csv module refuses a field longer than this by default."""
-
-
-def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [COMMAND, *args], env=env, capture_output=True, text=True, timeout=240, check=False
-    )
 
 
 def write(tmp_path: Path, name: str, content: str) -> Path:
@@ -63,13 +55,15 @@ def test_a_jsonl_file_with_cr_line_ends_reads_each_line(tmp_path: Path) -> None:
     ]
 
 
-def test_the_command_line_prices_each_line_of_a_cr_file(tmp_path: Path) -> None:
+def test_the_command_line_prices_each_line_of_a_cr_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "mac.txt", "a fox at dawn\ra hare\ran owl")
 
-    result = run(["price", str(path), "--model", "gpt-image-2"])
+    code, out, err = in_process(["price", str(path), "--model", "gpt-image-2"], capsys)
 
-    assert result.returncode == 0, result.stderr
-    assert f"3 requests in {path}" in result.stdout
+    assert code == 0, err
+    assert f"3 requests in {path}" in out
 
 
 # --- A CSV cell past the csv module's limit ------------------------------------------------
@@ -150,17 +144,17 @@ def test_the_command_line_says_what_is_wrong_and_exits_2(
     name: str,
     content: str,
     message: str,
-    user_env: dict[str, str],
     api: GptImageEmulator,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = write(tmp_path, name, content)
     bucket = ["--bucket", "s3://anything"] if command == "generate" else []
 
-    result = run([command, str(path), *bucket], user_env)
+    code, _, err = in_process([command, str(path), *bucket], capsys)
 
-    assert result.returncode == 2, result.stderr
-    assert f"Error: {message}" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert code == 2, err
+    assert f"Error: {message}" in err
+    assert "Traceback" not in err
     assert api.calls == []
 
 
@@ -184,19 +178,22 @@ def test_the_command_line_says_what_is_wrong_and_exits_2(
     ],
 )
 def test_a_flag_refuses_a_number_it_cannot_take(
-    tmp_path: Path, flag: str, value: str, problem: str
+    tmp_path: Path, flag: str, value: str, problem: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     prompts = write(tmp_path, "p.txt", "a fine finch\n")
 
-    result = run(["generate", str(prompts), "--bucket", "s3://anything", flag, value])
+    stderr = usage_error(
+        ["generate", str(prompts), "--bucket", "s3://anything", flag, value], capsys
+    )
 
-    assert result.returncode == 2
-    assert f"error: argument {flag}: {problem}" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert f"error: argument {flag}: {problem}" in stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--n", "0"), ("--output-compression", "-1")])
-def test_price_refuses_the_same_numbers(tmp_path: Path, flag: str, value: str) -> None:
+def test_price_refuses_the_same_numbers(
+    tmp_path: Path, flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     prompts = write(tmp_path, "p.txt", "a fine finch\n")
-    result = run(["price", str(prompts), flag, value])
-    assert result.returncode == 2 and f"error: argument {flag}: " in result.stderr
+    stderr = usage_error(["price", str(prompts), flag, value], capsys)
+    assert f"error: argument {flag}: " in stderr

@@ -9,16 +9,59 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from prefect_gpt_image import OpenAICredentials
+from prefect_gpt_image import OpenAICredentials, cli
 from prefect_gpt_image.testing import GptImageEmulator, LocalS3Server
 
 COMMAND = str(Path(sys.executable).parent / "prefect-gpt-image")
+
+
+def in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """The command's exit code, output and error output, run in this process (with this
+    process's environment): the same code as the installed command, without a Python start.
+    The tests that run a flow, or watch what a command imports, start the command itself."""
+    capsys.readouterr()
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def command(
+    user_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[[list[str]], Result]:
+    """The command, run in this process in the user's environment (`user_env`)."""
+    for name, value in user_env.items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
+
+    def command(args: list[str]) -> Result:
+        return Result(*in_process(args, capsys))
+
+    return command
+
+
+def usage_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What the command prints for a usage error (it exits 2, before anything runs), run in
+    this process: the same code path as the installed command, without a Python start."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli.main(args)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -60,22 +103,18 @@ def test_generate_help_groups_the_flags_as_the_run_form_groups_the_options() -> 
     ],
 )
 def test_a_flag_an_option_group_refuses_is_a_usage_error_naming_the_flag(
-    tmp_path: Path, flag: str, value: str, refusal: str
+    tmp_path: Path, flag: str, value: str, refusal: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a refused racoon\n", "utf-8")
 
-    result = subprocess.run(
-        [COMMAND, "generate", str(prompts), "--bucket", "s3://anything", flag, value],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    stderr = usage_error(
+        ["generate", str(prompts), "--bucket", "s3://anything", flag, value], capsys
     )
 
-    assert result.returncode == 2
-    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    (error,) = [line for line in stderr.splitlines() if "error:" in line]
     assert f"error: argument {flag}: " in error and refusal in error
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
 
 
 def test_flags_reach_the_flow_as_its_option_groups(
@@ -171,14 +210,14 @@ def test_generate_reports_bad_input_without_a_traceback(
 
 
 def test_generate_exits_1_when_prompts_fail(
-    tmp_path: Path, user_env: dict[str, str], s3_server: LocalS3Server
+    tmp_path: Path, command: Callable[[list[str]], Result], s3_server: LocalS3Server
 ) -> None:
     bucket = f"cli-{uuid.uuid4().hex[:10]}"
     s3_server.create_bucket(bucket)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fine ferret\n[reject] a refused ferret\n", "utf-8")
 
-    result = run(["generate", str(prompts), "--bucket", f"s3://{bucket}"], user_env)
+    result = command(["generate", str(prompts), "--bucket", f"s3://{bucket}"])
 
     assert result.returncode == 1
     assert "FAILED '[reject] a refused ferret'" in result.stdout
@@ -207,14 +246,13 @@ def test_demo_runs_end_to_end_with_nothing_configured(tmp_path: Path) -> None:
 
 
 def test_price_shows_each_route_before_anything_is_paid(
-    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator
+    tmp_path: Path, command: Callable[[list[str]], Result], api: GptImageEmulator
 ) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a priced pangolin\na priced puffin\n", "utf-8")
 
-    result = run(
-        ["price", str(prompts), "--size", "1536x864", "--quality", "medium", "--n", "2"],
-        user_env,
+    result = command(
+        ["price", str(prompts), "--size", "1536x864", "--quality", "medium", "--n", "2"]
     )
 
     assert result.returncode == 0, result.stderr
@@ -239,7 +277,7 @@ def test_price_shows_each_route_before_anything_is_paid(
 
 def test_credentials_repeat_for_fallback_routes(
     tmp_path: Path,
-    user_env: dict[str, str],
+    command: Callable[[list[str]], Result],
     api: GptImageEmulator,
     openai_credentials: OpenAICredentials,
     s3_server: LocalS3Server,
@@ -253,12 +291,11 @@ def test_credentials_repeat_for_fallback_routes(
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fallback falcon\n", "utf-8")
 
-    result = run(
+    result = command(
         [
             *("generate", str(prompts), "--bucket", f"s3://{bucket}"),
             *("--credentials", names[0], "--credentials", names[1]),
-        ],
-        user_env,
+        ]
     )
 
     assert result.returncode == 0, result.stderr
@@ -270,7 +307,7 @@ def test_credentials_repeat_for_fallback_routes(
 
 def test_generate_in_batch_mode_sends_one_batch_and_cancel_stops_it(
     tmp_path: Path,
-    user_env: dict[str, str],
+    command: Callable[[list[str]], Result],
     api: GptImageEmulator,
     openai_credentials: OpenAICredentials,
     s3_server: LocalS3Server,
@@ -281,13 +318,13 @@ def test_generate_in_batch_mode_sends_one_batch_and_cancel_stops_it(
     s3_server.create_bucket(bucket)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a batched badger\na batched bittern\n", "utf-8")
-    command = [
+    args = [
         *("generate", str(prompts), "--bucket", f"s3://{bucket}", "--credentials", name),
         *("--mode", "batch", "--quality", "high"),
     ]
     api.batch_processing_seconds = 40  # in progress for half a minute; cancelling takes 4 s
 
-    sent = run([*command, "--batch-wait-minutes", "0"], user_env)
+    sent = command([*args, "--batch-wait-minutes", "0"])
 
     assert sent.returncode == 0, sent.stderr
     assert "2 waiting in OpenAI batches" in sent.stdout + sent.stderr  # it did not wait
@@ -300,7 +337,7 @@ def test_generate_in_batch_mode_sends_one_batch_and_cancel_stops_it(
     ).text.splitlines()
     assert [json.loads(line)["body"]["quality"] for line in sent_lines] == ["high", "high"]
 
-    cancelled = run([*command, "--cancel-batches"], user_env)
+    cancelled = command([*args, "--cancel-batches"])
 
     assert cancelled.returncode == 1  # the prompts were not made
     assert [b["status"] for b in api.batches] == ["cancelled"]
@@ -386,15 +423,14 @@ def test_placements_and_adapt_reach_the_flow(
 
 
 def test_price_shows_each_adapt_strategy_side_by_side(
-    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator
+    tmp_path: Path, command: Callable[[list[str]], Result], api: GptImageEmulator
 ) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a priced pangolin\na priced puffin\n", "utf-8")
     placements = ("meta-feed-square", "meta-reels", "meta-link")
 
-    result = run(
-        ["price", str(prompts), *(arg for p in placements for arg in ("--placement", p))],
-        user_env,
+    result = command(
+        ["price", str(prompts), *(arg for p in placements for arg in ("--placement", p))]
     )
 
     assert result.returncode == 0, result.stderr

@@ -17,13 +17,13 @@ from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 from prefect_aws import S3Bucket
 from prefect_events import events_of, flow_runs_named
-from test_cli import run as prefect_gpt_image
 
 from prefect_gpt_image import (
     OpenAICredentials,
     ReviewOptions,
     RunReport,
     _review,
+    cli,
     generate_images,
 )
 from prefect_gpt_image._events import IMAGES_PUBLISHED, REVIEW_REQUESTED
@@ -223,7 +223,8 @@ def test_without_a_decision_in_time_nothing_is_published_and_the_run_says_how_to
     bucket: S3Bucket,
     s3_server: LocalS3Server,
     prompts: list[str],
-    user_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(ReviewTimeoutError, match="prefect-gpt-image publish s3://") as caught:
         generate_images(
@@ -237,16 +238,22 @@ def test_without_a_decision_in_time_nothing_is_published_and_the_run_says_how_to
     assert len(stored) == 2 and not published(stored)  # every image kept
     assert "No review decision came within" in str(caught.value)
 
-    # Later, from the command line: a name the run does not have publishes nothing...
+    # Later, from the command line, with the AWS_* environment's credentials: a name the run
+    # does not have publishes nothing...
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     manifest_uri = str(caught.value).split("publish ", 1)[1].split()[0]
     names = sorted(stored)
-    refused = prefect_gpt_image(["publish", manifest_uri, "--approve", "nope.png"], user_env)
-    assert refused.returncode == 2 and all(name in refused.stderr for name in names)
+    capsys.readouterr()
+    assert cli.main(["publish", manifest_uri, "--approve", "nope.png"]) == 2
+    refused = capsys.readouterr().err
+    assert all(name in refused for name in names), refused
     assert not published(objects(s3_server, bucket))
 
     # ... and a name it has publishes that image, and records the decision.
-    done = prefect_gpt_image(["publish", manifest_uri, "--approve", names[0]], user_env)
-    assert done.returncode == 0, done.stderr
+    assert cli.main(["publish", manifest_uri, "--approve", names[0]]) == 0
     stored = objects(s3_server, bucket)
     assert published(stored) == {names[0]: stored[names[0]]}
     _, key = manifest_uri.removeprefix("s3://").split("/", 1)
