@@ -239,10 +239,22 @@ def process_worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[
             stop_process(worker)
 
 
+def api_get(url: str) -> Any:
+    """GET from the Prefect server's API, as its own client does: a busy server's 503
+    (its database locked for a moment) is asked again."""
+    for _ in range(20):
+        answer = httpx.get(url, timeout=30)
+        if answer.status_code != 503:
+            answer.raise_for_status()
+            return answer.json()
+        time.sleep(0.5)
+    answer.raise_for_status()
+
+
 def wait_for_final_state(api_url: str, flow_run_id: str, timeout: float = 240) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        flow_run: dict[str, Any] = httpx.get(f"{api_url}/flow_runs/{flow_run_id}").json()
+        flow_run: dict[str, Any] = api_get(f"{api_url}/flow_runs/{flow_run_id}")
         if flow_run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return flow_run
         time.sleep(1)
