@@ -246,11 +246,12 @@ class Review:
         rows = recorded(rows, report.images, decided, published)
         write_manifest(self.bucket, self.folder, report, rows, key=report.manifest_key)
         publish_published(published, self.link)
+        approved_count = sum(d.decision == "approved" for d in decided.values())
         emit(
             IMAGES_PUBLISHED,
             {
                 "published": len(published),
-                "approved": sum(d.decision == "approved" for d in decided.values()),
+                "approved": approved_count,
                 "dropped": sum(d.decision == "dropped" for d in decided.values()),
                 "folder": s3_uri(
                     self.bucket.bucket_name,
@@ -262,7 +263,7 @@ class Review:
         self.logger.info(
             "Published %d object(s) of %d approved image(s) to %s",
             len(published),
-            sum(d.decision == "approved" for d in decided.values()),
+            approved_count,
             self.options.publish_prefix,
         )
         return report
@@ -380,20 +381,21 @@ def recorded(
     where it was published."""
     names = {image.sha256: image.file_name for image in masters(images)}
     published_at = {image.file_name: image.uri for image in published}
+    by_key = {image.key: image for image in images}
     out: list[dict[str, Any]] = []
     for row in rows:
-        name = names.get(row.get("source_sha256") or row.get("sha256") or "")
+        image = by_key.get(row.get("key", ""))
+        name = names.get(_master_sha256(image)) if image is not None else None
         decision = decided.get(name or "")
-        if decision is None:
+        if image is None or decision is None:
             out.append(row)
             continue
-        own = str(row.get("key", "")).rsplit("/", 1)[-1]
         out.append(
             {
                 **row,
                 **decision.model_dump(mode="json"),
                 "reviewed_as": name,
-                "published_uri": published_at.get(own),
+                "published_uri": published_at.get(image.file_name),
             }
         )
     return out
