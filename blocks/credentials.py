@@ -20,6 +20,7 @@ from prefect_gpt_image.settings import (
 
 if TYPE_CHECKING:
     from prefect_gpt_image._client import RapidAPIClient
+    from prefect_gpt_image._routes import RapidAPIRoute
 
 
 class RapidAPICredentials(GptImageRoute):
@@ -143,3 +144,7 @@ class RapidAPICredentials(GptImageRoute):
         from prefect_gpt_image._client import RapidAPIClient
 
         return RapidAPIClient(self)
+
+
+if TYPE_CHECKING:  # mypy checks that the block is the route the package takes it for
+    _MEETS: type[RapidAPIRoute] = RapidAPICredentials

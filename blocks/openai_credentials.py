@@ -10,6 +10,7 @@ from prefect_gpt_image.blocks._route import KEY_WHITESPACE_NOTE, GptImageRoute
 
 if TYPE_CHECKING:
     from prefect_gpt_image._client import OpenAIClient
+    from prefect_gpt_image._routes import OpenAIRoute
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -115,3 +116,7 @@ class OpenAICredentials(GptImageRoute):
         from prefect_gpt_image._client import OpenAIClient
 
         return OpenAIClient(self)
+
+
+if TYPE_CHECKING:  # mypy checks that the block is the route the package takes it for
+    _MEETS: type[OpenAIRoute] = OpenAICredentials

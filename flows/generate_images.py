@@ -18,9 +18,8 @@ from prefect_aws import S3Bucket
 from pydantic import Field
 
 from prefect_gpt_image._artifacts import Link, ProgressArtifact, publish_results
-from prefect_gpt_image._block_refs import Routes, resolve_bucket, resolve_routes, serving_routes
 from prefect_gpt_image._budget import run_budget
-from prefect_gpt_image._caching import generation_cache_policy
+from prefect_gpt_image._caching import with_locks_in
 from prefect_gpt_image._edit_inputs import InputRef, expand_inputs
 from prefect_gpt_image._edits import check_edits
 from prefect_gpt_image._form_schema import EmptyInForm
@@ -30,7 +29,6 @@ from prefect_gpt_image._manifest import write_manifest
 from prefect_gpt_image._object_keys import check_bucket_name, join_key, normalize_prefix
 from prefect_gpt_image._placement_plan import Campaign
 from prefect_gpt_image._preflight import (
-    batch_api_route,
     check_global_limits,
     check_redis,
     check_storage,
@@ -38,9 +36,11 @@ from prefect_gpt_image._preflight import (
 )
 from prefect_gpt_image._prompt_sets import PromptSet, expand_template, read_prompt_set
 from prefect_gpt_image._review import Review, check_review
+from prefect_gpt_image._routes import batch_api_route, serving_routes
 from prefect_gpt_image._run_story import tell_outcome, tell_plan
 from prefect_gpt_image._runner import Runner
 from prefect_gpt_image._storage import object_link, object_uri, read_uri
+from prefect_gpt_image.blocks._loading import Routes, resolve_bucket, resolve_routes
 from prefect_gpt_image.errors import InvalidRequestError, RunFailedError
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest, RunReport
 from prefect_gpt_image.options import (
@@ -59,8 +59,7 @@ from prefect_gpt_image.settings import with_environment
 from prefect_gpt_image.tasks.generate import generate_image
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.blocks._route import GptImageRoute
-    from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+    from prefect_gpt_image._routes import OpenAIRoute, Route
 
 
 @flow(name="generate-images")
@@ -167,7 +166,7 @@ def generate_images(
         requests, refused = _edits_of(prompt_set, expand_inputs(edit.images, bucket=s3), edit)
     requests, refused = check_edits(requests, bucket=s3, refused=refused)
     batch_route = batch_api_route(routes, requests) if batch.enabled else None
-    first_routes: list[GptImageRoute] = routes if batch_route is None else [batch_route]
+    first_routes: list[Route] = routes if batch_route is None else [batch_route]
     campaign = _campaign(placements, adapt, first_routes, image)
     requests = _checked(requests, campaign, first_routes)
     cache_bucket = saved_block(resolve_bucket(cache.storage)) if cache.storage else None
@@ -215,7 +214,7 @@ class _Production:
     def __init__(
         self,
         generate: Task[..., GeneratedImage],
-        routes: list[GptImageRoute],
+        routes: list[Route],
         limits: ApiLimits,
         s3: S3Bucket,
         folder: str,
@@ -234,7 +233,7 @@ class _Production:
         refused: dict[int, InvalidRequestError],
         *,
         batch: BatchOptions = SYNCHRONOUS,
-        batch_route: OpenAICredentials | None = None,
+        batch_route: OpenAIRoute | None = None,
     ) -> RunLedger:
         """Make and store `requests`' images, with what the cache holds already unpaid."""
         routes = self.routes if batch_route is None else [batch_route]  # its Batch API alone
@@ -278,7 +277,7 @@ class _Production:
 
 
 def _checked(
-    requests: list[ImageRequest], campaign: Campaign | None, routes: list[GptImageRoute]
+    requests: list[ImageRequest], campaign: Campaign | None, routes: list[Route]
 ) -> list[ImageRequest]:
     """`requests` as masters of the campaign, if any, each valid on every route it may take
     (its extensions and extra generations too): checked before anything is paid."""
@@ -308,7 +307,7 @@ def _prompt_set(
 def _campaign(
     placements: list[str | Placement],
     adapt: Adapt,
-    routes: list[GptImageRoute],
+    routes: list[Route],
     image: ImageOptions,
 ) -> Campaign | None:
     """The run's placements, resolved; None without any. A size the run gives is every
@@ -353,5 +352,7 @@ def _generation_task(
         generate = generate.with_options(result_storage=cache_bucket)
     if cache.redis_lock_url is not None:
         check_redis(cache.redis_lock_url)
-        generate = generate.with_options(cache_policy=generation_cache_policy(cache.redis_lock_url))
+        generate = generate.with_options(
+            cache_policy=with_locks_in(generate.cache_policy, cache.redis_lock_url)
+        )
     return generate

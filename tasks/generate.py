@@ -12,7 +12,6 @@ from prefect.runtime import task_run
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image._block_refs import Routes, resolve_routes, serving_routes
 from prefect_gpt_image._budget import run_budget
 from prefect_gpt_image._caching import (
     cache_store,
@@ -21,6 +20,7 @@ from prefect_gpt_image._caching import (
     generation_cache_policy,
     lookup_keys,
     remember,
+    request_cache_key,
 )
 from prefect_gpt_image._edits import checked_edit
 from prefect_gpt_image._object_keys import slugify
@@ -30,7 +30,8 @@ from prefect_gpt_image._retry_policy import (
     RETRY_JITTER_FACTOR,
     retry_condition,
 )
-from prefect_gpt_image._routes import route_book
+from prefect_gpt_image._routes import route_book, serving_routes
+from prefect_gpt_image.blocks._loading import Routes, resolve_routes
 from prefect_gpt_image.errors import GptImageError
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest, as_request
 
@@ -41,6 +42,12 @@ def _run_name() -> str:
     return f"generate-{slugify(label, max_chars=40)}"
 
 
+def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The image's key (`_caching.request_cache_key`): its request, through its routes."""
+    request = checked_edit(as_request(parameters["request"]), bucket=parameters.get("input_bucket"))
+    return request_cache_key(request, resolve_routes(parameters.get("credentials")))
+
+
 _TASK_OPTIONS: dict[str, Any] = dict(
     name="generate-image",
     task_run_name=_run_name,
@@ -48,7 +55,7 @@ _TASK_OPTIONS: dict[str, Any] = dict(
     retry_delay_seconds=GENERATION_RETRY_DELAYS,
     retry_jitter_factor=RETRY_JITTER_FACTOR,
     retry_condition_fn=retry_condition,
-    cache_policy=generation_cache_policy(),
+    cache_policy=generation_cache_policy(_cache_key),
     persist_result=True,
     # The result is on disk; an in-memory copy of the last thousand images is not needed.
     cache_result_in_memory=False,

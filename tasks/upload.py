@@ -11,14 +11,14 @@ from prefect.runtime import task_run
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image._object_keys import check_bucket_name, image_key, slugify
+from prefect_gpt_image._object_keys import slugify
 from prefect_gpt_image._retry_policy import (
     RETRY_JITTER_FACTOR,
     UPLOAD_RETRIES,
     UPLOAD_RETRY_DELAYS,
     retry_condition,
 )
-from prefect_gpt_image._storage import put_image
+from prefect_gpt_image._storage import store_image
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, StoredImage
 
 
@@ -128,37 +128,3 @@ def _upload(
         more = [store_image(other, bucket, prefix, request)[0] for other in others]
         stored = stored.model_copy(update={"more_images": more})
     return stored
-
-
-def store_image(
-    image: GeneratedImage,
-    bucket: S3Bucket,
-    prefix: str = "",
-    request: ImageRequest | None = None,
-    *,
-    check_existing: bool = True,
-) -> tuple[StoredImage, bool]:
-    """The upload itself, which `upload_image` runs as a task; also returns whether
-    anything was written. `check_existing=False` skips the HEAD, for an image just
-    generated.
-
-    The flow calls it without a task run, with the same retry policy
-    (`retry_policy.call_with_retries`): a task run costs more CPU than the upload, and
-    the generation's task run already stands for the image.
-    """
-    check_bucket_name(bucket.bucket_name)
-    if request is not None:
-        image = image.model_copy(update={"request": request})
-    record = planned_record(image, bucket, prefix)
-    written = put_image(bucket, record.key, image, check_existing=check_existing)
-    return record, written
-
-
-def planned_record(
-    image: GeneratedImage, bucket: S3Bucket, prefix: str = "", request: ImageRequest | None = None
-) -> StoredImage:
-    """The record of `image` once stored in `bucket`, under the key `object_keys` gives
-    it, for `request` (default: the request it was generated for)."""
-    if request is not None:
-        image = image.model_copy(update={"request": request})
-    return StoredImage.of(image, bucket.bucket_name, image_key(bucket.bucket_folder, prefix, image))

@@ -34,7 +34,8 @@ from prefect_gpt_image.errors import (
 if TYPE_CHECKING:
     import openai
 
-    from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+    from prefect_gpt_image._routes import OpenAIRoute
+
 
 T = TypeVar("T")
 
@@ -156,7 +157,7 @@ def split_lines(lines: Sequence[bytes], max_requests: int, max_file_bytes: int) 
 class BatchApiClient:
     """The Files and Batches APIs of one OpenAI-protocol route."""
 
-    def __init__(self, route: OpenAICredentials) -> None:
+    def __init__(self, route: OpenAIRoute) -> None:
         from prefect_gpt_image._client import auth_headers, openai_client
 
         self._route = route

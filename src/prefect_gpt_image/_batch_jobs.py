@@ -57,7 +57,7 @@ from prefect_gpt_image.errors import (
 from prefect_gpt_image.models import GeneratedImage, ImageRequest
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+    from prefect_gpt_image._routes import OpenAIRoute
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class BatchOwner(BaseModel, frozen=True):
         return f"organization {self.organization}, {project}" if self.organization else project
 
 
-def batch_owner(route: OpenAICredentials) -> BatchOwner:
+def batch_owner(route: OpenAIRoute) -> BatchOwner:
     return BatchOwner(organization=route.organization, project=route.project)
 
 
@@ -225,7 +225,7 @@ def _in_a_batch(store: ResultStore, keys: Sequence[str]) -> GptImageError | None
     return None
 
 
-def sending_lock_key(route: OpenAICredentials) -> str:
+def sending_lock_key(route: OpenAIRoute) -> str:
     """The lock a run holds while it finds and sends its batches through `route`."""
     identity = json.dumps(route.cache_identity(), sort_keys=True).encode()
     return "gpt-image-batches-" + hashlib.sha256(identity).hexdigest()[:32]
@@ -276,7 +276,7 @@ class BatchJobs:
 
     def __init__(
         self,
-        route: OpenAICredentials,
+        route: OpenAIRoute,
         store: ResultStore,
         requests: Mapping[str, ImageRequest],
         read_image: ReadImage,

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from prefect_gpt_image._block_refs import serving_routes
+from prefect_gpt_image._routes import serving_routes
 from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.models import ImageRequest, Usage
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.blocks._route import GptImageRoute
+    from prefect_gpt_image._routes import Route
     from prefect_gpt_image.model_table import ModelSpec
 
 PROMPT_CHARS_PER_TOKEN_AT_LEAST = 2
@@ -93,7 +93,7 @@ def worst_case_cost(spec: ModelSpec, request: ImageRequest) -> float:
 
 
 def worst_case_over_routes(
-    request: ImageRequest, routes: Sequence[GptImageRoute], *, batch: bool = False
+    request: ImageRequest, routes: Sequence[Route], *, batch: bool = False
 ) -> float:
     """The most `request` can cost on whichever of `routes` serves it; `batch`: through the
     Batch API."""
@@ -133,7 +133,7 @@ class RoutePrice(BaseModel):
     )
 
 
-def price_on_route(requests: Sequence[ImageRequest], route: GptImageRoute) -> RoutePrice:
+def price_on_route(requests: Sequence[ImageRequest], route: Route) -> RoutePrice:
     """Price `requests` on `route`, and say which it cannot serve."""
     spec = route.model_spec()
     served: list[ImageRequest] = []

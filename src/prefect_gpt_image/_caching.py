@@ -13,12 +13,13 @@ key of the route that made it: a later request through any one of those routes f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -31,16 +32,15 @@ from prefect.locking.protocol import LockManager
 from prefect.results import ResultStore, get_result_store
 from prefect.settings import get_current_settings
 
-from prefect_gpt_image._block_refs import resolve_routes, serving_routes
-from prefect_gpt_image._edits import checked_edit
 from prefect_gpt_image._locking import file_lock_manager
 from prefect_gpt_image._request_bodies import api_fields
+from prefect_gpt_image._routes import serving_routes
 from prefect_gpt_image._storage import error_code
-from prefect_gpt_image.models import GeneratedImage, ImageRequest, as_request
+from prefect_gpt_image.models import GeneratedImage, ImageRequest
 from prefect_gpt_image.settings import CacheSettings
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.blocks._route import GptImageRoute
+    from prefect_gpt_image._routes import Route
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ CACHE_KEY_VERSION = 1
 """Bump when the key's recipe changes, so that old entries are not misread."""
 
 
-def generation_cache_key(request: ImageRequest, route: GptImageRoute) -> str:
+def generation_cache_key(request: ImageRequest, route: Route) -> str:
     """The key of `request` made through `route`."""
     identity = {
         "v": CACHE_KEY_VERSION,
@@ -74,7 +74,7 @@ def _inputs_identity(request: ImageRequest) -> dict[str, Any]:
     return {"inputs": [image.sha256 for image in request.inputs], "mask": request.mask is not None}
 
 
-def request_cache_key(request: ImageRequest, routes: Sequence[GptImageRoute]) -> str:
+def request_cache_key(request: ImageRequest, routes: Sequence[Route]) -> str:
     """The key of `request` through the `routes` that serve it, in order: the route's own
     key for one."""
     keys = [generation_cache_key(request, route) for route in serving_routes(request, routes)]
@@ -83,30 +83,39 @@ def request_cache_key(request: ImageRequest, routes: Sequence[GptImageRoute]) ->
     return "gpt-image-routes-" + hashlib.sha256(" ".join(keys).encode()).hexdigest()
 
 
-def generation_cache_policy(redis_lock_url: str | None = None) -> CachePolicy:
-    """Cache by `generation_cache_key`, SERIALIZABLE: of two runs asking for the same
-    image at once, the second waits for the first's result instead of paying again.
+CacheKeyFn = Callable[[TaskRunContext, dict[str, Any]], str]
+"""How a task's parameters name its image: `request_cache_key` of its request and routes."""
+
+
+def generation_cache_policy(
+    cache_key_fn: CacheKeyFn, redis_lock_url: str | None = None
+) -> CachePolicy:
+    """Cache by `cache_key_fn`, SERIALIZABLE: of two runs asking for the same image at
+    once, the second waits for the first's result instead of paying again.
 
     The locks are OS file locks under Prefect's home, which serialize runs on one machine
     (see `prefect_gpt_image._locking`), or, given a Redis URL (here, or in the
     `GPT_IMAGE_REDIS_LOCK_URL` environment variable), prefect-redis's locks in that Redis,
     which serialize runs on every machine that reaches it.
     """
+    return CachePolicy.from_cache_key_fn(cache_key_fn).configure(
+        isolation_level="SERIALIZABLE", lock_manager=_lock_manager(redis_lock_url)
+    )
+
+
+def with_locks_in(policy: CachePolicy, redis_lock_url: str) -> CachePolicy:
+    """`policy`, a `generation_cache_policy`, with its locks in the Redis at the URL."""
+    return dataclasses.replace(policy, lock_manager=_lock_manager(redis_lock_url))
+
+
+def _lock_manager(redis_lock_url: str | None) -> LockManager:
     url = redis_lock_url or CacheSettings().redis_lock_url
     if url:
         from prefect_redis.locking import RedisLockManager
 
         manager: LockManager = RedisLockManager(connection_url=url)
-    else:
-        manager = file_lock_manager(get_current_settings().home / "locks" / "prefect-gpt-image")
-    return CachePolicy.from_cache_key_fn(_task_cache_key).configure(
-        isolation_level="SERIALIZABLE", lock_manager=manager
-    )
-
-
-def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    request = checked_edit(as_request(parameters["request"]), bucket=parameters.get("input_bucket"))
-    return request_cache_key(request, resolve_routes(parameters.get("credentials")))
+        return manager
+    return file_lock_manager(get_current_settings().home / "locks" / "prefect-gpt-image")
 
 
 def cache_store(task: Task[..., Any]) -> ResultStore:
@@ -134,7 +143,7 @@ def cached_image(store: ResultStore, key: str) -> GeneratedImage | None:
     return record.result if isinstance(record.result, GeneratedImage) else None
 
 
-def lookup_keys(request: ImageRequest, routes: Sequence[GptImageRoute]) -> list[str]:
+def lookup_keys(request: ImageRequest, routes: Sequence[Route]) -> list[str]:
     """Where `request` may already be cached: under its key, then under each route's own."""
     own = [generation_cache_key(request, route) for route in serving_routes(request, routes)]
     return own if len(own) == 1 else [request_cache_key(request, routes), *own]

@@ -56,9 +56,8 @@ if TYPE_CHECKING:
     import openai
     from prefect_aws import S3Bucket
 
-    from prefect_gpt_image.blocks._route import GptImageRoute
-    from prefect_gpt_image.blocks.credentials import RapidAPICredentials
-    from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+    from prefect_gpt_image._routes import OpenAIRoute, RapidAPIRoute, Route
+
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class GenerationClient(ABC):
     generation endpoint, never to the host serving the image.
     """
 
-    def __init__(self, route: GptImageRoute, *, allow_internal_images: bool | None = None) -> None:
+    def __init__(self, route: Route, *, allow_internal_images: bool | None = None) -> None:
         """`allow_internal_images`: by default (None) images come from public addresses,
         and from the API's own host and port where the API itself is at an internal address
         (an emulator, an in-house proxy); True also allows every other internal address,
@@ -444,10 +443,10 @@ def _shown(url: str) -> str:
 class RapidAPIClient(GenerationClient):
     """NexaAPI's endpoint on RapidAPI: a JSON POST with the key in `x-rapidapi-key`."""
 
-    _route: RapidAPICredentials
+    _route: RapidAPIRoute
 
     def _post(self, request: ImageRequest, files: EditFiles | None) -> httpx.Response:
-        assert files is None, "RapidAPI's route does not edit: see GptImageRoute.can_edit"
+        assert files is None, "RapidAPI's route does not edit: see Route.can_edit"
         route = self._route
         return self._http.post(
             route.endpoint_url,
@@ -467,7 +466,7 @@ class OpenAIClient(GenerationClient):
     """The OpenAI protocol, through the official `openai` package with its own retries
     off: `prefect_gpt_image._retry_policy` is the only retry policy."""
 
-    _route: OpenAICredentials
+    _route: OpenAIRoute
 
     def _post(self, request: ImageRequest, files: EditFiles | None) -> httpx.Response:
         import openai
@@ -520,7 +519,7 @@ _openai_clients: dict[tuple[str, ...], openai.OpenAI] = {}
 _openai_clients_lock = threading.Lock()
 
 
-def openai_client(route: OpenAICredentials) -> openai.OpenAI:
+def openai_client(route: OpenAIRoute) -> openai.OpenAI:
     """One `openai.OpenAI` per endpoint, key and billing account: one pool each."""
     import openai
 
@@ -546,7 +545,7 @@ def openai_client(route: OpenAICredentials) -> openai.OpenAI:
         return client
 
 
-def auth_headers(route: OpenAICredentials) -> dict[str, Any]:
+def auth_headers(route: OpenAIRoute) -> dict[str, Any]:
     """Azure OpenAI's `api-key` header instead of the bearer token, where asked."""
     import openai
 

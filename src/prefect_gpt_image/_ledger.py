@@ -22,7 +22,7 @@ from prefect_gpt_image.models import (
 
 if TYPE_CHECKING:
     from prefect_gpt_image._placement_plan import Campaign
-    from prefect_gpt_image.blocks._route import GptImageRoute
+    from prefect_gpt_image._routes import Route
     from prefect_gpt_image.placement_table import Placement
 
 FAILURES_LISTED = 20
@@ -55,7 +55,7 @@ class RunLedger:
     def __init__(
         self,
         requests: list[ImageRequest],
-        routes: Sequence[GptImageRoute],
+        routes: Sequence[Route],
         refused: Mapping[int, BaseException] | None = None,
         *,
         batch_api: bool = False,

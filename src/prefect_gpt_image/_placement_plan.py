@@ -16,17 +16,17 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from prefect_gpt_image._billing import worst_case_over_routes
-from prefect_gpt_image._block_refs import serving_routes
 from prefect_gpt_image._edits import checked_edit
 from prefect_gpt_image._image_sizes import parse_size
 from prefect_gpt_image._renditions import check_fits, extension_canvas, same_aspect
+from prefect_gpt_image._routes import serving_routes
 from prefect_gpt_image.errors import InvalidRequestError
 from prefect_gpt_image.model_table import REFERENCE_PIXELS, ModelSpec, SizeRule
 from prefect_gpt_image.models import GeneratedImage, ImageRequest
 from prefect_gpt_image.placement_table import Adapt, Placement
 
 if TYPE_CHECKING:
-    from prefect_gpt_image.blocks._route import GptImageRoute
+    from prefect_gpt_image._routes import Route
 
 Size = tuple[int, int]
 
@@ -54,7 +54,7 @@ class Campaign:
         self,
         placements: Sequence[Placement],
         adapt: Adapt,
-        routes: Sequence[GptImageRoute],
+        routes: Sequence[Route],
         master_size: Size | None = None,
     ) -> None:
         """`master_size`: the size every master is made at, where the caller chose one;
@@ -142,7 +142,7 @@ ADAPT_STRATEGIES: tuple[Adapt, ...] = ("crop", "extend", "generate")
 def price_strategies(
     requests: Sequence[ImageRequest],
     placements: Sequence[Placement],
-    route: GptImageRoute,
+    route: Route,
     master_size: Size | None = None,
 ) -> dict[Adapt, float | str]:
     """What delivering `requests` at `placements` through `route` costs at worst with each

@@ -3,8 +3,6 @@ every image is paid for, is found before the first call."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect_aws import S3Bucket
@@ -12,11 +10,8 @@ from prefect_aws import S3Bucket
 from prefect_gpt_image._object_keys import check_key_room, join_key
 from prefect_gpt_image._redaction import without_userinfo
 from prefect_gpt_image._storage import check_writable
-from prefect_gpt_image.blocks._route import GptImageRoute
-from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
-from prefect_gpt_image.errors import ConfigurationError, InvalidRequestError
-from prefect_gpt_image.model_table import check_batch_api
-from prefect_gpt_image.models import ApiLimits, ImageRequest
+from prefect_gpt_image.errors import ConfigurationError
+from prefect_gpt_image.models import ApiLimits
 
 
 def check_global_limits(limits: ApiLimits) -> None:
@@ -39,27 +34,6 @@ def check_global_limits(limits: ApiLimits) -> None:
                     f"The global concurrency limit {name!r} has no slot decay, so it cannot "
                     "limit a rate: give it one, or pass it as limits.global_concurrency_limit."
                 )
-
-
-def batch_api_route(
-    routes: Sequence[GptImageRoute], requests: Sequence[ImageRequest]
-) -> OpenAICredentials:
-    """The route a run with `batch` on sends through: OpenAI's Batch API is the first
-    route's, which must speak the OpenAI protocol and whose model the Batch API takes;
-    batches hold generations only."""
-    route = routes[0]
-    if not isinstance(route, OpenAICredentials):
-        raise ConfigurationError(
-            f"batch sends through OpenAI's Batch API, which the route {route.route_name} "
-            "does not have: give an OpenAICredentials block as the first credentials, or "
-            "turn batch off."
-        )
-    if any(request.is_edit for request in requests):
-        raise InvalidRequestError(
-            "OpenAI's Batch API takes generations only: run the edits with batch off."
-        )
-    check_batch_api(route.model, route.model_spec(), route.models)
-    return route
 
 
 def check_redis(url: str) -> None:

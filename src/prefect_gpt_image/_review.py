@@ -35,7 +35,8 @@ from prefect_gpt_image.options import ReviewDecision, ReviewOptions
 if TYPE_CHECKING:
     from prefect_aws import S3Bucket
 
-    from prefect_gpt_image.blocks._route import GptImageRoute
+    from prefect_gpt_image._routes import Route
+
 
 POLL_SECONDS = 5
 """How often a paused run asks Prefect whether it was resumed."""
@@ -178,7 +179,7 @@ def revision(image: StoredImage, note: str) -> ImageRequest:
     )
 
 
-def check_review(options: ReviewOptions, routes: Sequence[GptImageRoute]) -> None:
+def check_review(options: ReviewOptions, routes: Sequence[Route]) -> None:
     """Refuse, before anything is paid, a review whose rejections could not be edited."""
     if options.max_rounds > 1 and not any(route.can_edit for route in routes):
         raise ConfigurationError(

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import Task
 from prefect.context import FlowRunContext
@@ -53,9 +53,7 @@ from prefect_gpt_image._object_keys import join_key
 from prefect_gpt_image._placement_plan import Campaign
 from prefect_gpt_image._rendition_store import store_renditions
 from prefect_gpt_image._retry_policy import call_with_retries
-from prefect_gpt_image._storage import object_sizes
-from prefect_gpt_image.blocks._route import GptImageRoute
-from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
+from prefect_gpt_image._storage import object_sizes, planned_record, store_image
 from prefect_gpt_image.errors import (
     BatchNotDoneError,
     BudgetExceededError,
@@ -65,7 +63,9 @@ from prefect_gpt_image.errors import (
 )
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, StoredImage
 from prefect_gpt_image.placement_table import Placement
-from prefect_gpt_image.tasks.upload import planned_record, store_image
+
+if TYPE_CHECKING:
+    from prefect_gpt_image._routes import OpenAIRoute, Route
 
 _EPSILON_USD = 1e-9
 SENDING_LOCK_SECONDS = 600.0
@@ -86,7 +86,7 @@ class Runner:
         self,
         ledger: RunLedger,
         generate: Task[..., GeneratedImage],
-        routes: Sequence[GptImageRoute],
+        routes: Sequence[Route],
         limits: ApiLimits,
         bucket: S3Bucket,
         folder: str,
@@ -225,7 +225,7 @@ class Runner:
     def run_batch_api(
         self,
         progress: ProgressArtifact,
-        route: OpenAICredentials,
+        route: OpenAIRoute,
         *,
         wait_seconds: float,
         cancel: bool = False,
@@ -290,7 +290,7 @@ class Runner:
                     self._upload_done(tag, payload)
                 self._report(progress, in_batches)
 
-    def _send(self, jobs: BatchJobs, route: OpenAICredentials, *, cancel: bool) -> None:
+    def _send(self, jobs: BatchJobs, route: OpenAIRoute, *, cancel: bool) -> None:
         """Find the batches the requests are in, and send the rest (or, to `cancel`, cancel
         the batches and send nothing). One run at a time finds and sends, under the cache's
         own lock manager: a run that starts while another sends the same prompts waits, then

@@ -17,10 +17,10 @@ from urllib.parse import quote, urlsplit
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from prefect_gpt_image._object_keys import s3_uri
+from prefect_gpt_image._object_keys import check_bucket_name, image_key, s3_uri
 from prefect_gpt_image._retry_policy import S3_ATTEMPTS_PER_REQUEST
 from prefect_gpt_image.errors import StorageError
-from prefect_gpt_image.models import GeneratedImage
+from prefect_gpt_image.models import GeneratedImage, ImageRequest, StoredImage
 
 if TYPE_CHECKING:
     from prefect_aws import S3Bucket
@@ -284,3 +284,37 @@ def _transient(exc: Exception) -> bool:
 
 def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def store_image(
+    image: GeneratedImage,
+    bucket: S3Bucket,
+    prefix: str = "",
+    request: ImageRequest | None = None,
+    *,
+    check_existing: bool = True,
+) -> tuple[StoredImage, bool]:
+    """The upload itself, which `upload_image` runs as a task; also returns whether
+    anything was written. `check_existing=False` skips the HEAD, for an image just
+    generated.
+
+    The flow calls it without a task run, with the same retry policy
+    (`_retry_policy.call_with_retries`): a task run costs more CPU than the upload, and
+    the generation's task run already stands for the image.
+    """
+    check_bucket_name(bucket.bucket_name)
+    if request is not None:
+        image = image.model_copy(update={"request": request})
+    record = planned_record(image, bucket, prefix)
+    written = put_image(bucket, record.key, image, check_existing=check_existing)
+    return record, written
+
+
+def planned_record(
+    image: GeneratedImage, bucket: S3Bucket, prefix: str = "", request: ImageRequest | None = None
+) -> StoredImage:
+    """The record of `image` once stored in `bucket`, under the key `object_keys` gives
+    it, for `request` (default: the request it was generated for)."""
+    if request is not None:
+        image = image.model_copy(update={"request": request})
+    return StoredImage.of(image, bucket.bucket_name, image_key(bucket.bucket_folder, prefix, image))

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from prefect_gpt_image._billing import RoutePrice
     from prefect_gpt_image._form_schema import OptionGroup
-    from prefect_gpt_image.blocks._route import GptImageRoute
+    from prefect_gpt_image._routes import Route
 
 Group = TypeVar("Group", bound="OptionGroup")
 
@@ -591,16 +591,16 @@ def _model_terms(price: RoutePrice) -> str:
     return "; ".join(terms)
 
 
-def _pricing_routes(names: list[str] | None, models: list[str] | None) -> list[GptImageRoute]:
+def _pricing_routes(names: list[str] | None, models: list[str] | None) -> list[Route]:
     from pydantic import SecretStr
 
-    from prefect_gpt_image._block_refs import resolve_routes
+    from prefect_gpt_image.blocks._loading import resolve_routes
     from prefect_gpt_image.blocks.credentials import RapidAPICredentials
     from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
     from prefect_gpt_image.model_table import MODELS, model_spec
 
     unused_key = SecretStr("not-used-for-pricing")
-    routes: list[GptImageRoute] = resolve_routes(list(names)) if names else []
+    routes: list[Route] = resolve_routes(list(names)) if names else []
     if not names and not models:
         routes.append(RapidAPICredentials(api_key=unused_key))
         models = list(MODELS)
@@ -611,9 +611,9 @@ def _pricing_routes(names: list[str] | None, models: list[str] | None) -> list[G
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from prefect_gpt_image._block_refs import resolve_bucket
     from prefect_gpt_image._object_keys import split_s3_uri
     from prefect_gpt_image._review import publish_from_manifest
+    from prefect_gpt_image.blocks._loading import resolve_bucket
     from prefect_gpt_image.errors import GptImageError
 
     try:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefect_gpt_image._form_schema import OptionGroup
-from prefect_gpt_image.errors import InvalidRequestError
+from prefect_gpt_image.errors import ConfigurationError, InvalidRequestError
 from prefect_gpt_image.model_table import OutputFormat
 
 Adapt = Literal["crop", "extend", "generate"]
@@ -164,11 +165,33 @@ PRESETS: Mapping[str, Placement] = {
 """The built-in presets, by name."""
 
 
+class PlacementSettings(BaseSettings):
+    """Presets a team adds or overrides for every run: `GPT_IMAGE_PLACEMENTS`, a JSON object
+    of name to a placement's other fields, e.g.
+    `{"newsletter-hero": {"width": 1200, "height": 628, "max_bytes": 400000}}`."""
+
+    model_config = SettingsConfigDict(env_prefix="GPT_IMAGE_", extra="ignore")
+
+    placements: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def environment_placements() -> dict[str, Placement]:
+    """The presets `GPT_IMAGE_PLACEMENTS` describes, by name."""
+    try:
+        described = PlacementSettings().placements
+        return {
+            name: Placement.model_validate({**fields, "name": name})
+            for name, fields in described.items()
+        }
+    except ValidationError as exc:
+        raise ConfigurationError(
+            f"GPT_IMAGE_PLACEMENTS describes an invalid placement: {exc}"
+        ) from None
+
+
 def placement_presets(overrides: Mapping[str, Placement] | None = None) -> dict[str, Placement]:
     """The presets a run knows: the built-in table, then the environment's
     `GPT_IMAGE_PLACEMENTS`, then `overrides`; a later entry of the same name wins."""
-    from prefect_gpt_image.settings import environment_placements
-
     return {**PRESETS, **environment_placements(), **(overrides or {})}
 
 

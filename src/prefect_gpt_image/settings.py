@@ -8,7 +8,7 @@ or the environment, never a constant buried in the code that calls it.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,7 +18,6 @@ from prefect_gpt_image._image_sizes import IMAGE_SIZES
 from prefect_gpt_image.errors import ConfigurationError
 from prefect_gpt_image.models import ApiLimits
 from prefect_gpt_image.options import CacheOptions, LinkOptions
-from prefect_gpt_image.placement_table import Placement
 
 DEFAULT_API_HOST = "gpt-image-1-5.p.rapidapi.com"
 DEFAULT_PATH = "/generate"
@@ -100,28 +99,4 @@ def with_environment(options: Group) -> Group:
     except ValidationError as exc:
         raise ConfigurationError(
             f"The GPT_IMAGE_* environment settings give invalid {type(options).__name__}: {exc}"
-        ) from None
-
-
-class PlacementSettings(BaseSettings):
-    """Presets a team adds or overrides for every run: `GPT_IMAGE_PLACEMENTS`, a JSON object
-    of name to a placement's other fields, e.g.
-    `{"newsletter-hero": {"width": 1200, "height": 628, "max_bytes": 400000}}`."""
-
-    model_config = SettingsConfigDict(env_prefix="GPT_IMAGE_", extra="ignore")
-
-    placements: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-
-def environment_placements() -> dict[str, Placement]:
-    """The presets `GPT_IMAGE_PLACEMENTS` describes, by name."""
-    try:
-        described = PlacementSettings().placements
-        return {
-            name: Placement.model_validate({**fields, "name": name})
-            for name, fields in described.items()
-        }
-    except ValidationError as exc:
-        raise ConfigurationError(
-            f"GPT_IMAGE_PLACEMENTS describes an invalid placement: {exc}"
         ) from None

@@ -1,4 +1,5 @@
-"""Turning what a user passes for a block (a block, a saved name, nothing) into the block."""
+"""Turning what a user passes for a block (a block, a saved name, nothing) into the block:
+the tasks and flows take either, and load names here."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from prefect.blocks.core import Block
 from prefect_gpt_image.blocks._route import GptImageRoute
 from prefect_gpt_image.blocks.credentials import RapidAPICredentials
 from prefect_gpt_image.blocks.openai_credentials import OpenAICredentials
-from prefect_gpt_image.errors import ConfigurationError, InvalidRequestError
+from prefect_gpt_image.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from prefect_aws import S3Bucket
 
-    from prefect_gpt_image.models import ImageRequest
+    from prefect_gpt_image._routes import Route
 
 
 B = TypeVar("B", bound=Block)
@@ -27,7 +28,7 @@ Routes = RouteRef | Sequence[RouteRef] | None
 those (the first is tried first), or None for the environment (RAPIDAPI_KEY)."""
 
 
-def resolve_routes(value: Routes | GptImageRoute) -> list[GptImageRoute]:
+def resolve_routes(value: Routes | GptImageRoute) -> list[Route]:
     """The routes `value` names, in order, loaded; at least one."""
     if value is None:
         return [RapidAPICredentials.from_env()]
@@ -37,24 +38,6 @@ def resolve_routes(value: Routes | GptImageRoute) -> list[GptImageRoute]:
     if not refs:
         raise ConfigurationError("credentials is an empty list: give at least one route.")
     return [_route(ref) for ref in refs]
-
-
-def serving_routes(request: ImageRequest, routes: Sequence[GptImageRoute]) -> list[GptImageRoute]:
-    """The routes that may serve `request`, in order: those that have all it needs (an
-    edit, a field its model takes). A route that lacks it is never given it; with none
-    left, the request is refused before anything is paid."""
-    able = [route for route in routes if route.lacks(request) is None]
-    if able:
-        return able
-    if request.is_edit and not any(route.can_edit for route in routes):
-        names = ", ".join(route.route_name for route in routes)
-        raise InvalidRequestError(
-            f"No route given can edit images ({names}): RapidAPI's endpoint only "
-            "generates. Add an OpenAICredentials route (OpenAI, Azure OpenAI or a gateway) "
-            "whose model edits."
-        )
-    reasons = "; ".join(str(route.lacks(request)) for route in routes)
-    raise InvalidRequestError(f"No route given can serve this request: {reasons}.")
 
 
 def _route(ref: RouteRef | GptImageRoute) -> GptImageRoute:
