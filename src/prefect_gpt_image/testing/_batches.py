@@ -1,4 +1,4 @@
-"""OpenAI's Files and Batch APIs, served by `GptImageEmulator` beside its Images API.
+"""OpenAI's Batches API, served by `GptImageEmulator` beside its Images and Files APIs.
 
 The product submits large image jobs through the Batch API: it uploads a JSONL file of
 requests, creates a batch, polls it, then downloads an output file and an error file. What
@@ -11,15 +11,10 @@ small state machine, run by a thread of its own:
     in_progress -> expired                    after `batch_expire_after` requests
     validating | in_progress -> cancelling -> cancelled
 
-`GptImageEmulator.add_batch_output_fault` spoils the answer lines a batch writes, as a
-faulty service or a file damaged in storage would: a line that is not JSON, one cut short,
-one without its `custom_id`, or a stray copy of an answer that carries another request's
-`custom_id`.
-
-Each request line is answered by the emulator's own code for a synchronous call (the same
-checks, queued faults, images and usage) without its rate limit or latency, and recorded
-apart, in `batch_calls`. File contents live in a temporary directory that the emulator owns
-and are sent in chunks, so a thousand-image output file costs disk, not memory.
+Each request line is answered by the Images route's own code for a synchronous call (the
+same checks, queued faults, images and usage) without its rate limit or latency, and
+recorded apart, in `batch_calls`. Its files are the Files API's (`_files`), its lines'
+formats `_batch_lines`'.
 
 Batches are scoped to the project a call names, as OpenAI scopes them. Queued faults
 (`add_fault`) stand for the path between client and API: a call carried out whose answer is
@@ -37,45 +32,47 @@ import mimetypes
 import random
 import re
 import secrets
-import shutil
-import string
-import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import parse_qs
+from typing import Any, BinaryIO, Protocol
 
-from prefect_gpt_image.testing.emulator import (
-    _BAD_JSON,
-    _DROPPED,
-    _checked,
+from prefect_gpt_image.testing._batch_lines import (
+    _batch_error,
+    _Line,
+    _output_line,
+    _Sink,
+    _validate,
+)
+from prefect_gpt_image.testing._faults import Fault, _QueuedFault, _server_error, _take_queued
+from prefect_gpt_image.testing._files import _FILE_SECONDS, _Files, _lifetime, _now, _page, _query
+from prefect_gpt_image.testing._openai_common import (
     _choice,
-    _form_parts,
-    _form_value,
-    _gateway_page,
-    _ImageRequest,
     _invalid,
-    _json,
     _json_type,
     _openai_error,
-    _parse_openai,
+    _parsed_json,
     _Part,
-    _QueuedFault,
-    _read_edit,
     _Refused,
-    _Reply,
     _request_id,
-    _server_error,
     _string,
-    _take_queued,
+)
+from prefect_gpt_image.testing._openai_images import _OpenAiImages, _recorded
+from prefect_gpt_image.testing._openai_requests import (
+    _checked,
+    _ImageRequest,
+    _parse_openai,
+    _read_edit,
+)
+from prefect_gpt_image.testing._records import _Records
+from prefect_gpt_image.testing._server import (
+    _DROPPED,
+    _gateway_page,
+    _json,
+    _Reply,
     _with_headers,
 )
-
-if TYPE_CHECKING:
-    from prefect_gpt_image.testing.emulator import Fault, GptImageEmulator
 
 _ROUTE = re.compile(
     r"(?:/[^/]+)*?/(?P<kind>files|batches)(?:/(?P<id>[^/]+)(?:/(?P<action>[^/]+))?)?"
@@ -98,15 +95,10 @@ _ENDPOINTS = (
 """What CreateBatchRequest allows; a batch for any but the two image endpoints is accepted,
 and each of its requests answered as the emulator answers that path: not found."""
 
-_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 _BATCH_FIELDS = frozenset(
     {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
 )
-_UPLOAD_FIELDS = frozenset({"purpose", "expires_after[anchor]", "expires_after[seconds]"})
 _WINDOW_SECONDS = 24 * 3600
-_FILE_SECONDS = 30 * 24 * 3600
-"""Batch input and output files expire after 30 days unless told otherwise."""
-_EXPIRY_RANGE = (3600, 30 * 24 * 3600)
 _METADATA_PAIRS, _METADATA_KEY, _METADATA_VALUE = 16, 64, 512
 _LISTED_ERRORS = 100
 """Errors a failed batch lists at most: enough to fix a file, bounded for a broken one."""
@@ -123,10 +115,6 @@ _STAMPS = (
     "cancelling_at",
     "cancelled_at",
 )
-_NOT_RUN = {
-    "batch_expired": "This request could not be executed before the completion window expired.",
-    "batch_cancelled": "This request was not executed because the batch was cancelled.",
-}
 _OPERATIONS = {
     ("POST", "files", False, None): "upload",
     ("GET", "files", True, "content"): "content",
@@ -138,163 +126,18 @@ _OPERATIONS = {
 """The calls `add_batch_api_fault` can fault, by method, kind, whether an id is given, and
 action."""
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
-_ALPHANUMERIC = string.ascii_letters + string.digits
-_NOT_JSON = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 
 
-def _now() -> int:
-    return int(time.time())
+class _Settings(Protocol):
+    """The emulator's settings the batches read: when a batch is created, or a file
+    uploaded, or a line read."""
 
-
-def _file_id() -> str:
-    return "file-" + "".join(secrets.choice(_ALPHANUMERIC) for _ in range(22))
-
-
-def _refusal(message: str, code: str | None = None) -> _Refused:
-    return _Refused(_openai_error(400, message, code=code))
-
-
-def _batch_error(
-    code: str, message: str, param: str | None = None, line: int | None = None
-) -> dict[str, Any]:
-    """A BatchError object, as a failed batch lists it."""
-    return {"code": code, "message": message, "param": param, "line": line}
-
-
-# -- files ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _File:
-    """An uploaded or written file; its bytes are at `path`."""
-
-    id: str
-    filename: str
-    purpose: str
-    size: int
-    created_at: int
-    expires_at: int | None
-    path: Path
-
-    def describe(self) -> dict[str, Any]:
-        """The File object (OpenAIFile)."""
-        return {
-            "id": self.id,
-            "object": "file",
-            "bytes": self.size,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": "processed",
-            "status_details": None,
-        }
-
-
-class _Files:
-    """Files by id, their bytes in a temporary directory made on first use."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._files: dict[str, _File] = {}
-        self._directory: Path | None = None
-
-    def scratch(self, name: str) -> Path:
-        """A path in the directory for a file about to be written, then `adopt`ed."""
-        with self._lock:
-            if self._directory is None:
-                self._directory = Path(tempfile.mkdtemp(prefix="gpt-image-emulator-files-"))
-            return self._directory / f"{name}.{secrets.token_hex(8)}"
-
-    def add(self, data: bytes, filename: str, purpose: str, lifetime: int | None) -> _File:
-        path = self.scratch("upload")
-        path.write_bytes(data)
-        return self.adopt(path, filename, purpose, lifetime)
-
-    def adopt(self, path: Path, filename: str, purpose: str, lifetime: int | None) -> _File:
-        """Register the file written at `path`, which it then belongs to."""
-        created = _now()
-        file = _File(
-            _file_id(),
-            filename,
-            purpose,
-            path.stat().st_size,
-            created,
-            None if lifetime is None else created + lifetime,
-            path,
-        )
-        with self._lock:
-            self._files[file.id] = file
-        return file
-
-    def get(self, file_id: str) -> _File:
-        """The file, or the API's 404 (raised as _Refused)."""
-        with self._lock:
-            file = self._files.get(file_id)
-        if file is None:
-            raise _Refused(_openai_error(404, f"No such File object: {file_id}", param="id"))
-        return file
-
-    def all(self) -> list[_File]:
-        with self._lock:
-            return list(self._files.values())
-
-    def delete(self, file_id: str) -> None:
-        file = self.get(file_id)
-        with self._lock:
-            self._files.pop(file_id, None)
-        file.path.unlink(missing_ok=True)  # a download under way keeps its open handle
-
-    def open(self, file_id: str) -> BinaryIO:
-        file = self.get(file_id)
-        try:
-            return file.path.open("rb")
-        except FileNotFoundError:  # deleted meanwhile
-            raise _Refused(
-                _openai_error(404, f"No such File object: {file_id}", param="id")
-            ) from None
-
-    def clear(self) -> None:
-        """Forget every file and delete the directory; downloads under way keep their open
-        handles, and the next file makes a new directory."""
-        with self._lock:
-            directory, self._directory, self._files = self._directory, None, {}
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-class _Sink:
-    """An output or error file, written line by line as requests complete."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lines = 0
-        self._handle: BinaryIO | None = None
-
-    def write(self, line: dict[str, Any], fault: Fault | None = None) -> None:
-        """Write `line`, or what the output `fault` makes of it."""
-        for data in [json.dumps(line).encode()] if fault is None else _spoiled(line, fault):
-            if self._handle is None:
-                self._handle = self.path.open("wb")
-            self._handle.write(data + b"\n")
-            self.lines += 1
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-
-
-def _spoiled(line: dict[str, Any], fault: Fault) -> list[bytes]:
-    """The lines written instead of `line` under an output fault."""
-    encoded = json.dumps(line).encode()
-    if fault.kind == "not_json":
-        return [_NOT_JSON]
-    if fault.kind == "truncated":  # cut inside its image's base64, as by a partial write
-        return [encoded[: len(encoded) // 2]]
-    if fault.kind == "no_custom_id":
-        return [json.dumps({k: v for k, v in line.items() if k != "custom_id"}).encode()]
-    stray = {**line, "id": f"batch_req_{secrets.token_hex(16)}", "custom_id": fault.message}
-    return [encoded, json.dumps(stray).encode()]
+    models: dict[str, Sequence[str] | None]
+    min_pixels: int
+    batch_processing_seconds: float
+    batch_expire_after: int | None
+    batch_max_requests: int
+    batch_max_file_bytes: int
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -370,23 +213,21 @@ class _Batch:
         }
 
 
-@dataclass(frozen=True)
-class _Line:
-    """A request line that passed validation: where it starts in the file, and its id."""
-
-    offset: int
-    custom_id: str
-
-
 class _Stopped(Exception):
     """The emulator stops or resets: a batch's thread ends without another word."""
 
 
 class BatchApi:
-    """The Files and Batches endpoints of one emulator, and the batches it runs."""
+    """The Files and Batches endpoints of one emulator, and the batches it runs.
 
-    def __init__(self, emulator: GptImageEmulator) -> None:
-        self._emulator = emulator
+    `images` is the emulator's Images route: it checks keys, words errors as the gateway
+    does, and answers each request line; `records` take the lines' records.
+    """
+
+    def __init__(self, settings: _Settings, images: _OpenAiImages, records: _Records) -> None:
+        self._settings = settings
+        self._openai = images
+        self._records = records
         self._files = _Files()
         self._lock = threading.Lock()
         self._batches: dict[str, _Batch] = {}
@@ -447,7 +288,7 @@ class BatchApi:
         route = _ROUTE.fullmatch(path)
         if route is None:
             return None
-        reply = self._emulator._openai_gatekeep(headers)
+        reply = self._openai.gatekeep(headers)
         if reply is None:
             operation = _OPERATIONS.get(
                 (method, route["kind"], route["id"] is not None, route["action"])
@@ -467,7 +308,7 @@ class BatchApi:
                     if reply.stream is not None:
                         reply.stream.close()
                     return _DROPPED if fault.status is None else _gateway_page(fault.status)
-        reply = self._emulator._through_gateway(reply)
+        reply = self._openai.through_gateway(reply)
         return _with_headers(reply, (("x-request-id", _request_id()),))
 
     def _dispatch(
@@ -481,24 +322,17 @@ class BatchApi:
     ) -> _Reply:
         match method, route["kind"], route["id"], route["action"]:
             case "POST", "files", None, None:
-                return self._upload(raw, headers.get("content-type", ""))
+                limit = self._settings.batch_max_file_bytes
+                return _json(200, self._files.upload(raw, headers.get("content-type", ""), limit))
             case "GET", "files", None, None:
-                files = [file.describe() for file in self._files.all()]
-                if "purpose" in query:
-                    files = [file for file in files if file["purpose"] == query["purpose"]]
-                if _choice(query, "order", ("asc", "desc"), "desc") == "desc":
-                    files.reverse()
-                return _json(200, _page(files, query, 10_000, 10_000))
+                return _json(200, self._files.listing(query))
             case "GET", "files", str(file_id), None:
                 return _json(200, self._files.get(file_id).describe())
             case "DELETE", "files", str(file_id), None:
                 self._files.delete(file_id)
                 return _json(200, {"id": file_id, "object": "file", "deleted": True})
             case "GET", "files", str(file_id), "content":
-                name = self._files.get(file_id).filename.replace('"', "")
-                disposition = ("content-disposition", f'attachment; filename="{name}"')
-                stream = self._files.open(file_id)
-                return _Reply(200, b"", "application/octet-stream", (disposition,), stream)
+                return self._files.download(file_id)
             case "POST", "batches", None, None:
                 return _json(200, self._create(raw, _project(headers)))
             case "GET", "batches", None, None:
@@ -517,49 +351,6 @@ class BatchApi:
                 return self._cancel(batch_id, _project(headers))
         raise _Refused(_openai_error(404, f"Invalid URL ({method} {path})"))
 
-    # -- files ------------------------------------------------------------------------------
-
-    def _upload(self, raw: bytes, content_type: str) -> _Reply:
-        """`POST .../files`: a multipart form with `file` and `purpose`."""
-        parts = _form_parts(raw, content_type)
-        uploads = [part for part in parts if part.name == "file"]
-        fields = {part.name: _form_value(part) for part in parts if part.name != "file"}
-        for name in fields:
-            if name not in _UPLOAD_FIELDS:
-                raise _invalid(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
-        for name, present in (("file", bool(uploads)), ("purpose", "purpose" in fields)):
-            if not present:
-                message = f"Missing required parameter: '{name}'."
-                raise _invalid(message, name, "missing_required_parameter")
-        if len(uploads) > 1:
-            raise _invalid("Invalid 'file': expected one file, but got several.", "file")
-        purpose = _choice(fields, "purpose", _PURPOSES)
-        upload = uploads[0]
-        filename = upload.filename or "upload"
-        expiry = None
-        if any(name.startswith("expires_after[") for name in fields):
-            expiry = {
-                "anchor": fields.get("expires_after[anchor]"),
-                "seconds": fields.get("expires_after[seconds]"),
-            }
-        lifetime = _lifetime(expiry, "expires_after")
-        if purpose == "batch":
-            if not filename.endswith(".jsonl"):
-                raise _invalid(
-                    "Invalid file format for Batch API. Must be .jsonl",
-                    "file",
-                    "invalid_file_format",
-                )
-            limit = self._emulator.batch_max_file_bytes
-            if len(upload.data) > limit:
-                message = (
-                    f"The batch input file is larger than the {limit} bytes maximum. "
-                    "Please try again with a smaller batch."
-                )
-                raise _invalid(message, "file", "file_too_large")
-            lifetime = _FILE_SECONDS if lifetime is None else lifetime
-        return _json(200, self._files.add(upload.data, filename, purpose, lifetime).describe())
-
     # -- batches ----------------------------------------------------------------------------
 
     def _batch(self, batch_id: str, project: str | None) -> _Batch:
@@ -572,12 +363,7 @@ class BatchApi:
 
     def _create(self, raw: bytes, project: str | None) -> dict[str, Any]:
         """`POST .../batches`: checks the request as the API does, then starts the batch."""
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise _Refused(_openai_error(400, _BAD_JSON)) from None
-        if not isinstance(body, dict):
-            raise _refusal(f"Expected a JSON object, but got {_json_type(body)}.")
+        body = _parsed_json(raw)
         for name in body:
             if name not in _BATCH_FIELDS:
                 raise _invalid(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
@@ -598,9 +384,7 @@ class BatchApi:
             )
             raise _invalid(message, "input_file_id")
         source = self._files.open(file_id)  # open now: deleting the file later does not hurt
-        emulator = self._emulator
-        with emulator._lock:
-            epoch = emulator._epoch
+        settings = self._settings
         batch = _Batch(
             f"batch_{secrets.token_hex(16)}",
             endpoint,
@@ -608,9 +392,9 @@ class BatchApi:
             metadata,
             project,
             _FILE_SECONDS if lifetime is None else lifetime,
-            emulator.batch_processing_seconds,
-            emulator.batch_expire_after,
-            epoch,
+            settings.batch_processing_seconds,
+            settings.batch_expire_after,
+            self._records.epoch,
         )
         batch.thread = threading.Thread(
             target=self._run, args=(batch, source), name=batch.id, daemon=True
@@ -660,9 +444,9 @@ class BatchApi:
                 raise _Stopped
 
     def _work(self, batch: _Batch, source: BinaryIO) -> None:
-        emulator = self._emulator
         self._pause(batch, batch.seconds * _VALIDATING)
-        lines, errors, model = _validate(source, batch.endpoint, emulator.batch_max_requests)
+        most = self._settings.batch_max_requests
+        lines, errors, model = _validate(source, batch.endpoint, most)
         with self._lock:
             if batch.halted:
                 raise _Stopped
@@ -756,7 +540,6 @@ class BatchApi:
     ) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
         """A request line answered as the synchronous endpoint answers it, and recorded:
         its status, the `response` of its output line, and its usage if billed."""
-        emulator = self._emulator
         url, body = line["url"], line["body"]
         request = self._image_request(url, body)
         kind = None
@@ -764,8 +547,8 @@ class BatchApi:
             request = _ImageRequest(body, None)
             reply = _openai_error(404, f"Invalid URL (POST {url})")
         else:
-            kind, reply = emulator._respond_openai(request, latency=0.0)
-        reply = emulator._through_gateway(reply)  # an error line is an answer, in its words
+            kind, reply = self._openai.respond(request, latency=0.0)
+        reply = self._openai.through_gateway(reply)  # an error line is an answer, in its words
         try:
             payload = json.loads(reply.body)
         except (ValueError, UnicodeDecodeError):
@@ -777,9 +560,9 @@ class BatchApi:
             payload = json.loads(
                 _openai_error(status, message, kind="server_error", code="server_error").body
             )
-        call = emulator._openai_call(url, request, status, kind, {})
+        call = _recorded(url, request, status, kind, {})
         call = dataclasses.replace(call, batch_id=batch.id, custom_id=custom_id)
-        emulator._record_batch(batch.epoch, call)
+        self._records.add_batch(batch.epoch, call)
         answer = {"status_code": status, "request_id": _request_id(), "body": payload}
         return status, answer, call.usage
 
@@ -787,9 +570,9 @@ class BatchApi:
 
     def _image_request(self, url: str, body: dict[str, Any]) -> _ImageRequest | None:
         """`body` read as a generation or an edit, or None for another endpoint."""
-        models = self._emulator.models
+        models, min_pixels = self._settings.models, self._settings.min_pixels
         if url == _GENERATIONS:
-            return _parse_openai(json.dumps(body).encode(), models, self._emulator.min_pixels)
+            return _parse_openai(json.dumps(body).encode(), models, min_pixels)
         if url != _EDITS:
             return None
         # An edit's JSON form: its images come as `images` (and `mask`) references, which
@@ -800,7 +583,7 @@ class BatchApi:
             images = self._images(body.get("images"))
             mask = body.get("mask")
             masks = [] if mask is None else [self._image(mask, "mask")]
-            return _read_edit(request, images, masks, models, self._emulator.min_pixels)
+            return _read_edit(request, images, masks, models, min_pixels)
 
         return _checked(fields, read)
 
@@ -857,36 +640,6 @@ def _project(headers: Mapping[str, str]) -> str | None:
     return headers.get("openai-project") or None
 
 
-def _query(query: str) -> dict[str, str]:
-    return {name: values[-1] for name, values in parse_qs(query).items()}
-
-
-def _page(
-    items: list[dict[str, Any]], query: dict[str, str], most: int, default: int
-) -> dict[str, Any]:
-    """One page of `items` (already in the list's order) from `after`, as the API pages."""
-    text = query.get("limit", str(default))
-    if not text.lstrip("-").isdigit():
-        message = f"Invalid 'limit': expected an integer, but got '{text}' instead."
-        raise _invalid(message, "limit", "invalid_type")
-    limit = int(text)
-    if not 1 <= limit <= most:
-        message = f"Invalid 'limit': expected an integer from 1 to {most}, but got {limit}."
-        raise _invalid(message, "limit")
-    after = query.get("after")
-    if after is not None:
-        ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
-    page = items[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(items) > limit,
-    }
-
-
 def _metadata(value: object) -> dict[str, str] | None:
     """`metadata` checked: at most 16 string pairs, keys to 64 and values to 512 characters."""
     if value is None:
@@ -908,110 +661,3 @@ def _metadata(value: object) -> dict[str, str] | None:
             )
             raise _invalid(message, "metadata", "string_above_max_length")
     return {str(key): str(text) for key, text in value.items()}
-
-
-def _lifetime(value: object, param: str) -> int | None:
-    """Seconds from an `expires_after` policy (`anchor` "created_at", `seconds` within
-    an hour to 30 days), or None if none was given."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        message = f"Invalid type for '{param}': expected an object, but got {_json_type(value)}."
-        raise _invalid(message, param, "invalid_type")
-    _choice(value, "anchor", ("created_at",), default="")
-    seconds = value.get("seconds")
-    if isinstance(seconds, str) and seconds.isdigit():  # a form field
-        seconds = int(seconds)
-    low, high = _EXPIRY_RANGE
-    if isinstance(seconds, bool) or not isinstance(seconds, int) or not low <= seconds <= high:
-        message = f"Invalid '{param}.seconds': expected an integer from {low} to {high}."
-        raise _invalid(message, f"{param}.seconds")
-    return seconds
-
-
-def _validate(
-    source: BinaryIO, endpoint: str, most: int
-) -> tuple[list[_Line], list[dict[str, Any]], str | None]:
-    """The requests of a batch's input file, the errors that fail the batch (BatchError
-    objects, numbered by line) and the model of its first request."""
-    lines: list[_Line] = []
-    errors: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    model: str | None = None
-    requests = offset = 0
-    source.seek(0)
-    for number, raw in enumerate(source, start=1):
-        start, offset = offset, offset + len(raw)
-        if not raw.strip():
-            continue
-        requests += 1
-        if requests > most:
-            message = (
-                f"The batch input file has more than the {most} requests a batch may hold. "
-                "Please try again with a smaller batch."
-            )
-            return [], [_batch_error("too_many_requests", message)], None
-        try:
-            custom_id, body = _envelope(raw, endpoint, seen)
-        except _Refused as refused:
-            error = json.loads(refused.reply.body)["error"]
-            errors.append(_batch_error(error["code"], error["message"], error["param"], number))
-            continue
-        lines.append(_Line(start, custom_id))
-        if model is None and isinstance(body.get("model"), str):
-            model = body["model"]
-    if not requests:
-        message = "The batch input file is empty: it has no requests."
-        errors.append(_batch_error("empty_file", message))
-    return lines, errors, model
-
-
-def _envelope(raw: bytes, endpoint: str, seen: set[str]) -> tuple[str, dict[str, Any]]:
-    """A line's `custom_id` and `body`, checked as BatchRequestInput; raises _Refused."""
-    try:
-        line = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise _refusal("This line is not parseable as valid JSON.", "invalid_json_line") from None
-    if not isinstance(line, dict):
-        raise _refusal("This line is not a JSON object.", "invalid_json_line")
-    for name in ("custom_id", "method", "url", "body"):
-        if line.get(name) is None:
-            message = f"Missing required parameter: '{name}'."
-            raise _invalid(message, name, "missing_required_parameter")
-    custom_id = _string(line, "custom_id", "")
-    _choice(line, "method", ("POST",))
-    url = _string(line, "url", "")
-    body = line["body"]
-    if not isinstance(body, dict):
-        message = (
-            f"Invalid type for 'body': expected an object, but got {_json_type(body)} instead."
-        )
-        raise _invalid(message, "body", "invalid_type")
-    if url != endpoint:
-        message = (
-            f"The URL provided for this request ('{url}') does not match the batch "
-            f"endpoint ('{endpoint}')."
-        )
-        raise _invalid(message, "url", "invalid_url")
-    if custom_id in seen:
-        message = (
-            "The custom_id for this request is a duplicate of another request. "
-            "The custom_id parameter must be unique for each request in a batch."
-        )
-        raise _invalid(message, "custom_id", "duplicate_custom_id")
-    seen.add(custom_id)
-    return custom_id, body
-
-
-def _output_line(
-    custom_id: str, response: dict[str, Any] | None, not_run: str | None = None
-) -> dict[str, Any]:
-    """A line of an output or error file (BatchRequestOutput): an answer in `response`, or
-    for a request never run, `error` with its code."""
-    error = None if not_run is None else {"code": not_run, "message": _NOT_RUN[not_run]}
-    return {
-        "id": f"batch_req_{secrets.token_hex(16)}",
-        "custom_id": custom_id,
-        "response": response,
-        "error": error,
-    }
