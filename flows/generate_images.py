@@ -18,7 +18,7 @@ from prefect_aws import S3Bucket
 from pydantic import Field
 
 from prefect_gpt_image._artifacts import Link, ProgressArtifact, publish_results
-from prefect_gpt_image._budget import run_budget
+from prefect_gpt_image._billing import run_budget
 from prefect_gpt_image._caching import with_locks_in
 from prefect_gpt_image._edit_inputs import InputRef, expand_inputs
 from prefect_gpt_image._edits import check_edits

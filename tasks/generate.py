@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -12,25 +14,20 @@ from prefect.runtime import task_run
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_aws import S3Bucket
 
-from prefect_gpt_image._budget import run_budget
+from prefect_gpt_image._billing import run_budget
 from prefect_gpt_image._caching import (
     cache_store,
+    combined_key,
     find_cached,
-    generation_cache_key,
     generation_cache_policy,
+    keys_by_route,
     lookup_keys,
     remember,
-    request_cache_key,
 )
 from prefect_gpt_image._edits import checked_edit
 from prefect_gpt_image._object_keys import slugify
-from prefect_gpt_image._retry_policy import (
-    GENERATION_RETRIES,
-    GENERATION_RETRY_DELAYS,
-    RETRY_JITTER_FACTOR,
-    retry_condition,
-)
-from prefect_gpt_image._routes import route_book, serving_routes
+from prefect_gpt_image._retry_policy import GENERATION_TASK_RETRIES
+from prefect_gpt_image._routes import Route, route_book, serving_routes
 from prefect_gpt_image.blocks._loading import Routes, resolve_routes
 from prefect_gpt_image.errors import GptImageError
 from prefect_gpt_image.models import ApiLimits, GeneratedImage, ImageRequest, as_request
@@ -42,19 +39,44 @@ def _run_name() -> str:
     return f"generate-{slugify(label, max_chars=40)}"
 
 
+@dataclass(frozen=True)
+class _Call:
+    """What one task run works out before it pays: the request with its inputs checked, the
+    routes that may serve it, in order, and the request's key through each."""
+
+    task_run_id: str | None
+    request: ImageRequest
+    routes: list[Route]
+    route_keys: list[str]
+
+    @classmethod
+    def of(cls, task_run_id: str | None, parameters: dict[str, Any]) -> _Call:
+        """Worked out once per task run, by its cache key, and found again by the call, in
+        the same context: an input is read once, a saved route loaded once."""
+        known = _this_call.get()
+        if known is not None and task_run_id is not None and known.task_run_id == task_run_id:
+            return known
+        request = checked_edit(
+            as_request(parameters["request"]), bucket=parameters.get("input_bucket")
+        )
+        routes = serving_routes(request, resolve_routes(parameters.get("credentials")))
+        call = cls(task_run_id, request, routes, keys_by_route(request, routes))
+        _this_call.set(call)
+        return call
+
+
+_this_call: ContextVar[_Call | None] = ContextVar("_this_call", default=None)
+
+
 def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """The image's key (`_caching.request_cache_key`): its request, through its routes."""
-    request = checked_edit(as_request(parameters["request"]), bucket=parameters.get("input_bucket"))
-    return request_cache_key(request, resolve_routes(parameters.get("credentials")))
+    """The image's key (`_caching.combined_key`): its request, through its routes."""
+    return combined_key(_Call.of(str(context.task_run.id), parameters).route_keys)
 
 
 _TASK_OPTIONS: dict[str, Any] = dict(
     name="generate-image",
     task_run_name=_run_name,
-    retries=GENERATION_RETRIES,
-    retry_delay_seconds=GENERATION_RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER_FACTOR,
-    retry_condition_fn=retry_condition,
+    **GENERATION_TASK_RETRIES,
     cache_policy=generation_cache_policy(_cache_key),
     persist_result=True,
     # The result is on disk; an in-memory copy of the last thousand images is not needed.
@@ -159,17 +181,17 @@ def _generate(
 ) -> GeneratedImage:
     """One generation, on the first live route that serves it; in a task run."""
     # Inputs checked, and routes that cannot serve it left out, before anything is paid.
-    image_request = checked_edit(as_request(request), bucket=input_bucket)
-    routes = serving_routes(image_request, resolve_routes(credentials))
+    run_id, context = str(task_run.id), TaskRunContext.get()
+    parameters = {"request": request, "credentials": credentials, "input_bucket": input_bucket}
+    call = _Call.of(run_id, parameters)
+    image_request, routes = call.request, call.routes
     for route in routes:
         route.check_request(image_request)
-    context = TaskRunContext.get()
     if len(routes) > 1 and context is not None:
         store = cache_store(context.task)
-        if (cached := find_cached(store, lookup_keys(image_request, routes)[1:])) is not None:
+        if (cached := find_cached(store, lookup_keys(call.route_keys)[1:])) is not None:
             update = {"request": image_request, "paid_calls": 0, "cost_usd": 0.0}
             return cached.model_copy(update=update)
-    run_id = str(task_run.id)
     book, budget = route_book(), run_budget()
     live = book.live(routes)
     for number, route in enumerate(live):
@@ -192,7 +214,7 @@ def _generate(
         image.paid_calls, image.cost_usd = charges.calls, charges.usd
         image.possibly_charged_usd = charges.possibly_usd
         if len(routes) > 1 and context is not None:
-            key = generation_cache_key(image_request, route)
+            key = call.route_keys[routes.index(route)]
             remember(cache_store(context.task), key, image, context.task.cache_expiration)
         get_run_logger().debug(  # one line per image: the flow tells the run as a whole
             "Generated %r through %s: %d %s image(s) %dx%d, $%.4f",

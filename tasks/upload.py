@@ -12,12 +12,7 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_aws import S3Bucket
 
 from prefect_gpt_image._object_keys import slugify
-from prefect_gpt_image._retry_policy import (
-    RETRY_JITTER_FACTOR,
-    UPLOAD_RETRIES,
-    UPLOAD_RETRY_DELAYS,
-    retry_condition,
-)
+from prefect_gpt_image._retry_policy import UPLOAD_TASK_RETRIES
 from prefect_gpt_image._storage import store_image
 from prefect_gpt_image.models import GeneratedImage, ImageRequest, StoredImage
 
@@ -31,10 +26,7 @@ def _run_name() -> str:
 _TASK_OPTIONS: dict[str, Any] = dict(
     name="upload-image",
     task_run_name=_run_name,
-    retries=UPLOAD_RETRIES,
-    retry_delay_seconds=UPLOAD_RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER_FACTOR,
-    retry_condition_fn=retry_condition,
+    **UPLOAD_TASK_RETRIES,
     # An upload is checked against the bucket (HEAD), never a cache: the object may be gone.
     # Without a cache policy, Prefect does not hash the image to make a key it would not use.
     cache_policy=NO_CACHE,

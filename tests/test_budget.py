@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from prefect_gpt_image._budget import Budget
+from prefect_gpt_image._billing import Budget
 from prefect_gpt_image._charges import Charges
 from prefect_gpt_image.errors import BudgetExceededError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -15,7 +16,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from pydantic import SecretStr
 
-from prefect_gpt_image import GeneratedImage, ImageRequest, RapidAPICredentials, generate_image
+from prefect_gpt_image import (
+    GeneratedImage,
+    ImageRequest,
+    RapidAPICredentials,
+    agenerate_image,
+    generate_image,
+)
 from prefect_gpt_image.errors import (
     AuthenticationError,
     BadRequestError,
@@ -354,3 +361,38 @@ def test_a_stalled_download_is_retried_without_paying_again(
     assert api.billed == 1
     assert api.image_downloads == 2
     assert api.served[image.sha256] == image.data
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_a_task_run_works_out_its_request_and_routes_once(
+    api: GptImageEmulator,
+    credentials: RapidAPICredentials,
+    monkeypatch: pytest.MonkeyPatch,
+    twin: str,
+) -> None:
+    """The cache key and the call share what they work out: the routes (a saved route is a
+    read from Prefect's API) are resolved, and an edit's inputs read, once per task run,
+    through a retry too."""
+    from prefect_gpt_image.tasks import generate as module
+
+    resolved: list[object] = []
+    resolve = module.resolve_routes
+    monkeypatch.setattr(
+        module, "resolve_routes", lambda value: resolved.append(value) or resolve(value)
+    )
+    api.add_fault(Fault.server_error(503))
+
+    if twin == "sync":
+        image = generate_in_flow("a once-resolved rhino", credentials)
+    else:
+
+        @flow
+        async def async_flow() -> GeneratedImage:
+            task = agenerate_image.with_options(retry_delay_seconds=0)
+            return await task("a once-resolved rhino", credentials)
+
+        image = asyncio.run(async_flow())
+
+    assert image.paid_calls == 1
+    assert len(api.calls) == 2
+    assert resolved == [credentials]

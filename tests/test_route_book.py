@@ -9,11 +9,8 @@ import pytest
 
 from prefect_gpt_image import OpenAICredentials
 from prefect_gpt_image._charges import Charges
-from prefect_gpt_image._routes import (
-    DOWN_AFTER_FAILURES,
-    PAID_FAILURES_BEFORE_BREAKING,
-    RouteBook,
-)
+from prefect_gpt_image._retry_policy import DOWN_AFTER_FAILURES, PAID_FAILURES_BEFORE_BREAKING
+from prefect_gpt_image._routes import RouteBook
 from prefect_gpt_image.errors import (
     AuthenticationError,
     GptImageError,

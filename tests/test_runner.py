@@ -24,8 +24,7 @@ from pydantic import SecretStr
 
 from prefect_gpt_image import OpenAICredentials
 from prefect_gpt_image._artifacts import ProgressArtifact
-from prefect_gpt_image._billing import worst_case_cost
-from prefect_gpt_image._budget import Budget
+from prefect_gpt_image._billing import Budget, worst_case_cost
 from prefect_gpt_image._ledger import RunLedger
 from prefect_gpt_image._runner import Runner
 from prefect_gpt_image.errors import (

@@ -74,13 +74,22 @@ def _inputs_identity(request: ImageRequest) -> dict[str, Any]:
     return {"inputs": [image.sha256 for image in request.inputs], "mask": request.mask is not None}
 
 
+def keys_by_route(request: ImageRequest, routes: Sequence[Route]) -> list[str]:
+    """The key of `request` through each of the `routes` that serve it, in order."""
+    return [generation_cache_key(request, route) for route in serving_routes(request, routes)]
+
+
+def combined_key(route_keys: Sequence[str]) -> str:
+    """The key of a request through all the routes that serve it, from their own keys
+    (`keys_by_route`): the route's own key for one."""
+    if len(route_keys) == 1:
+        return route_keys[0]
+    return "gpt-image-routes-" + hashlib.sha256(" ".join(route_keys).encode()).hexdigest()
+
+
 def request_cache_key(request: ImageRequest, routes: Sequence[Route]) -> str:
-    """The key of `request` through the `routes` that serve it, in order: the route's own
-    key for one."""
-    keys = [generation_cache_key(request, route) for route in serving_routes(request, routes)]
-    if len(keys) == 1:
-        return keys[0]
-    return "gpt-image-routes-" + hashlib.sha256(" ".join(keys).encode()).hexdigest()
+    """The key of `request` through the `routes` that serve it, in order."""
+    return combined_key(keys_by_route(request, routes))
 
 
 CacheKeyFn = Callable[[TaskRunContext, dict[str, Any]], str]
@@ -143,10 +152,10 @@ def cached_image(store: ResultStore, key: str) -> GeneratedImage | None:
     return record.result if isinstance(record.result, GeneratedImage) else None
 
 
-def lookup_keys(request: ImageRequest, routes: Sequence[Route]) -> list[str]:
-    """Where `request` may already be cached: under its key, then under each route's own."""
-    own = [generation_cache_key(request, route) for route in serving_routes(request, routes)]
-    return own if len(own) == 1 else [request_cache_key(request, routes), *own]
+def lookup_keys(route_keys: Sequence[str]) -> list[str]:
+    """Where a request may already be cached, from its routes' own keys (`keys_by_route`):
+    under its key, then under each route's own."""
+    return list(route_keys) if len(route_keys) == 1 else [combined_key(route_keys), *route_keys]
 
 
 def find_cached(store: ResultStore, keys: Sequence[str]) -> GeneratedImage | None:

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
-from prefect_gpt_image._billing import call_cost, worst_case_cost
-from prefect_gpt_image._budget import Budget
+from prefect_gpt_image._billing import Budget, call_cost, worst_case_cost
 from prefect_gpt_image._charges import Charges
 from prefect_gpt_image._edits import InputFile, input_files
 from prefect_gpt_image._images import inspect_image, media_type_label
@@ -115,7 +114,7 @@ class GenerationClient(ABC):
         `prefect_gpt_image._throttle`); downloads are not counted against them.
         `still_live` is asked once the call's turn has come: a route dropped while the
         request waited is not called. `budget` holds the call's worst case before it is
-        sent, and refuses it if that could pass the cap (see `prefect_gpt_image._budget`), and
+        sent, and refuses it if that could pass the cap (see `prefect_gpt_image._billing`), and
         records what it was charged for `charged_to` (a task run). An edit's inputs are read
         once its turn has come, `s3://` ones through `input_bucket` where it holds them.
 

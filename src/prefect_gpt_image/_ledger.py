@@ -8,7 +8,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prefect_gpt_image._billing import synchronous_cost, worst_case_over_routes
-from prefect_gpt_image._caching import lookup_keys, request_cache_key
+from prefect_gpt_image._caching import combined_key, keys_by_route, lookup_keys
 from prefect_gpt_image._charges import Charges
 from prefect_gpt_image.models import (
     FailureStage,
@@ -71,8 +71,10 @@ class RunLedger:
         self.prompt_count = len(requests)
         self.refused_count = len(refused)
         self.routes = routes
+        self._route_keys: dict[str, list[str]] = {}
+        """Each group's keys through each of its routes, which say where it may be cached."""
         self.key_of = [
-            f"refused-{index}" if index in refused else request_cache_key(request, routes)
+            f"refused-{index}" if index in refused else self._key(request)
             for index, request in enumerate(requests)
         ]
         self.groups: dict[str, list[int]] = {}
@@ -136,7 +138,14 @@ class RunLedger:
 
     def lookup_keys(self, key: str) -> list[str]:
         """Where a group's image may be cached: its key, or any of its routes' keys."""
-        return lookup_keys(self.requests[self.groups[key][0]], self.routes)
+        return lookup_keys(self._route_keys[key])
+
+    def _key(self, request: ImageRequest) -> str:
+        """`request`'s cache key, its routes' own keys kept for `lookup_keys`."""
+        route_keys = keys_by_route(request, self.routes)
+        key = combined_key(route_keys)
+        self._route_keys.setdefault(key, route_keys)
+        return key
 
     def settled(self, key: str) -> bool:
         """Whether every prompt of a group has an outcome (recorded from the cache, say)."""
@@ -171,7 +180,7 @@ class RunLedger:
     ) -> str:
         """Add a source of `master_key`'s renditions; returns its key. It is sent through
         the synchronous API whatever the run's mode, and priced so."""
-        key = request_cache_key(request, self.routes)
+        key = self._key(request)
         index = len(self.requests)
         self.requests.append(request)
         self.key_of.append(key)

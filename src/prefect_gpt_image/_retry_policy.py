@@ -10,8 +10,13 @@
 - Each S3 request is also retried by botocore itself, for throttling and lost
   connections, beneath the upload's own retries.
 - Prefect fixes a task's delays when it is defined, so a server's Retry-After (parsed in
-  `rate_limit_headers`) is honoured by the throttle instead, which holds back every
-  request to that endpoint, not just the one that was told to wait.
+  `_rate_limit_headers`) is honoured by the throttle instead, up to `MAX_SERVER_WAIT_SECONDS`,
+  which holds back every request to that endpoint, not just the one that was told to wait.
+- With several routes, a route that keeps failing is given up for the rest of the run
+  (`_routes.RouteBook`) after the thresholds below, and the request moves to the next.
+
+What is retried is the error's to say: each error type in `errors` carries `retryable` (and
+`drops_route`), set where the answer is classified; this module decides what that means.
 
 Each `*_DELAYS` table is a list, which Prefect's tasks and `call_with_retries` read when a
 wait is due: the test suite zeroes them in place where the delays are not its subject.
@@ -54,6 +59,14 @@ outside a task run, and free, unlike a generation."""
 S3_ATTEMPTS_PER_REQUEST = 4
 """botocore's tries of one S3 request, in its standard retry mode."""
 
+DOWN_AFTER_FAILURES = GENERATION_RETRIES + 1
+"""Retryable failures in a row, with no success between, after which a route is down: the
+whole retry budget of one request."""
+PAID_FAILURES_BEFORE_BREAKING = 3
+"""Charged answers in a row that held no usable image, after which a route is not paid
+again in this run: a systematic fault (every image URL answering 403, say) would otherwise
+be paid for on every request and every retry."""
+
 
 def is_retryable(exc: BaseException) -> bool:
     """Whether another attempt can help: our errors say so; anything else is a bug."""
@@ -81,3 +94,20 @@ def call_with_retries(
                 raise
             time.sleep(delay * (1 + RETRY_JITTER_FACTOR * random.uniform(-1, 1)))
     return call()
+
+
+GENERATION_TASK_RETRIES: dict[str, Any] = dict(
+    retries=GENERATION_RETRIES,
+    retry_delay_seconds=GENERATION_RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER_FACTOR,
+    retry_condition_fn=retry_condition,
+)
+"""The generation task's retry options, for Prefect's `@task`."""
+
+UPLOAD_TASK_RETRIES: dict[str, Any] = dict(
+    retries=UPLOAD_RETRIES,
+    retry_delay_seconds=UPLOAD_RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER_FACTOR,
+    retry_condition_fn=retry_condition,
+)
+"""The upload task's retry options, for Prefect's `@task`."""

@@ -27,7 +27,7 @@ from prefect.logging import get_run_logger
 from pydantic import SecretStr
 
 from prefect_gpt_image._events import ROUTE_DROPPED, emit
-from prefect_gpt_image._retry_policy import GENERATION_RETRIES
+from prefect_gpt_image._retry_policy import DOWN_AFTER_FAILURES, PAID_FAILURES_BEFORE_BREAKING
 from prefect_gpt_image._run_scope import RunScoped
 from prefect_gpt_image.errors import (
     ConfigurationError,
@@ -149,15 +149,6 @@ def batch_api_route(routes: Sequence[Route], requests: Sequence[ImageRequest]) -
         )
     check_batch_api(route.model, route.model_spec(), route.models)
     return route
-
-
-DOWN_AFTER_FAILURES = GENERATION_RETRIES + 1
-"""Retryable failures in a row, with no success between, after which a route is down: the
-whole retry budget of one request."""
-PAID_FAILURES_BEFORE_BREAKING = 3
-"""Charged answers in a row that held no usable image, after which a route is not paid
-again in this run: a systematic fault (every image URL answering 403, say) would otherwise
-be paid for on every request and every retry."""
 
 
 def route_id(route: Route) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from prefect_gpt_image._budget import run_budget
+from prefect_gpt_image._billing import run_budget
 from prefect_gpt_image._events import BATCH_WAITING, BUDGET_EXHAUSTED, emit
 from prefect_gpt_image._ledger import RunLedger, failure_lines
 from prefect_gpt_image.errors import BudgetExceededError

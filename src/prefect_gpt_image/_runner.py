@@ -36,7 +36,7 @@ from prefect_gpt_image._batch_jobs import (
     pointer_key,
     sending_lock_key,
 )
-from prefect_gpt_image._budget import run_budget
+from prefect_gpt_image._billing import run_budget, within_cap
 from prefect_gpt_image._caching import (
     cache_store,
     ensure_kept,
@@ -67,7 +67,6 @@ from prefect_gpt_image.placement_table import Placement
 if TYPE_CHECKING:
     from prefect_gpt_image._routes import OpenAIRoute, Route
 
-_EPSILON_USD = 1e-9
 SENDING_LOCK_SECONDS = 600.0
 """The longest a run waits for another to finish sending batches (or holds them)."""
 
@@ -170,7 +169,7 @@ class Runner:
         """Refuse, before anything is paid for, a run whose new generations could cost
         more than `max_cost_usd` at worst."""
         estimate = self.worst_case_usd
-        if self._max_cost_usd is not None and estimate > self._max_cost_usd + _EPSILON_USD:
+        if not within_cap(estimate, self._max_cost_usd):
             raise BudgetExceededError(
                 f"This run needs {self.new_generations} new generations, up to "
                 f"${estimate:.2f} at worst (auto quality priced as high), over "
@@ -375,7 +374,7 @@ class Runner:
         worst = self.ledger.worst_case_usd
         in_flight = sum(worst[k] for k in self._in_flight & self._uncached)
         committed = self.ledger.spent_usd + worst[key] + in_flight
-        return committed <= self._max_cost_usd + _EPSILON_USD
+        return within_cap(committed, self._max_cost_usd)
 
     def _generation_done(
         self, key: str, future: PrefectFuture[GeneratedImage], uploads: ThreadPoolExecutor
