@@ -291,12 +291,21 @@ class Bench:
     env: dict[str, str]
     s3: Any
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    baseline: str | None = None
+    """Another checkout's interpreter (its `.venv/bin/python`), whose flow `overhead` also
+    measures, in the same rounds: a change's cost, beside the same references."""
 
     def run(
-        self, api: Emulator, kind: str, prompts: int, log_level: str = "WARNING", **spec: Any
+        self,
+        api: Emulator,
+        kind: str,
+        prompts: int,
+        log_level: str = "WARNING",
+        python: str = sys.executable,
+        **spec: Any,
     ) -> dict[str, Any]:
-        """One measured job in a fresh process, with Prefect logging at `log_level`; its
-        figures and the emulator's counts."""
+        """One measured job in a fresh process of `python`, with Prefect logging at
+        `log_level`; its figures and the emulator's counts."""
         spec = {
             "kind": kind,
             "prompts": prompts,
@@ -315,7 +324,7 @@ class Bench:
         api.reset()
         wait_until_quiet()
         out = subprocess.run(
-            [sys.executable, str(HERE), "--child", json.dumps(spec)],
+            [python, str(HERE), "--child", json.dumps(spec)],
             env={**self.env, "PREFECT_LOGGING_LEVEL": log_level},
             capture_output=True,
             text=True,
@@ -399,17 +408,24 @@ def overhead(bench: Bench, n: int, rounds: int) -> list[str]:
     script: list[dict[str, Any]] = []
     flows: list[dict[str, Any]] = []
     logging: list[dict[str, Any]] = []
+    baseline: list[dict[str, Any]] = []
     with emulator(0.0) as api:
         for n_round in range(rounds):
             script.append(bench.run(api, "asyncio", n))
             model = f"bench-overhead-{bench.run_id}-{n_round}"
             flows.append(bench.run(api, "flow", n, model=model))
             logging.append(bench.run(api, "flow", n, model=f"{model}-info", log_level="INFO"))
+            if bench.baseline:
+                baseline.append(
+                    bench.run(api, "flow", n, python=bench.baseline, model=f"{model}-base")
+                )
     rows = [
         ("asyncio + httpx + boto3", script),
         ("generate_images", flows),
         ("generate_images, Prefect logs at INFO", logging),
     ]
+    if baseline:
+        rows.append(("generate_images, the baseline's code", baseline))
     lines = [
         f"### Overhead: {n} prompts at zero latency, concurrency 16, {rounds} rounds",
         "",
@@ -430,6 +446,11 @@ def overhead(bench: Bench, n: int, rounds: int) -> list[str]:
         f"- the flow's CPU per image: **{medians[1] / medians[0]:.1f}x the script's**; "
         f"{medians[2] / medians[0]:.1f}x with two log lines an image sent to the server",
     ]
+    if baseline:
+        lines.append(
+            f"- the baseline's flow: {medians[3] / medians[0]:.1f}x the script's; this code's "
+            f"CPU per image is **{medians[1] / medians[3]:.2f}x the baseline's**"
+        )
     return lines
 
 
@@ -662,6 +683,11 @@ def main() -> int:
     parser.add_argument("--emulator", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="every scenario, smaller")
     parser.add_argument("--only", nargs="*", choices=SECTIONS, help="run only these scenarios")
+    parser.add_argument(
+        "--baseline",
+        metavar="PYTHON",
+        help="another checkout's .venv/bin/python, whose flow overhead measures too",
+    )
     args = parser.parse_args()
     if args.child:
         child_main(json.loads(args.child))
@@ -684,7 +710,7 @@ def main() -> int:
         with LocalS3Server(work / "s3") as s3, prefect_server(work / "prefect-home") as env:
             s3.create_bucket(BUCKET)
             env.update(PREFECT_LOCAL_STORAGE_PATH=str(work / "results"))
-            bench = Bench(env, s3)
+            bench = Bench(env, s3, baseline=args.baseline)
             if "throughput" in chosen:
                 show(throughput(bench, 60 if quick else 500, 1.0, 5 if quick else 30))
             if "overhead" in chosen:

@@ -19,13 +19,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from prefect_gpt_image.testing._drawing import _FORMATS, _Studio
+from prefect_gpt_image.testing._drawing import _FORMATS
 from prefect_gpt_image.testing._faults import (
     _NOT_AN_IMAGE,
     Fault,
     _duration,
-    _FaultQueue,
-    _RateLimit,
     _redirect,
     _server_error,
 )
@@ -38,14 +36,14 @@ from prefect_gpt_image.testing._openai_requests import (
     _parse_edit,
     _parse_openai,
 )
-from prefect_gpt_image.testing._records import RecordedCall, _Records, _redacted
+from prefect_gpt_image.testing._records import RecordedCall, _redacted
 from prefect_gpt_image.testing._server import (
-    _ImageStore,
     _json,
     _Reply,
     _s3_error,
     _with_headers,
 )
+from prefect_gpt_image.testing._shared import _Shared
 
 _NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization "
@@ -155,24 +153,15 @@ class _OpenAiImages:
     def __init__(
         self,
         settings: _Settings,
-        *,
-        faults: _FaultQueue,
-        limit: _RateLimit,
-        studio: _Studio,
-        store: _ImageStore,
-        records: _Records,
+        shared: _Shared,
     ) -> None:
         self._settings = settings
-        self._faults = faults
-        self._limit = limit
-        self._studio = studio
-        self._store = store
-        self._records = records
+        self._shared = shared
 
     def answer(self, path: str, raw: bytes, headers: dict[str, str]) -> _Reply:
         """A generation or an edit: they differ in how the request is read, and in nothing
         else (keys, faults, rate limits, images, records)."""
-        arrival, epoch = self._records.arrive()
+        arrival, epoch = self._shared.records.arrive()
         settings = self._settings
         if path.endswith(_EDITS_SUFFIX):
             content_type = headers.get("content-type", "")
@@ -189,7 +178,9 @@ class _OpenAiImages:
                 kind, reply = self.respond(request)
             reply = _with_headers(reply, limit_headers)
         reply = _with_headers(self.through_gateway(reply), (("x-request-id", _request_id()),))
-        self._records.add(arrival, epoch, _recorded(path, request, reply.status, kind, headers))
+        self._shared.records.add(
+            arrival, epoch, _recorded(path, request, reply.status, kind, headers)
+        )
         return reply
 
     def gatekeep(self, headers: Mapping[str, str]) -> _Reply | None:
@@ -226,7 +217,7 @@ class _OpenAiImages:
     ) -> tuple[str | None, _Reply]:
         """The answer to an admitted request, and the kind of fault injected into it, if any;
         `latency` overrides the emulator's (a batch's requests have none)."""
-        fault = self._faults.take(request.prompt)
+        fault = self._shared.faults.take(request.prompt)
         if fault is not None:
             return fault.kind, self._fault_reply(fault, request, latency)
         return None, self._generate(request, latency)
@@ -234,7 +225,7 @@ class _OpenAiImages:
     def _take_token(self, model: str | None) -> tuple[_Reply | None, tuple[tuple[str, str], ...]]:
         """None if the rate limit admits this call, else OpenAI's 429; and the headers to add
         to the answer."""
-        admission = self._limit.admit(openai=True, headers=self._settings.rate_limit_headers)
+        admission = self._shared.limit.admit(openai=True, headers=self._settings.rate_limit_headers)
         if admission.admitted:
             return None, admission.headers
         wait, limit = admission.wait, admission.limit
@@ -256,7 +247,7 @@ class _OpenAiImages:
         started = time.monotonic()
         transparent = request.background == "transparent"
         images = [
-            self._studio.draw(
+            self._shared.studio.draw(
                 prompt,
                 *request.size,
                 request.output_format,
@@ -309,19 +300,21 @@ class _OpenAiImages:
         if kind in ("expired_url", "redirected_url"):
             links = []
             for _ in range(request.n):
-                path = self._store.new_path(extension)
+                path = self._shared.store.new_path(extension)
                 blob = (
                     _redirect(fault)
                     if kind == "redirected_url"
                     else _s3_error(fault.status or 404, path)
                 )
-                self._store.put(path, blob)
-                links.append({"url": self._store.url(path)})
+                self._shared.store.put(path, blob)
+                links.append({"url": self._shared.store.url(path)})
             return _json(200, request.answer(links))
         if kind == "not_an_image":
             data = _NOT_AN_IMAGE
         elif kind == "truncated_image":
-            image = self._studio.image(request.prompt or "", *request.size, request.output_format)
+            image = self._shared.studio.image(
+                request.prompt or "", *request.size, request.output_format
+            )
             data = image[: len(image) // 2]
         else:
             raise ValueError(f"unknown fault kind {kind!r}")

@@ -17,26 +17,24 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prefect_gpt_image.testing._drawing import _FORMATS, MAX_SIDE, _Studio
+from prefect_gpt_image.testing._drawing import _FORMATS, MAX_SIDE
 from prefect_gpt_image.testing._faults import (
     _NOT_AN_IMAGE,
     Fault,
-    _FaultQueue,
     _no_such_model,
-    _RateLimit,
     _redirect,
     _server_error,
 )
-from prefect_gpt_image.testing._records import RecordedCall, _Records, _redacted
+from prefect_gpt_image.testing._records import RecordedCall, _redacted
 from prefect_gpt_image.testing._server import (
     _error,
-    _ImageStore,
     _json,
     _message,
     _Reply,
     _s3_error,
     _with_headers,
 )
+from prefect_gpt_image.testing._shared import _Shared
 
 RESPONSE_SHAPES: tuple[str, ...] = (
     "url",
@@ -158,19 +156,10 @@ class _RapidApi:
     def __init__(
         self,
         settings: _Settings,
-        *,
-        faults: _FaultQueue,
-        limit: _RateLimit,
-        studio: _Studio,
-        store: _ImageStore,
-        records: _Records,
+        shared: _Shared,
     ) -> None:
         self._settings = settings
-        self._faults = faults
-        self._limit = limit
-        self._studio = studio
-        self._store = store
-        self._records = records
+        self._shared = shared
         self._lock = threading.Lock()
         self._cycle = 0
         """How far `shape="cycle"` has rotated through the shapes."""
@@ -181,13 +170,13 @@ class _RapidApi:
 
     def answer(self, path: str, raw: bytes, headers: dict[str, str]) -> _Reply:
         """Answer a generation request, and record it."""
-        arrival, epoch = self._records.arrive()
+        arrival, epoch = self._shared.records.arrive()
         request = _parse(raw)
         kind = None
         reply = self._gatekeep(headers)
         if reply is None:
             refusal, limit_headers = self._take_token()
-            fault = self._faults.take(request.prompt) if refusal is None else None
+            fault = self._shared.faults.take(request.prompt) if refusal is None else None
             if refusal is not None:
                 kind, reply = "rate_limit", refusal
             elif fault is not None:
@@ -207,7 +196,7 @@ class _RapidApi:
             path,
             model if isinstance(model, str) else None,
         )
-        self._records.add(arrival, epoch, call)
+        self._shared.records.add(arrival, epoch, call)
         return reply
 
     def _gatekeep(self, headers: dict[str, str]) -> _Reply | None:
@@ -226,7 +215,9 @@ class _RapidApi:
     def _take_token(self) -> tuple[_Reply | None, tuple[tuple[str, str], ...]]:
         """None if the rate limit admits this call, else the gateway's 429; and the headers
         to add to the answer."""
-        admission = self._limit.admit(openai=False, headers=self._settings.rate_limit_headers)
+        admission = self._shared.limit.admit(
+            openai=False, headers=self._settings.rate_limit_headers
+        )
         if admission.admitted:
             return None, admission.headers
         retry = ("Retry-After", str(admission.wait))
@@ -240,11 +231,11 @@ class _RapidApi:
         if settings.reject_marker is not None and settings.reject_marker in prompt:
             return _error(400, "content_policy_violation", _SAFETY)
         started = time.monotonic()
-        data = self._studio.draw(prompt, *request.size, settings.image_format)
+        data = self._shared.studio.draw(prompt, *request.size, settings.image_format)
         blob = _Reply(200, data, self._media_type)
-        path = self._store.new_path(self._extension)
+        path = self._shared.store.new_path(self._extension)
         if first_download_delay > 0:
-            self._store.delay_first(path, first_download_delay)
+            self._shared.store.delay_first(path, first_download_delay)
         # The generation takes `latency` in all, drawing included, as the API's does.
         if (left := started + settings.latency - time.monotonic()) > 0:
             time.sleep(left)
@@ -279,19 +270,19 @@ class _RapidApi:
         if fault.kind == "no_image":
             return _json(200, {"status": "succeeded", "result": {}})
         if fault.kind == "redirected_url":
-            path = self._store.new_path(self._extension)
+            path = self._shared.store.new_path(self._extension)
             return self._link(path, _redirect(fault), inline=None)
         if fault.kind == "expired_url":
-            path = self._store.new_path(self._extension)
+            path = self._shared.store.new_path(self._extension)
             return self._link(path, _s3_error(fault.status or 404, path), inline=None)
         if fault.kind == "not_an_image":
             data = _NOT_AN_IMAGE
         elif fault.kind == "truncated_image":
-            png = self._studio.image(request.prompt or "", *request.size, "png")
+            png = self._shared.studio.image(request.prompt or "", *request.size, "png")
             data = png[: len(png) // 2]
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
-        path = self._store.new_path("png")
+        path = self._shared.store.new_path("png")
         return self._link(path, _Reply(200, data, "image/png"), inline=data)
 
     def _link(
@@ -309,8 +300,8 @@ class _RapidApi:
         """
         shape = self._shape(advance=advance)
         if shape != "data_b64" or inline is None:
-            self._store.put(path, blob, once=once)
-        return _json(200, _payload(shape, self._store.url(path), inline))
+            self._shared.store.put(path, blob, once=once)
+        return _json(200, _payload(shape, self._shared.store.url(path), inline))
 
     def _shape(self, *, advance: bool) -> str:
         shape = self._settings.shape

@@ -54,6 +54,7 @@ from prefect_gpt_image.testing._openai_requests import FLEXIBLE_MIN_PIXELS as FL
 from prefect_gpt_image.testing._rapidapi import RESPONSE_SHAPES, _RapidApi
 from prefect_gpt_image.testing._records import RecordedCall, _Records
 from prefect_gpt_image.testing._server import _ImageStore, _not_found, _Reply, _Routes, _Server
+from prefect_gpt_image.testing._shared import _Shared
 
 __all__ = ["OPENAI_MODELS", "RESPONSE_SHAPES", "Fault", "GptImageEmulator", "RecordedCall", "main"]
 
@@ -201,22 +202,9 @@ class GptImageEmulator:
         self._records = _Records()
         self._store = _ImageStore()
         self._studio = _Studio(self)
-        self._rapidapi = _RapidApi(
-            self,
-            faults=self._faults,
-            limit=self._limit,
-            studio=self._studio,
-            store=self._store,
-            records=self._records,
-        )
-        self._openai = _OpenAiImages(
-            self,
-            faults=self._faults,
-            limit=self._limit,
-            studio=self._studio,
-            store=self._store,
-            records=self._records,
-        )
+        shared = _Shared(self._faults, self._limit, self._studio, self._store, self._records)
+        self._rapidapi = _RapidApi(self, shared)
+        self._openai = _OpenAiImages(self, shared)
         self._batch_api = BatchApi(self, self._openai, self._records)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None

@@ -1,4 +1,4 @@
-"""The budget's ledger on its own, without a flow: what is held, spent and refused."""
+"""The money rules on their own, without a flow: what the budget holds, spends and refuses."""
 
 from __future__ import annotations
 
