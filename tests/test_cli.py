@@ -118,7 +118,11 @@ def test_a_flag_an_option_group_refuses_is_a_usage_error_naming_the_flag(
 
 
 def test_flags_reach_the_flow_as_its_option_groups(
-    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator, s3_server: LocalS3Server
+    tmp_path: Path,
+    command: Callable[[list[str]], Result],
+    monkeypatch: pytest.MonkeyPatch,
+    api: GptImageEmulator,
+    s3_server: LocalS3Server,
 ) -> None:
     bucket = f"cli-{uuid.uuid4().hex[:10]}"
     s3_server.create_bucket(bucket)
@@ -127,13 +131,12 @@ def test_flags_reach_the_flow_as_its_option_groups(
     api.latency = 0.3  # long enough for the run to fill its concurrency
 
     # The flag wins over the environment's setting.
-    env = {**user_env, "GPT_IMAGE_MAX_CONCURRENCY": "1"}
-    result = run(
+    monkeypatch.setenv("GPT_IMAGE_MAX_CONCURRENCY", "1")
+    result = command(
         [
             *("generate", str(prompts), "--bucket", f"s3://{bucket}"),
             *("--size", "1536x1024", "--quality", "high", "--max-concurrency", "3"),
-        ],
-        env,
+        ]
     )
 
     assert result.returncode == 0, result.stderr
@@ -143,7 +146,11 @@ def test_flags_reach_the_flow_as_its_option_groups(
 
 
 def test_a_flag_left_out_lets_the_environment_setting_apply(
-    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator, s3_server: LocalS3Server
+    tmp_path: Path,
+    command: Callable[[list[str]], Result],
+    monkeypatch: pytest.MonkeyPatch,
+    api: GptImageEmulator,
+    s3_server: LocalS3Server,
 ) -> None:
     bucket = f"cli-{uuid.uuid4().hex[:10]}"
     s3_server.create_bucket(bucket)
@@ -151,10 +158,8 @@ def test_a_flag_left_out_lets_the_environment_setting_apply(
     prompts.write_text("".join(f"a settled sandpiper #{n}\n" for n in range(6)), "utf-8")
     api.latency = 0.3
 
-    result = run(
-        ["generate", str(prompts), "--bucket", f"s3://{bucket}"],
-        {**user_env, "GPT_IMAGE_MAX_CONCURRENCY": "2"},
-    )
+    monkeypatch.setenv("GPT_IMAGE_MAX_CONCURRENCY", "2")
+    result = command(["generate", str(prompts), "--bucket", f"s3://{bucket}"])
 
     assert result.returncode == 0, result.stderr
     assert "6 stored, 0 failed; 6 generated" in result.stdout
@@ -196,12 +201,12 @@ def test_generate_stores_a_prompt_file(
 
 
 def test_generate_reports_bad_input_without_a_traceback(
-    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator
+    tmp_path: Path, command: Callable[[list[str]], Result], api: GptImageEmulator
 ) -> None:
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt,colour\na cat,red\n", "utf-8")
 
-    result = run(["generate", str(prompts), "--bucket", "s3://anything"], user_env)
+    result = command(["generate", str(prompts), "--bucket", "s3://anything"])
 
     assert result.returncode == 2
     assert "prompts.csv, line 2: unknown field 'colour'" in result.stderr
@@ -346,7 +351,7 @@ def test_generate_in_batch_mode_sends_one_batch_and_cancel_stops_it(
 
 def test_generate_edits_a_folder_of_photos_with_every_prompt(
     tmp_path: Path,
-    user_env: dict[str, str],
+    command: Callable[[list[str]], Result],
     api: GptImageEmulator,
     model_route: Callable[..., OpenAICredentials],
     s3_server: LocalS3Server,
@@ -369,12 +374,11 @@ def test_generate_edits_a_folder_of_photos_with_every_prompt(
     prompts = tmp_path / "scenes.txt"
     prompts.write_text("on an oak table\non a marble counter\n", "utf-8")
 
-    result = run(
+    result = command(
         [
             *("generate", str(prompts), "--bucket", f"s3://{bucket}", "--credentials", name),
             *("--images", str(photos), "--input-fidelity", "high"),
-        ],
-        user_env,
+        ]
     )
 
     assert result.returncode == 0, result.stderr
@@ -388,21 +392,24 @@ def test_generate_edits_a_folder_of_photos_with_every_prompt(
 
 
 def test_placements_and_adapt_reach_the_flow(
-    tmp_path: Path, user_env: dict[str, str], api: GptImageEmulator, s3_server: LocalS3Server
+    tmp_path: Path,
+    command: Callable[[list[str]], Result],
+    monkeypatch: pytest.MonkeyPatch,
+    api: GptImageEmulator,
+    s3_server: LocalS3Server,
 ) -> None:
     bucket = f"cli-{uuid.uuid4().hex[:10]}"
     s3_server.create_bucket(bucket)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a placed pelican\n", "utf-8")
-    env = {**user_env, "GPT_IMAGE_PLACEMENTS": '{"shop-tile": {"width": 400, "height": 300}}'}
+    monkeypatch.setenv("GPT_IMAGE_PLACEMENTS", '{"shop-tile": {"width": 400, "height": 300}}')
 
-    result = run(
+    result = command(
         [
             *("generate", str(prompts), "--bucket", f"s3://{bucket}"),
             *("--placement", "meta-feed-square", "--placement", "shop-tile"),
             *("--placement", "640x320", "--adapt", "crop"),
-        ],
-        env,
+        ]
     )
 
     assert result.returncode == 0, result.stderr
