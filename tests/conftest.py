@@ -4,8 +4,9 @@
 The only thing not real is RapidAPI itself, which cannot be reached (or paid for)
 from tests: `prefect_gpt_image.testing.GptImageEmulator` stands in for it.
 
-Two tiers: the default run is quick, and retries in it do not wait (a test whose subject is
-the retry policy's own delays is marked `production_retry_delays`). Tests that start servers,
+Two tiers: the default run is quick, and retries in it do not wait, nor do a run's looks at
+its batches (a test whose subject is the production delays is marked
+`production_retry_delays`). Tests that start servers,
 workers or machines of their own, kill runs or race them, are marked `scenario` (`e2e` and
 `slow` imply it) and run with `pytest -m scenario`.
 """
@@ -38,6 +39,7 @@ from prefect_aws import S3Bucket  # noqa: E402
 from prefect_gpt_image import (  # noqa: E402
     OpenAICredentials,
     RapidAPICredentials,
+    _batch_jobs,
     _retry_policy,
     _throttle,
 )
@@ -98,6 +100,16 @@ def quick_retries(request: pytest.FixtureRequest) -> Iterator[None]:
     finally:
         for name, table in tables.items():
             table[:] = saved[name]
+
+
+@pytest.fixture(autouse=True)
+def quick_batch_polls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run looks at its batches every 0.2 s, not after 1, 2, 5... s, in tests that are not
+    about the polls' pace: the emulator's batches take a second or less."""
+    if request.node.get_closest_marker("production_retry_delays"):
+        return
+    monkeypatch.setattr(_batch_jobs, "POLL_DELAYS", (0.2,))
+    monkeypatch.setattr(_batch_jobs, "POLL_EVERY_SECONDS", 0.2)
 
 
 @pytest.fixture(scope="session")
