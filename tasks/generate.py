@@ -21,7 +21,6 @@ from prefect_gpt_image._caching import (
     find_cached,
     generation_cache_policy,
     keys_by_route,
-    lookup_keys,
     remember,
 )
 from prefect_gpt_image._edits import checked_edit
@@ -44,17 +43,17 @@ class _Call:
     """What one task run works out before it pays: the request with its inputs checked, the
     routes that may serve it, in order, and the request's key through each."""
 
-    task_run_id: str | None
+    task_run_id: str
     request: ImageRequest
     routes: list[Route]
     route_keys: list[str]
 
     @classmethod
-    def of(cls, task_run_id: str | None, parameters: dict[str, Any]) -> _Call:
+    def of(cls, task_run_id: str, parameters: dict[str, Any]) -> _Call:
         """Worked out once per task run, by its cache key, and found again by the call, in
         the same context: an input is read once, a saved route loaded once."""
         known = _this_call.get()
-        if known is not None and task_run_id is not None and known.task_run_id == task_run_id:
+        if known is not None and known.task_run_id == task_run_id:
             return known
         request = checked_edit(
             as_request(parameters["request"]), bucket=parameters.get("input_bucket")
@@ -189,7 +188,8 @@ def _generate(
         route.check_request(image_request)
     if len(routes) > 1 and context is not None:
         store = cache_store(context.task)
-        if (cached := find_cached(store, lookup_keys(call.route_keys)[1:])) is not None:
+        # Prefect looked under the combined key; a route's own may hold it too.
+        if (cached := find_cached(store, call.route_keys)) is not None:
             update = {"request": image_request, "paid_calls": 0, "cost_usd": 0.0}
             return cached.model_copy(update=update)
     book, budget = route_book(), run_budget()

@@ -87,13 +87,8 @@ def combined_key(route_keys: Sequence[str]) -> str:
     return "gpt-image-routes-" + hashlib.sha256(" ".join(route_keys).encode()).hexdigest()
 
 
-def request_cache_key(request: ImageRequest, routes: Sequence[Route]) -> str:
-    """The key of `request` through the `routes` that serve it, in order."""
-    return combined_key(keys_by_route(request, routes))
-
-
 CacheKeyFn = Callable[[TaskRunContext, dict[str, Any]], str]
-"""How a task's parameters name its image: `request_cache_key` of its request and routes."""
+"""How a task's parameters name its image: `combined_key` of its request's `keys_by_route`."""
 
 
 def generation_cache_policy(
