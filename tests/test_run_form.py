@@ -337,7 +337,12 @@ WAIT_FOR_FORM = """new Promise((done, fail) => {
   const look = () => {
     const buttons = [...document.querySelectorAll('button')];
     const submit = buttons.find(b => b.innerText.trim() == 'Submit');
-    if (submit && document.querySelectorAll('.schema-form-property').length > 12) done(true);
+    if (submit && document.querySelectorAll('.schema-form-property').length > 12) {
+      // The page fades in: the form is there before it is shown (at most 2 s more).
+      const shown = document.getAnimations().map(a => a.finished.catch(() => null));
+      Promise.race([Promise.all(shown), new Promise(wait => setTimeout(wait, 2000))])
+        .then(() => done(true));
+    }
     else if (Date.now() - start > 60000) fail('the form did not load');
     else setTimeout(look, 250);
   };
